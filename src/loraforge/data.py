@@ -1,0 +1,547 @@
+"""Records to training examples: reading, validating, tokenizing, masking and truncating.
+
+[`SFTDatasetBuilder`][loraforge.SFTDatasetBuilder] reads records (alpaca, OpenAI ``messages`` or
+ShareGPT ``conversations``), renders each one with a [`PromptTemplate`][loraforge.PromptTemplate],
+tokenizes it segment by segment and emits ``input_ids``, ``attention_mask`` and ``labels`` in which
+every position that is not part of a trained assistant answer is ``-100``. Nothing is lost
+silently: every record that is not emitted is counted in the [`DataReport`][loraforge.DataReport]
+with its index and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import DataError, TemplateError
+from .templates import PromptTemplate, Segment, get_template
+from .tokenize import SegmentTokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataReport",
+    "DroppedRecord",
+    "RecordFormat",
+    "SFTDatasetBuilder",
+    "load_records",
+    "to_messages",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+RecordFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
+TrainOn = Literal["all_assistant", "last_assistant", "all"]
+Truncation = Literal["cut_end", "drop"]
+OnBadRecord = Literal["raise", "skip"]
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    index: int
+    line: int | None
+    value: Any
+
+
+def _source_name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def load_records(source: Any) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield ``(index, line, record)`` from a list of dicts, a JSON array file, a JSONL file or a
+    ``datasets.Dataset``. ``line`` is the 1-based line in a JSONL file, else ``None``.
+
+    Raises:
+        DataError: the file does not exist, is not UTF-8, or holds invalid JSON (with its line).
+    """
+    for rec in _iter_records(source):
+        yield rec.index, rec.line, rec.value
+
+
+def _iter_records(source: Any) -> Iterator[_Record]:
+    if isinstance(source, (str, os.PathLike)):
+        yield from _read_file(Path(source))
+        return
+    if isinstance(source, Mapping):
+        raise DataError(
+            "expected a sequence of records (list of dicts), a file path or a datasets.Dataset, "
+            "got a single mapping",
+            source=_source_name(source),
+        )
+    if not isinstance(source, Iterable):
+        raise DataError(
+            "expected a list of records, a .json/.jsonl path or a datasets.Dataset, "
+            f"got {type(source).__name__}",
+            source=_source_name(source),
+        )
+    for i, value in enumerate(source):
+        yield _Record(i, None, value)
+
+
+def _read_file(path: Path) -> Iterator[_Record]:
+    name = str(path)
+    if not path.exists():
+        raise DataError("no such file (give a .json array or a .jsonl file)", source=name)
+    if path.is_dir():
+        raise DataError("is a folder; give a .json array or a .jsonl file", source=name)
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8", source=name, line=line
+        ) from None
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".jsonl" or (path.suffix.lower() != ".json" and not stripped.startswith("[")):
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"invalid JSON ({exc.msg} at column {exc.colno}); each line of a JSONL file "
+                    "must be one JSON object",
+                    source=name,
+                    line=lineno,
+                ) from None
+            yield _Record(lineno - 1, lineno, value)
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"invalid JSON ({exc.msg} at column {exc.colno})", source=name, line=exc.lineno
+        ) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", source=name) from None
+    if not isinstance(value, list):
+        raise DataError(
+            f"expected a JSON array of records at the top level, got {type(value).__name__} "
+            "(for one record per line use a .jsonl file)",
+            source=name,
+        )
+    for i, rec in enumerate(value):
+        yield _Record(i, None, rec)
+
+
+# --------------------------------------------------------------------------- records -> messages
+
+
+def detect_format(record: Any) -> Literal["alpaca", "messages", "sharegpt"]:
+    """Guess a record set's format from one record's keys."""
+    if isinstance(record, Mapping):
+        if "messages" in record:
+            return "messages"
+        if "conversations" in record:
+            return "sharegpt"
+        if "instruction" in record or "output" in record:
+            return "alpaca"
+    keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+    raise DataError(
+        f"cannot tell the record format from {keys}; expected alpaca (instruction, input, output), "
+        "messages (OpenAI) or conversations (ShareGPT), or set the format explicitly"
+    )
+
+
+def _expect_str(rec: Mapping[str, Any], key: str, *, required: bool, nonempty: bool = False) -> str:
+    if key not in rec or rec[key] is None:
+        if required:
+            raise DataError("missing; it must be a string", field=key)
+        return ""
+    value = rec[key]
+    if not isinstance(value, str):
+        raise DataError(f"must be a string, got {type(value).__name__}", field=key)
+    if nonempty and not value.strip():
+        raise DataError("is empty; it must be a non-empty string", field=key)
+    return value
+
+
+def to_messages(
+    record: Any,
+    fmt: Literal["alpaca", "messages", "sharegpt"],
+    *,
+    system_prompt: str | None = None,
+    input_separator: str = "\n",
+) -> list[dict[str, str]]:
+    """Convert one record into a validated conversation ending with an assistant turn.
+
+    Raises:
+        DataError: naming the field and what would be valid (the caller adds file and index).
+    """
+    if not isinstance(record, Mapping):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    msgs: list[dict[str, str]]
+    if fmt == "alpaca":
+        instruction = _expect_str(record, "instruction", required=False)
+        inp = _expect_str(record, "input", required=False)
+        output = _expect_str(record, "output", required=True, nonempty=True)
+        if not (instruction or inp):
+            raise DataError("both 'instruction' and 'input' are empty; one must hold the prompt",
+                            field="instruction")
+        system = _expect_str(record, "system", required=False) or system_prompt
+        msgs = [{"role": "system", "content": system}] if system else []
+        history = record.get("history") or []
+        if not isinstance(history, list):
+            raise DataError("must be a list of [user, assistant] pairs", field="history")
+        for k, pair in enumerate(history):
+            if (
+                not isinstance(pair, (list, tuple))
+                or len(pair) != 2
+                or not all(isinstance(x, str) for x in pair)
+            ):
+                raise DataError(f"item {k} must be a [user, assistant] pair of strings",
+                                field="history")
+            msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        user = instruction + input_separator + inp if instruction and inp else instruction or inp
+        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return msgs
+    key, role_key, content_key = (
+        ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+    )
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        raise DataError(f"must be a list of turns, got {type(turns).__name__}", field=key)
+    if not turns:
+        raise DataError("is empty; a conversation needs at least a user and an assistant turn",
+                        field=key)
+    msgs = []
+    for k, turn in enumerate(turns):
+        where = f"{key}[{k}]"
+        if not isinstance(turn, Mapping):
+            raise DataError(f"must be an object with {role_key!r} and {content_key!r}", field=where)
+        raw_role = turn.get(role_key)
+        role = (_SHAREGPT_ROLES.get(raw_role) if isinstance(raw_role, str) else None) if fmt == "sharegpt" else raw_role
+        if role not in ("system", "user", "assistant"):
+            valid = sorted(_SHAREGPT_ROLES) if fmt == "sharegpt" else ["system", "user", "assistant"]
+            raise DataError(f"unknown {role_key} {raw_role!r}; valid: {', '.join(valid)}",
+                            field=f"{where}.{role_key}")
+        content = turn.get(content_key)
+        if not isinstance(content, str):
+            raise DataError(f"must be a string, got {type(content).__name__}",
+                            field=f"{where}.{content_key}")
+        if role == "system" and k != 0:
+            raise DataError("a system message may only come first", field=f"{where}.{role_key}")
+        if role == "assistant" and not content.strip():
+            raise DataError("assistant content is empty", field=f"{where}.{content_key}")
+        msgs.append({"role": role, "content": content})
+    if msgs[0]["role"] == "system" and not msgs[0]["content"]:
+        msgs = msgs[1:]
+    if not msgs or msgs[0]["role"] != "system":
+        if system_prompt:
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(
+            f"the conversation ends with a {msgs[-1]['role']} turn; training needs it to end with "
+            "an assistant turn", field=key,
+        )
+    return msgs
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedRecord:
+    """A record that was read but not emitted."""
+
+    index: int
+    reason: str
+    line: int | None = None
+
+
+def _stats(values: Sequence[int]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0, "p95": 0, "max": 0}
+    s = sorted(values)
+
+    def pct(p: float) -> float:
+        k = (len(s) - 1) * p
+        lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+        return float(s[lo] + (s[hi] - s[lo]) * (k - lo))
+
+    return {"p50": pct(0.5), "p95": pct(0.95), "max": float(s[-1])}
+
+
+@dataclass(slots=True)
+class DataReport:
+    """What [`SFTDatasetBuilder.build`][loraforge.SFTDatasetBuilder.build] did with its input.
+
+    Token statistics are measured before truncation; ``supervised_fraction`` on the emitted
+    examples (the share of tokens whose label is not ``-100``).
+    """
+
+    source: str = ""
+    format: str = ""
+    records_read: int = 0
+    built: int = 0
+    truncated: list[int] = field(default_factory=list)
+    dropped: list[DroppedRecord] = field(default_factory=list)
+    prompt_tokens: dict[str, float] = field(default_factory=dict)
+    response_tokens: dict[str, float] = field(default_factory=dict)
+    total_tokens: dict[str, float] = field(default_factory=dict)
+    supervised_fraction: float = 0.0
+    tokens_emitted: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    def format_text(self) -> str:
+        """A human-readable summary."""
+        lines = [
+            f"data report for {self.source} (format: {self.format})",
+            f"  records read       {self.records_read}",
+            f"  examples built     {self.built}",
+            f"  truncated          {len(self.truncated)}",
+            f"  dropped            {len(self.dropped)}",
+            f"  tokens emitted     {self.tokens_emitted}",
+            f"  supervised share   {self.supervised_fraction:.1%}",
+        ]
+        for name, st in (("prompt", self.prompt_tokens), ("response", self.response_tokens),
+                         ("total", self.total_tokens)):
+            if st:
+                lines.append(
+                    f"  {name + ' tokens':<18} p50 {st['p50']:.0f}  p95 {st['p95']:.0f}  "
+                    f"max {st['max']:.0f}"
+                )
+        for d in self.dropped[:20]:
+            at = f"line {d.line}" if d.line is not None else f"record {d.index}"
+            lines.append(f"  dropped {at}: {d.reason}")
+        if len(self.dropped) > 20:
+            lines.append(f"  ... and {len(self.dropped) - 20} more dropped (see report.dropped)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format_text()
+
+
+# --------------------------------------------------------------------------- builder
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One tokenized training example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+
+    @property
+    def attention_mask(self) -> list[int]:
+        return [1] * len(self.input_ids)
+
+
+class SFTDatasetBuilder:
+    """Tokenize, mask and truncate chat records into a training set.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast tokenizers are much quicker).
+        template: a template name, ``"pkg.module:Class"`` path or instance; default ``"phi-4"``.
+        max_length: the longest example, in tokens.
+        system_prompt: used for records that bring no system message of their own.
+        format: ``"auto"`` (detected from the first record), ``"alpaca"``, ``"messages"`` or
+            ``"sharegpt"``.
+        train_on: ``"all_assistant"`` (every assistant turn, the default), ``"last_assistant"``
+            or ``"all"`` (the prompt too).
+        truncation: ``"cut_end"`` keeps the first ``max_length`` tokens, as the tutorial does;
+            ``"drop"`` drops records that do not fit. A record left with no supervised token is
+            always dropped, never emitted.
+        on_bad_record: ``"raise"`` (default) stops on the first malformed record; ``"skip"``
+            drops it and lists it in the report.
+        input_separator: joins an alpaca record's ``instruction`` and ``input`` when both are
+            non-empty (the tutorial used ``""``).
+
+    Example:
+        >>> builder = SFTDatasetBuilder(tokenizer, max_length=384)   # doctest: +SKIP
+        >>> ds = builder.build("huanhuan.json")                     # doctest: +SKIP
+        >>> print(builder.report)                                    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str | PromptTemplate = "phi-4",
+        *,
+        max_length: int = 384,
+        system_prompt: str | None = None,
+        format: RecordFormat = "auto",
+        train_on: TrainOn = "all_assistant",
+        truncation: Truncation = "cut_end",
+        on_bad_record: OnBadRecord = "raise",
+        input_separator: str = "\n",
+    ) -> None:
+        problems = []
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            problems.append(f"max_length must be an integer >= 2, got {max_length!r}")
+        for name, value, valid in (
+            ("format", format, ("auto", "alpaca", "messages", "sharegpt")),
+            ("train_on", train_on, ("all_assistant", "last_assistant", "all")),
+            ("truncation", truncation, ("cut_end", "drop")),
+            ("on_bad_record", on_bad_record, ("raise", "skip")),
+        ):
+            if value not in valid:
+                problems.append(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+        if problems:
+            raise DataError("; ".join(problems))
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.format = format
+        self.train_on = train_on
+        self.truncation = truncation
+        self.on_bad_record = on_bad_record
+        self.input_separator = input_separator
+        self.segment_tokenizer = SegmentTokenizer(tokenizer)
+        self.report: DataReport | None = None
+
+    # ------------------------------------------------------------------ one conversation
+    def _trainable(self, segments: Sequence[Segment]) -> list[bool]:
+        if self.train_on == "all":
+            return [True] * len(segments)
+        if self.train_on == "all_assistant":
+            return [s.trainable for s in segments]
+        last = max((s.turn for s in segments if s.trainable), default=-2)
+        return [s.trainable and s.turn == last for s in segments]
+
+    def _assemble(self, segments: Sequence[Segment], seg_ids: Sequence[list[int]]) -> Example:
+        ids: list[int] = []
+        labels: list[int] = []
+        for trainable, part in zip(self._trainable(segments), seg_ids, strict=True):
+            ids.extend(part)
+            labels.extend(part if trainable else [IGNORE_INDEX] * len(part))
+        response = sum(1 for x in labels if x != IGNORE_INDEX)
+        prompt = len(ids) - response
+        truncated = len(ids) > self.max_length
+        if truncated:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return Example(ids, labels, truncated, prompt, response)
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Example:
+        """Tokenize one conversation into an [`Example`][loraforge.data.Example] (truncated to
+        ``max_length``, not checked for supervision)."""
+        segs = self.template.segments(messages)
+        return self._assemble(segs, self.segment_tokenizer.encode(segs))
+
+    # ------------------------------------------------------------------ many records
+    def build(self, source: Any, *, chunk_size: int = 2048) -> Any:
+        """Build a ``datasets.Dataset`` with ``input_ids``, ``attention_mask`` and ``labels``.
+
+        Args:
+            source: a list of dicts, a ``.json`` array file, a ``.jsonl`` file or a
+                ``datasets.Dataset``.
+            chunk_size: records tokenized per batch.
+
+        Raises:
+            DataError: a malformed record (with ``on_bad_record="raise"``), an unreadable file,
+                or no example left to train on.
+        """
+        import datasets
+
+        name = _source_name(source)
+        report = DataReport(source=name)
+        cols: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        stats: dict[str, list[int]] = {"prompt": [], "response": [], "total": []}
+        supervised = 0
+        fmt = None if self.format == "auto" else self.format
+        chunk: list[tuple[_Record, list[Segment]]] = []
+
+        def flush() -> None:
+            nonlocal supervised
+            seg_ids = self.segment_tokenizer.encode_many([segs for _, segs in chunk])
+            for (rec, segs), ids in zip(chunk, seg_ids, strict=True):
+                ex = self._assemble(segs, ids)
+                stats["prompt"].append(ex.prompt_tokens)
+                stats["response"].append(ex.response_tokens)
+                stats["total"].append(ex.prompt_tokens + ex.response_tokens)
+                n_sup = sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)
+                if ex.truncated and self.truncation == "drop":
+                    self._drop(report, rec, f"{ex.prompt_tokens + ex.response_tokens} tokens > "
+                               f"max_length={self.max_length} (truncation='drop')")
+                    continue
+                if n_sup == 0:
+                    why = (f"no supervised token left after cutting to max_length={self.max_length}"
+                           f" (prompt alone is {ex.prompt_tokens} tokens)"
+                           if ex.truncated else "no supervised token")
+                    self._drop(report, rec, why)
+                    continue
+                if ex.truncated:
+                    report.truncated.append(rec.index)
+                cols["input_ids"].append(ex.input_ids)
+                cols["attention_mask"].append(ex.attention_mask)
+                cols["labels"].append(ex.labels)
+                supervised += n_sup
+            chunk.clear()
+
+        for rec in _iter_records(source):
+            report.records_read += 1
+            try:
+                if fmt is None:
+                    fmt = detect_format(rec.value)
+                msgs = to_messages(rec.value, fmt, system_prompt=self.system_prompt,
+                                   input_separator=self.input_separator)
+                segs = self.template.segments(msgs)
+            except (DataError, TemplateError) as exc:
+                reason = exc.reason if isinstance(exc, DataError) else str(exc)
+                err = DataError(reason, source=name, index=rec.index, line=rec.line,
+                                field=getattr(exc, "field", None))
+                if self.on_bad_record == "raise":
+                    raise err from None
+                report.dropped.append(DroppedRecord(rec.index, str(err), rec.line))
+                continue
+            chunk.append((rec, segs))
+            if len(chunk) >= chunk_size:
+                flush()
+        flush()
+
+        report.format = fmt or "unknown"
+        report.built = len(cols["input_ids"])
+        report.tokens_emitted = sum(len(x) for x in cols["input_ids"])
+        report.supervised_fraction = supervised / report.tokens_emitted if report.tokens_emitted else 0.0
+        report.prompt_tokens = _stats(stats["prompt"])
+        report.response_tokens = _stats(stats["response"])
+        report.total_tokens = _stats(stats["total"])
+        self.report = report
+        if report.dropped:
+            logger.warning("%s: %d of %d records dropped (see the data report)", name,
+                           len(report.dropped), report.records_read)
+        if report.built == 0:
+            raise DataError(
+                f"no training example left ({report.records_read} read, "
+                f"{len(report.dropped)} dropped)" + (
+                    f"; first drop: {report.dropped[0].reason}" if report.dropped else ""),
+                source=name,
+            )
+        features = datasets.Features({k: datasets.Sequence(datasets.Value("int32"))
+                                      for k in cols})
+        return datasets.Dataset.from_dict(cols, features=features)
+
+    def _drop(self, report: DataReport, rec: _Record, reason: str) -> None:
+        report.dropped.append(DroppedRecord(rec.index, reason, rec.line))
