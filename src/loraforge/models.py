@@ -88,3 +88,142 @@ def resolve_target_modules(model: Any, target_modules: str | Sequence[str]) -> l
             "(or use target_modules: all-linear)."
         )
     return sorted(requested)
+
+
+# --------------------------------------------------------------------------- loading
+
+_PATH_PREFIXES = ("/", "./", "../", "~", ".\\")
+
+
+def resolve_model_path(
+    model: str,
+    source: str = "auto",
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> str:
+    """Return a local folder for ``model``: the folder itself, or a hub snapshot.
+
+    ``source="auto"`` uses a local folder when one exists; a string that looks like a path
+    (starts with ``/``, ``./``, ``../`` or ``~``) must exist; anything else is a hub id fetched
+    with ModelScope's ``snapshot_download`` (``source="huggingface"``: the Hugging Face hub).
+
+    Raises:
+        ModelError: a local folder that does not exist, or a download that failed.
+    """
+    from pathlib import Path
+
+    from .errors import ModelError
+
+    local = Path(model).expanduser()
+    if source == "local" or (source == "auto" and (local.exists() or model.startswith(_PATH_PREFIXES))):
+        if not local.is_dir():
+            raise ModelError(f"model: local folder {model!r} does not exist (or is not a folder)")
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model: {model!r} has no config.json; is it a Hugging Face model folder?")
+        return str(local)
+    try:
+        if source == "huggingface":
+            from huggingface_hub import snapshot_download as hf_download
+
+            return str(hf_download(model, revision=revision, cache_dir=cache_dir))
+        from modelscope import snapshot_download as ms_download
+
+        return str(ms_download(model, revision=revision or "master", cache_dir=cache_dir))
+    except Exception as exc:
+        hub = "the Hugging Face hub" if source == "huggingface" else "ModelScope"
+        raise ModelError(
+            f"model: {model!r} is not a local folder and could not be downloaded from {hub}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def pick_dtype(dtype: str = "auto") -> Any:
+    """``"auto"``: bfloat16 on a CUDA GPU that supports it, else float32."""
+    import torch
+
+    if dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+    """Load a (fast) tokenizer from a local folder."""
+    from transformers import AutoTokenizer
+
+    from .errors import ModelError
+
+    if trust_remote_code:
+        logger.warning("trust_remote_code is on: code shipped with %s will run", path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+
+
+def load_model(path: str, *, dtype: Any, trust_remote_code: bool = False, device: str | None = None) -> Any:
+    """Load a causal LM from a local folder in ``dtype`` (on ``device`` when given)."""
+    from transformers import AutoModelForCausalLM
+
+    from .errors import ModelError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(
+            path, torch_dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelError(f"cannot load a causal language model from {path!r}: {exc}") from exc
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of ``text`` if it is exactly one token of ``tokenizer``, else ``None``."""
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    return ids[0] if len(ids) == 1 else None
+
+
+def ensure_pad_token(tokenizer: Any, model: Any, end_of_turn: str) -> str | None:
+    """Make sure padding never uses the end-of-turn or EOS token.
+
+    Returns a message describing the change, or ``None`` when the tokenizer's pad token was fine.
+    """
+    stop_ids = {tokenizer.eos_token_id, token_id(tokenizer, end_of_turn)} - {None}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stop_ids:
+        return None
+    old = tokenizer.pad_token
+    in_use = set(stop_ids) | {tokenizer.bos_token_id}
+    candidates = sorted(
+        (tid, tok.content)
+        for tid, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
+        if tid not in in_use and tok.special
+    )
+    preferred = [c for c in candidates if "pad" in c[1] or "dummy" in c[1] or "reserved" in c[1]]
+    chosen = (preferred or candidates or [(None, None)])[0][1]
+    if chosen is None:
+        tokenizer.add_special_tokens({"pad_token": "<|loraforge_pad|>"})
+        model.resize_token_embeddings(len(tokenizer))
+        chosen = "<|loraforge_pad|>"
+    else:
+        tokenizer.pad_token = chosen
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return (
+        f"pad token {old!r} is an end-of-sequence token; padding with unused token {chosen!r} "
+        f"(id {tokenizer.pad_token_id}) instead"
+    )
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing: works with LoRA without
+    ``enable_input_require_grads`` (transformers >= 5.20 calls it ``activation_checkpointing``)."""
+    fn = getattr(model, "activation_checkpointing_enable", None)
+    if fn is not None:
+        fn(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

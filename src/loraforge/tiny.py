@@ -90,8 +90,13 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     seed: int = 0,
+    initializer_range: float = 0.1,
 ) -> Any:
-    """A randomly initialised ``Phi3ForCausalLM`` sized for ``tokenizer`` (float32, CPU)."""
+    """A randomly initialised ``Phi3ForCausalLM`` sized for ``tokenizer`` (float32, CPU).
+
+    ``initializer_range`` is larger than a real model's 0.02 so that a frozen random output head
+    can express confident predictions: LoRA alone must be able to make the model learn.
+    """
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -110,6 +115,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
         sliding_window=None,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     return Phi3ForCausalLM(config).float().eval()

@@ -1,0 +1,419 @@
+"""`train(recipe)`: a LoRA fine-tune from a recipe to a self-describing output folder.
+
+The function reads top to bottom as the steps of a run: prepare the output folder, load the
+tokenizer and model, apply LoRA, build the data, build the ``transformers.Trainer``, train, save.
+The Trainer is composed, not subclassed; loraforge adds a padding collator, callbacks for plain
+log lines and complete-checkpoint markers, and the saving of its artifacts.
+
+Output folder layout::
+
+    output_dir/
+      adapter_model.safetensors, adapter_config.json   # loadable by plain peft
+      tokenizer.json, tokenizer_config.json, ...       # the tokenizer used (pad token included)
+      recipe.yaml                                      # the resolved recipe + loraforge_version
+      loraforge.json                                   # template, base model, versions, metrics
+      data_report.json                                 # what the dataset builder did
+      loss_curve.png                                   # train (and eval) loss
+      checkpoints/checkpoint-N/                        # for resume; `.complete` marks whole ones
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import IGNORE_INDEX, DataReport, SFTDatasetBuilder
+from .errors import OutputDirError
+from .models import (
+    enable_checkpointing,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    resolve_model_path,
+    resolve_target_modules,
+)
+from .recipe import LoraRecipe
+from .templates import get_template, template_id
+
+__all__ = ["TrainResult", "pad_collate", "train"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+COMPLETE_MARKER = ".complete"
+RUN_FILE = "loraforge.json"
+
+
+@dataclass(slots=True)
+class TrainResult:
+    """What [`train`][loraforge.train] produced.
+
+    Attributes:
+        output_dir: the output folder (pass it to [`load_for_inference`][loraforge.load_for_inference]).
+        metrics: final metrics (``train_loss``, ``first_loss``, ``last_loss``, ``eval_loss`` when
+            evaluated, ``steps``, ``runtime_s``, ``train_tokens``...).
+        data_report: the dataset builder's report for the training data.
+        log_history: the Trainer's log entries.
+    """
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    data_report: DataReport
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- collator
+
+
+def pad_collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad a list of examples: ``input_ids`` with ``pad_token_id``, ``attention_mask``
+    with 0 and ``labels`` with -100 (so padding is never supervised and never masks EOS)."""
+    import torch
+
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), n), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(features), n), dtype=torch.long)
+    labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
+    for i, f in enumerate(features):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.as_tensor(f["input_ids"])
+        mask[i, :k] = 1
+        labels[i, :k] = torch.as_tensor(f["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class _Collator:
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return pad_collate(features, self.pad_token_id)
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def _last_complete_checkpoint(output_dir: Path) -> Path | None:
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    done = [
+        p for p in root.glob("checkpoint-*")
+        if p.is_dir() and (p / COMPLETE_MARKER).is_file() and p.name.split("-")[-1].isdigit()
+    ]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _prepare_output_dir(recipe: LoraRecipe, resume: bool) -> tuple[Path, Path | None]:
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output_dir: {str(out)!r} exists and is not a folder")
+    occupied = out.is_dir() and any(out.iterdir())
+    if resume:
+        ckpt = _last_complete_checkpoint(out)
+        if ckpt is None:
+            logger.warning("resume: no complete checkpoint in %s; starting from the beginning", out)
+        else:
+            _check_same_run(out, recipe)
+            for p in (out / CHECKPOINTS).glob("checkpoint-*"):
+                if p.is_dir() and not (p / COMPLETE_MARKER).is_file():
+                    logger.warning("removing incomplete checkpoint %s (a save was interrupted)", p)
+                    shutil.rmtree(p, ignore_errors=True)
+            logger.info("resuming from %s", ckpt)
+        return out, ckpt
+    if occupied and not recipe.overwrite_output_dir:
+        raise OutputDirError(
+            f"output_dir: {str(out)!r} already holds files (another run?). Choose a new folder, "
+            "resume it (train(recipe, resume=True) / --resume), or set overwrite_output_dir: true"
+        )
+    if occupied:
+        logger.warning("overwrite_output_dir: clearing %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+_RESUME_KEYS = ("model", "data", "template", "max_length", "lora_r", "lora_alpha",
+                "target_modules", "batch_size", "grad_accum", "seed", "learning_rate")
+
+
+def _check_same_run(out: Path, recipe: LoraRecipe) -> None:
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        return
+    old = LoraRecipe.from_yaml(saved)
+    diff = [k for k in _RESUME_KEYS if getattr(old, k) != getattr(recipe, k)]
+    if diff:
+        raise OutputDirError(
+            f"resume: {out} holds a run with different settings ({', '.join(diff)}); "
+            "resume with the same recipe or use a new output_dir"
+        )
+
+
+def _atomic_write(dst_dir: Path, files: dict[str, Any]) -> None:
+    """Write the given files into a staging folder, then move each into place."""
+    stage = dst_dir / f".staging-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    for name, writer in files.items():
+        writer(stage / name)
+    for p in sorted(stage.iterdir(), key=lambda p: p.name == RUN_FILE):  # run file last
+        target = dst_dir / p.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(p, target)
+    stage.rmdir()
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _callbacks() -> list[Any]:
+    from transformers import TrainerCallback
+
+    class PlainLog(TrainerCallback):
+        """A plain log line every logging_steps, and the run's start and end."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if not logs:
+                return
+            parts = [f"step {state.global_step}/{state.max_steps}"]
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+                if key in logs:
+                    v = logs[key]
+                    parts.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
+            logger.info(" | ".join(parts))
+
+    class MarkComplete(TrainerCallback):
+        """Mark a checkpoint complete once the Trainer has written all of it."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+
+    return [PlainLog(), MarkComplete()]
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(
+    recipe: LoraRecipe,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Fine-tune ``recipe.model`` with LoRA on ``recipe.data`` and save a self-describing folder.
+
+    Args:
+        recipe: the run's settings.
+        resume: continue from the last complete checkpoint in ``recipe.output_dir``.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        A [`TrainResult`][loraforge.TrainResult].
+
+    Raises:
+        LoraForgeError: any bad setting, model, data or output folder, before a training step.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    # 1. output folder and template
+    out, checkpoint = _prepare_output_dir(recipe, resume)
+    template = get_template(recipe.template)
+    set_seed(recipe.seed)
+
+    # 2. tokenizer and data (before the model: bad data fails fast)
+    model_path = resolve_model_path(recipe.model, recipe.model_source, recipe.model_revision,
+                                    recipe.cache_dir)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
+    builder = SFTDatasetBuilder(
+        tokenizer, template, max_length=recipe.max_length, system_prompt=recipe.system_prompt,
+        format=recipe.data_format, train_on=recipe.train_on, truncation=recipe.truncation,
+        on_bad_record=recipe.on_bad_record, input_separator=recipe.input_separator,
+    )
+    train_ds = builder.build(recipe.data)
+    assert builder.report is not None
+    report = builder.report
+    logger.info("data:\n%s", report.format_text())
+    eval_ds = None
+    if recipe.eval_data:
+        eval_ds = builder.build(recipe.eval_data)
+        builder.report = report
+    elif recipe.eval_fraction > 0:
+        split = train_ds.train_test_split(test_size=recipe.eval_fraction, seed=recipe.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+
+    # 3. model, padding, LoRA
+    dtype = pick_dtype(recipe.dtype)
+    model = load_model(model_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+    note = ensure_pad_token(tokenizer, model, template.end_of_turn)
+    if note:
+        logger.warning(note)
+    targets = resolve_target_modules(model, recipe.target_modules)
+    model.config.use_cache = False
+    if recipe.gradient_checkpointing:
+        enable_checkpointing(model)
+    model = get_peft_model(model, LoraConfig(
+        r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+    ))
+    trainable, total = model.get_nb_trainable_parameters()
+    counts = {t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))
+              for t in targets}
+    logger.info("LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
+                recipe.lora_r, recipe.lora_alpha,
+                ", ".join(f"{t} x{c}" for t, c in counts.items()),
+                f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # 4. trainer
+    steps_per_epoch = math.ceil(len(train_ds) / (recipe.batch_size * recipe.grad_accum))
+    total_steps = recipe.max_steps if recipe.max_steps > 0 else math.ceil(
+        steps_per_epoch * recipe.num_epochs)
+    on_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        num_train_epochs=recipe.num_epochs,
+        max_steps=recipe.max_steps,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler,
+        warmup_steps=math.ceil(recipe.warmup_ratio * total_steps),
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        seed=recipe.seed,
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        eval_strategy="no" if eval_ds is None else ("steps" if recipe.eval_steps else "epoch"),
+        eval_steps=recipe.eval_steps,
+        report_to=list(recipe.report_to) or "none",
+        bf16=dtype == torch.bfloat16 and on_gpu,
+        fp16=dtype == torch.float16 and on_gpu,
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        dataloader_pin_memory=on_gpu,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=_Collator(tokenizer.pad_token_id),
+        callbacks=[*_callbacks(), *callbacks],
+    )
+
+    # 5. train
+    recipe.to_yaml(out / "recipe.yaml")
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    runtime = time.perf_counter() - start
+
+    # 6. save
+    history = list(trainer.state.log_history)
+    losses = [h["loss"] for h in history if "loss" in h]
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "runtime_s": round(runtime, 3),
+        "train_examples": len(train_ds),
+        "train_tokens_per_epoch": int(sum(len(x) for x in train_ds["input_ids"])),
+        "trainable_parameters": trainable,
+        "lora_target_modules": counts,
+    }
+    if eval_ds is not None:
+        metrics.update({k: v for k, v in trainer.evaluate().items()})
+    _save_run(out, model, tokenizer, recipe, template, model_path, report, metrics, history)
+    logger.info("saved adapter and run files to %s", out)
+    return TrainResult(out, metrics, report, history)
+
+
+def _save_run(
+    out: Path, model: Any, tokenizer: Any, recipe: LoraRecipe, template: Any, model_path: str,
+    report: DataReport, metrics: dict[str, Any], history: list[dict[str, Any]],
+) -> None:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    run = {
+        "loraforge_version": __version__,
+        "template": template_id(template),
+        "base_model": {
+            "model": recipe.model,
+            "source": recipe.model_source,
+            "revision": recipe.model_revision,
+            "resolved_path": str(Path(model_path).resolve()),
+        },
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+        "metrics": metrics,
+    }
+
+    def save_adapter(p: Path) -> None:
+        p.mkdir()
+        model.save_pretrained(str(p), safe_serialization=True)
+        (p / "README.md").unlink(missing_ok=True)  # peft's empty model card
+        for f in p.iterdir():
+            os.replace(f, p.parent / f.name)
+        p.rmdir()
+
+    def save_tokenizer(p: Path) -> None:
+        p.mkdir()
+        tokenizer.save_pretrained(str(p))
+        for f in p.iterdir():
+            os.replace(f, p.parent / f.name)
+        p.rmdir()
+
+    files = {
+        ".adapter": save_adapter,
+        ".tokenizer": save_tokenizer,
+        "recipe.yaml": lambda p: recipe.to_yaml(p),
+        "data_report.json": lambda p: p.write_text(
+            json.dumps(report.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8"),
+        "loss_curve.png": lambda p: _plot_losses(history, p),
+        RUN_FILE: lambda p: p.write_text(json.dumps(run, ensure_ascii=False, indent=2,
+                                                    default=str), encoding="utf-8"),
+    }
+    _atomic_write(out, files)
+
+
+def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    train_pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_pts = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train_pts:
+        ax.plot(*zip(*train_pts, strict=True), label="train loss")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
