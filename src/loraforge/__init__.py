@@ -14,6 +14,8 @@ from .errors import (
     TemplateMismatchError,
     UnknownTemplateError,
 )
+from .inference import ChatModel, load_for_inference
+from .recipe import LoraRecipe
 from .templates import (
     PromptTemplate,
     Segment,
@@ -23,14 +25,17 @@ from .templates import (
     register_template,
 )
 from .tokenize import SegmentTokenizer
+from .train import TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChatModel",
     "DataError",
     "DataReport",
     "DroppedRecord",
     "LoraForgeError",
+    "LoraRecipe",
     "ModelError",
     "OutputDirError",
     "PromptTemplate",
@@ -41,10 +46,13 @@ __all__ = [
     "TargetModulesError",
     "TemplateError",
     "TemplateMismatchError",
+    "TrainResult",
     "UnknownTemplateError",
     "__version__",
     "check_template",
     "get_template",
     "list_templates",
+    "load_for_inference",
     "register_template",
+    "train",
 ]

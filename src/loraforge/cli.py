@@ -65,9 +65,15 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
             trust_remote_code=r.trust_remote_code,
         )
         builder = SFTDatasetBuilder(
-            tokenizer, r.template, max_length=r.max_length, system_prompt=r.system_prompt,
-            format=r.data_format, train_on=r.train_on, truncation=r.truncation,
-            on_bad_record=r.on_bad_record, input_separator=r.input_separator,
+            tokenizer,
+            r.template,
+            max_length=r.max_length,
+            system_prompt=r.system_prompt,
+            format=r.data_format,
+            train_on=r.train_on,
+            truncation=r.truncation,
+            on_bad_record=r.on_bad_record,
+            input_separator=r.input_separator,
         )
         return builder, r.data
     from .demo import DEMO_SYSTEM_PROMPT
@@ -75,9 +81,12 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else build_tiny_tokenizer()
     builder = SFTDatasetBuilder(
-        tokenizer, args.template, max_length=args.max_length,
-        system_prompt=args.system_prompt if args.system_prompt is not None else (
-            None if args.data else DEMO_SYSTEM_PROMPT),
+        tokenizer,
+        args.template,
+        max_length=args.max_length,
+        system_prompt=args.system_prompt
+        if args.system_prompt is not None
+        else (None if args.data else DEMO_SYSTEM_PROMPT),
     )
     return builder, args.data or str(sample_data_path())
 
@@ -133,8 +142,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(_recipe(args), resume=args.resume)
     m = result.metrics
-    print(f"done: {m['steps']} steps, loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}; "
-          f"adapter in {result.output_dir}")
+    loss = (
+        f"loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}"
+        if m["first_loss"] is not None
+        else f"mean loss {m['train_loss']:.4f}"
+    )
+    print(f"done: {m['steps']} steps, {loss}; adapter in {result.output_dir}")
     return 0
 
 
@@ -186,8 +199,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.output)
     m = result.train.metrics
     ok = result.answer == result.expected
-    print(f"\nloss {m['first_loss']:.3f} -> {m['last_loss']:.3f} in {m['steps']} steps "
-          f"({m['runtime_s']:.0f} s)")
+    print(
+        f"\nloss {m['first_loss']:.3f} -> {m['last_loss']:.3f} in {m['steps']} steps "
+        f"({m['runtime_s']:.0f} s)"
+    )
     print(f"asked:    {result.question}")
     print(f"trained:  {result.expected}")
     print(f"answered: {result.answer}  [{'matches' if ok else 'differs'}]")
@@ -249,8 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loraforge`` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return int(args.func(args))
     except LoraForgeError as exc:

@@ -116,12 +116,16 @@ def _read_file(path: Path) -> Iterator[_Record]:
             f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8", source=name, line=line
         ) from None
     stripped = text.lstrip()
-    if path.suffix.lower() == ".jsonl" or (path.suffix.lower() != ".json" and not stripped.startswith("[")):
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+    if path.suffix.lower() == ".jsonl" or (
+        path.suffix.lower() != ".json" and not stripped.startswith("[")
+    ):
+        index = 0
+        # split on "\n" only: str.splitlines() would also split inside records at U+2028 etc.
+        for lineno, row in enumerate(text.split("\n"), start=1):
+            if not row.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(row)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"invalid JSON ({exc.msg} at column {exc.colno}); each line of a JSONL file "
@@ -129,7 +133,8 @@ def _read_file(path: Path) -> Iterator[_Record]:
                     source=name,
                     line=lineno,
                 ) from None
-            yield _Record(lineno - 1, lineno, value)
+            yield _Record(index, lineno, value)
+            index += 1
         return
     try:
         value = json.loads(text)
@@ -201,8 +206,10 @@ def to_messages(
         inp = _expect_str(record, "input", required=False)
         output = _expect_str(record, "output", required=True, nonempty=True)
         if not (instruction or inp):
-            raise DataError("both 'instruction' and 'input' are empty; one must hold the prompt",
-                            field="instruction")
+            raise DataError(
+                "both 'instruction' and 'input' are empty; one must hold the prompt",
+                field="instruction",
+            )
         system = _expect_str(record, "system", required=False) or system_prompt
         msgs = [{"role": "system", "content": system}] if system else []
         history = record.get("history") or []
@@ -214,9 +221,13 @@ def to_messages(
                 or len(pair) != 2
                 or not all(isinstance(x, str) for x in pair)
             ):
-                raise DataError(f"item {k} must be a [user, assistant] pair of strings",
-                                field="history")
-            msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+                raise DataError(
+                    f"item {k} must be a [user, assistant] pair of strings", field="history"
+                )
+            msgs += [
+                {"role": "user", "content": pair[0]},
+                {"role": "assistant", "content": pair[1]},
+            ]
         user = instruction + input_separator + inp if instruction and inp else instruction or inp
         msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return msgs
@@ -227,23 +238,33 @@ def to_messages(
     if not isinstance(turns, list):
         raise DataError(f"must be a list of turns, got {type(turns).__name__}", field=key)
     if not turns:
-        raise DataError("is empty; a conversation needs at least a user and an assistant turn",
-                        field=key)
+        raise DataError(
+            "is empty; a conversation needs at least a user and an assistant turn", field=key
+        )
     msgs = []
     for k, turn in enumerate(turns):
         where = f"{key}[{k}]"
         if not isinstance(turn, Mapping):
             raise DataError(f"must be an object with {role_key!r} and {content_key!r}", field=where)
         raw_role = turn.get(role_key)
-        role = (_SHAREGPT_ROLES.get(raw_role) if isinstance(raw_role, str) else None) if fmt == "sharegpt" else raw_role
+        role = (
+            (_SHAREGPT_ROLES.get(raw_role) if isinstance(raw_role, str) else None)
+            if fmt == "sharegpt"
+            else raw_role
+        )
         if role not in ("system", "user", "assistant"):
-            valid = sorted(_SHAREGPT_ROLES) if fmt == "sharegpt" else ["system", "user", "assistant"]
-            raise DataError(f"unknown {role_key} {raw_role!r}; valid: {', '.join(valid)}",
-                            field=f"{where}.{role_key}")
+            valid = (
+                sorted(_SHAREGPT_ROLES) if fmt == "sharegpt" else ["system", "user", "assistant"]
+            )
+            raise DataError(
+                f"unknown {role_key} {raw_role!r}; valid: {', '.join(valid)}",
+                field=f"{where}.{role_key}",
+            )
         content = turn.get(content_key)
         if not isinstance(content, str):
-            raise DataError(f"must be a string, got {type(content).__name__}",
-                            field=f"{where}.{content_key}")
+            raise DataError(
+                f"must be a string, got {type(content).__name__}", field=f"{where}.{content_key}"
+            )
         if role == "system" and k != 0:
             raise DataError("a system message may only come first", field=f"{where}.{role_key}")
         if role == "assistant" and not content.strip():
@@ -251,13 +272,14 @@ def to_messages(
         msgs.append({"role": role, "content": content})
     if msgs[0]["role"] == "system" and not msgs[0]["content"]:
         msgs = msgs[1:]
-    if not msgs or msgs[0]["role"] != "system":
-        if system_prompt:
-            msgs.insert(0, {"role": "system", "content": system_prompt})
-    if msgs[-1]["role"] != "assistant":
+    if system_prompt and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    if not msgs or msgs[-1]["role"] != "assistant":
         raise DataError(
-            f"the conversation ends with a {msgs[-1]['role']} turn; training needs it to end with "
-            "an assistant turn", field=key,
+            f"the conversation ends with a {msgs[-1]['role'] if msgs else 'system'} turn; "
+            "training needs it to end with "
+            "an assistant turn",
+            field=key,
         )
     return msgs
 
@@ -322,8 +344,11 @@ class DataReport:
             f"  tokens emitted     {self.tokens_emitted}",
             f"  supervised share   {self.supervised_fraction:.1%}",
         ]
-        for name, st in (("prompt", self.prompt_tokens), ("response", self.response_tokens),
-                         ("total", self.total_tokens)):
+        for name, st in (
+            ("prompt", self.prompt_tokens),
+            ("response", self.response_tokens),
+            ("total", self.total_tokens),
+        ):
             if st:
                 lines.append(
                     f"  {name + ' tokens':<18} p50 {st['p50']:.0f}  p95 {st['p95']:.0f}  "
@@ -483,13 +508,20 @@ class SFTDatasetBuilder:
                 stats["total"].append(ex.prompt_tokens + ex.response_tokens)
                 n_sup = sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)
                 if ex.truncated and self.truncation == "drop":
-                    self._drop(report, rec, f"{ex.prompt_tokens + ex.response_tokens} tokens > "
-                               f"max_length={self.max_length} (truncation='drop')")
+                    self._drop(
+                        report,
+                        rec,
+                        f"{ex.prompt_tokens + ex.response_tokens} tokens > "
+                        f"max_length={self.max_length} (truncation='drop')",
+                    )
                     continue
                 if n_sup == 0:
-                    why = (f"no supervised token left after cutting to max_length={self.max_length}"
-                           f" (prompt alone is {ex.prompt_tokens} tokens)"
-                           if ex.truncated else "no supervised token")
+                    why = (
+                        f"no supervised token left after cutting to max_length={self.max_length}"
+                        f" (prompt alone is {ex.prompt_tokens} tokens)"
+                        if ex.truncated
+                        else "no supervised token"
+                    )
                     self._drop(report, rec, why)
                     continue
                 if ex.truncated:
@@ -505,13 +537,22 @@ class SFTDatasetBuilder:
             try:
                 if fmt is None:
                     fmt = detect_format(rec.value)
-                msgs = to_messages(rec.value, fmt, system_prompt=self.system_prompt,
-                                   input_separator=self.input_separator)
+                msgs = to_messages(
+                    rec.value,
+                    fmt,
+                    system_prompt=self.system_prompt,
+                    input_separator=self.input_separator,
+                )
                 segs = self.template.segments(msgs)
             except (DataError, TemplateError) as exc:
                 reason = exc.reason if isinstance(exc, DataError) else str(exc)
-                err = DataError(reason, source=name, index=rec.index, line=rec.line,
-                                field=getattr(exc, "field", None))
+                err = DataError(
+                    reason,
+                    source=name,
+                    index=rec.index,
+                    line=rec.line,
+                    field=getattr(exc, "field", None),
+                )
                 if self.on_bad_record == "raise":
                     raise err from None
                 report.dropped.append(DroppedRecord(rec.index, str(err), rec.line))
@@ -524,23 +565,28 @@ class SFTDatasetBuilder:
         report.format = fmt or "unknown"
         report.built = len(cols["input_ids"])
         report.tokens_emitted = sum(len(x) for x in cols["input_ids"])
-        report.supervised_fraction = supervised / report.tokens_emitted if report.tokens_emitted else 0.0
+        report.supervised_fraction = (
+            supervised / report.tokens_emitted if report.tokens_emitted else 0.0
+        )
         report.prompt_tokens = _stats(stats["prompt"])
         report.response_tokens = _stats(stats["response"])
         report.total_tokens = _stats(stats["total"])
         self.report = report
         if report.dropped:
-            logger.warning("%s: %d of %d records dropped (see the data report)", name,
-                           len(report.dropped), report.records_read)
+            logger.warning(
+                "%s: %d of %d records dropped (see the data report)",
+                name,
+                len(report.dropped),
+                report.records_read,
+            )
         if report.built == 0:
             raise DataError(
                 f"no training example left ({report.records_read} read, "
-                f"{len(report.dropped)} dropped)" + (
-                    f"; first drop: {report.dropped[0].reason}" if report.dropped else ""),
+                f"{len(report.dropped)} dropped)"
+                + (f"; first drop: {report.dropped[0].reason}" if report.dropped else ""),
                 source=name,
             )
-        features = datasets.Features({k: datasets.Sequence(datasets.Value("int32"))
-                                      for k in cols})
+        features = datasets.Features({k: datasets.Sequence(datasets.Value("int32")) for k in cols})
         return datasets.Dataset.from_dict(cols, features=features)
 
     def _drop(self, report: DataReport, rec: _Record, reason: str) -> None:

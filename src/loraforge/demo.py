@@ -39,8 +39,9 @@ def prepare_tiny_base(folder: str | Path, *, hidden_size: int = 128, num_layers:
     """Save a tiny random Phi-3-architecture model and its tokenizer to ``folder``."""
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers,
-                             intermediate_size=hidden_size * 2)
+    model = build_tiny_model(
+        tokenizer, hidden_size=hidden_size, num_layers=num_layers, intermediate_size=hidden_size * 2
+    )
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
@@ -73,8 +74,9 @@ def demo_recipe(base: str | Path, output_dir: str | Path, **overrides: object) -
     return LoraRecipe.from_dict(values)
 
 
-def run_demo(output_dir: str | Path = "loraforge-demo", *, overwrite: bool = True,
-             **overrides: object) -> DemoResult:
+def run_demo(
+    output_dir: str | Path = "loraforge-demo", *, overwrite: bool = True, **overrides: object
+) -> DemoResult:
     """Build the tiny base, train, reload the adapter and chat. Returns what happened."""
     output_dir = Path(output_dir)
     base = prepare_tiny_base(output_dir / "base-model")

@@ -67,7 +67,9 @@ class ChatModel:
         stop = {token_id(tokenizer, template.end_of_turn), tokenizer.eos_token_id} - {None}
         self.stop_token_ids = sorted(stop)
 
-    def messages(self, message_or_messages: Messages, system: str | None = None) -> list[dict[str, str]]:
+    def messages(
+        self, message_or_messages: Messages, system: str | None = None
+    ) -> list[dict[str, str]]:
         """The conversation for a prompt: a user string, or a list of messages, with ``system``
         (or the default system prompt) first unless the list brings its own."""
         if isinstance(message_or_messages, str):
@@ -81,8 +83,9 @@ class ChatModel:
 
     def prompt_ids(self, message_or_messages: Messages, system: str | None = None) -> list[int]:
         """Token ids of the generation prompt, built exactly like training prompts."""
-        segs = self.template.segments(self.messages(message_or_messages, system),
-                                      add_generation_prompt=True)
+        segs = self.template.segments(
+            self.messages(message_or_messages, system), add_generation_prompt=True
+        )
         return self._segments.prompt_ids(segs)
 
     def _generate_kwargs(self, ids: list[int], generation: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +106,9 @@ class ChatModel:
         kwargs.update(generation)
         return kwargs
 
-    def chat(self, message_or_messages: Messages, system: str | None = None, **generation: Any) -> str:
+    def chat(
+        self, message_or_messages: Messages, system: str | None = None, **generation: Any
+    ) -> str:
         """Answer a user message (or continue a list of messages); returns only the new text.
 
         Greedy decoding and at most 256 new tokens unless ``generation`` says otherwise
@@ -114,12 +119,16 @@ class ChatModel:
         ids = self.prompt_ids(message_or_messages, system)
         with torch.no_grad():
             out = self.model.generate(**self._generate_kwargs(ids, dict(generation)))
-        new = [t for t in out[0, len(ids):].tolist() if t not in self.stop_token_ids
-               and t != self.tokenizer.pad_token_id]
+        new = [
+            t
+            for t in out[0, len(ids) :].tolist()
+            if t not in self.stop_token_ids and t != self.tokenizer.pad_token_id
+        ]
         return str(self.tokenizer.decode(new, skip_special_tokens=True))
 
-    def stream(self, message_or_messages: Messages, system: str | None = None,
-               **generation: Any) -> Iterator[str]:
+    def stream(
+        self, message_or_messages: Messages, system: str | None = None, **generation: Any
+    ) -> Iterator[str]:
         """Like [`chat`][loraforge.ChatModel.chat], yielding text pieces as they are generated."""
         from transformers import TextIteratorStreamer
 
@@ -161,8 +170,10 @@ class ChatModel:
         if self.template.chat_template:
             self.tokenizer.chat_template = self.template.chat_template
         else:
-            logger.warning("template %s has no chat_template; the merged tokenizer keeps its own",
-                           self.template.name)
+            logger.warning(
+                "template %s has no chat_template; the merged tokenizer keeps its own",
+                self.template.name,
+            )
         self.tokenizer.save_pretrained(str(out))
         return out
 
@@ -202,8 +213,9 @@ def load_for_inference(
         if recorded and Path(recorded).is_dir():
             model_path = recorded
         else:
-            model_path = resolve_model_path(base.get("model", ""), base.get("source", "auto"),
-                                            base.get("revision"))
+            model_path = resolve_model_path(
+                base.get("model", ""), base.get("source", "auto"), base.get("revision")
+            )
     tokenizer = load_tokenizer(str(folder))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, dtype=pick_dtype(dtype), device=device)
@@ -218,5 +230,7 @@ def load_for_inference(
     if recipe_file.is_file():
         import yaml
 
-        system = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}).get("system_prompt")
+        system = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}).get(
+            "system_prompt"
+        )
     return ChatModel(model, tokenizer, template, system_prompt=system)

@@ -79,8 +79,10 @@ def resolve_target_modules(model: Any, target_modules: str | Sequence[str]) -> l
     if unmatched or not_linear:
         parts = []
         if unmatched:
-            parts.append(f"these target_modules match no module of {type(model).__name__}: "
-                         f"{', '.join(unmatched)}")
+            parts.append(
+                f"these target_modules match no module of {type(model).__name__}: "
+                f"{', '.join(unmatched)}"
+            )
         if not_linear:
             parts.append(f"these are not linear layers: {', '.join(not_linear)}")
         raise TargetModulesError(
@@ -115,11 +117,15 @@ def resolve_model_path(
     from .errors import ModelError
 
     local = Path(model).expanduser()
-    if source == "local" or (source == "auto" and (local.exists() or model.startswith(_PATH_PREFIXES))):
+    if source == "local" or (
+        source == "auto" and (local.exists() or model.startswith(_PATH_PREFIXES))
+    ):
         if not local.is_dir():
             raise ModelError(f"model: local folder {model!r} does not exist (or is not a folder)")
         if not (local / "config.json").is_file():
-            raise ModelError(f"model: {model!r} has no config.json; is it a Hugging Face model folder?")
+            raise ModelError(
+                f"model: {model!r} has no config.json; is it a Hugging Face model folder?"
+            )
         return str(local)
     try:
         if source == "huggingface":
@@ -162,12 +168,15 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
         raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
 
 
-def load_model(path: str, *, dtype: Any, trust_remote_code: bool = False, device: str | None = None) -> Any:
+def load_model(
+    path: str, *, dtype: Any, trust_remote_code: bool = False, device: str | None = None
+) -> Any:
     """Load a causal LM from a local folder in ``dtype`` (on ``device`` when given)."""
     from transformers import AutoModelForCausalLM
 
     from .errors import ModelError
 
+    model: Any
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code

@@ -40,13 +40,18 @@ class LoraRecipe:
     """
 
     # model
-    model: str = _f("", "Local folder of a Hugging Face model, or a hub id (e.g. LLM-Research/phi-4).")
+    model: str = _f(
+        "", "Local folder of a Hugging Face model, or a hub id (e.g. LLM-Research/phi-4)."
+    )
     model_source: Literal["auto", "modelscope", "huggingface", "local"] = _f(
-        "auto", "Where a hub id is fetched from; 'auto' = a local folder if it exists, else ModelScope."
+        "auto",
+        "Where a hub id is fetched from; 'auto' = a local folder if it exists, else ModelScope.",
     )
     model_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
     cache_dir: str | None = _f(None, "Download cache folder for hub models.")
-    trust_remote_code: bool = _f(False, "Run model code shipped with the checkpoint (Phi-4 needs none).")
+    trust_remote_code: bool = _f(
+        False, "Run model code shipped with the checkpoint (Phi-4 needs none)."
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
         "auto", "Weight dtype; 'auto' = bfloat16 on a GPU that supports it, else float32."
     )
@@ -57,11 +62,14 @@ class LoraRecipe:
         "auto", "Record format; 'auto' detects it from the first record."
     )
     eval_data: str | None = _f(None, "Optional held-out data file (same format).")
-    eval_fraction: float = _f(0.0, "Share of the training records held out for evaluation (0 = none).")
+    eval_fraction: float = _f(
+        0.0, "Share of the training records held out for evaluation (0 = none)."
+    )
     system_prompt: str | None = _f(None, "System prompt for records that bring none.")
     max_length: int = _f(384, "Longest example in tokens.")
     truncation: Literal["cut_end", "drop"] = _f(
-        "cut_end", "What to do with longer examples: keep the first max_length tokens, or drop them."
+        "cut_end",
+        "What to do with longer examples: keep the first max_length tokens, or drop them.",
     )
     train_on: Literal["all_assistant", "last_assistant", "all"] = _f(
         "all_assistant", "Which tokens are supervised."
@@ -69,10 +77,12 @@ class LoraRecipe:
     on_bad_record: Literal["raise", "skip"] = _f(
         "raise", "Stop on a malformed record, or skip it and list it in the data report."
     )
-    input_separator: str = _f("\n", "Joins an alpaca record's instruction and input when both are set.")
+    input_separator: str = _f(
+        "\n", "Joins an alpaca record's instruction and input when both are set."
+    )
     # LoRA
     lora_r: int = _f(8, "LoRA rank.")
-    lora_alpha: float = _f(32, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_alpha: int = _f(32, "LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = _f(0.1, "Dropout on the LoRA input.")
     target_modules: str | tuple[str, ...] = _f(
         "all-linear",
@@ -89,10 +99,15 @@ class LoraRecipe:
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
         "linear", "Learning-rate schedule."
     )
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = _f(
+        "adamw_torch", "Optimizer (transformers' `optim` names)."
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     seed: int = _f(42, "Random seed (data order, LoRA init, dropout).")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = _f(
+        True, "Recompute activations in the backward pass to save memory."
+    )
     output_dir: str = _f("output/loraforge", "Where the adapter, logs and checkpoints go.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a folder that holds another run.")
     save_steps: int = _f(100, "Save a checkpoint every this many optimizer steps.")
@@ -118,8 +133,9 @@ class LoraRecipe:
             RecipeError: listing every unknown key (with the nearest field) and invalid value.
         """
         if not isinstance(values, Mapping):
-            raise RecipeError([f"expected a mapping of settings, got {type(values).__name__}"],
-                              source=source)
+            raise RecipeError(
+                [f"expected a mapping of settings, got {type(values).__name__}"], source=source
+            )
         names = [f.name for f in dataclasses.fields(cls)]
         problems: list[str] = []
         kwargs: dict[str, Any] = {}
@@ -129,7 +145,9 @@ class LoraRecipe:
                 continue
             if key not in names:
                 near = difflib.get_close_matches(str(key), names, n=1)
-                problems.append(f"unknown setting {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+                problems.append(
+                    f"unknown setting {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                )
                 continue
             try:
                 kwargs[key] = _coerce(key, value, hints[key])
@@ -160,8 +178,9 @@ class LoraRecipe:
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise RecipeError([f"not valid YAML: {exc}"], source=str(p)) from None
         if not isinstance(values, dict):
-            raise RecipeError([f"expected a mapping of settings, got {type(values).__name__}"],
-                              source=str(p))
+            raise RecipeError(
+                [f"expected a mapping of settings, got {type(values).__name__}"], source=str(p)
+            )
         return cls.from_dict({**values, **(overrides or {})}, source=str(p))
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,8 +195,11 @@ class LoraRecipe:
         """The recipe as YAML with ``loraforge_version``; written to ``path`` when given."""
         from . import __version__
 
-        text = yaml.safe_dump({"loraforge_version": __version__, **self.to_dict()},
-                              sort_keys=False, allow_unicode=True)
+        text = yaml.safe_dump(
+            {"loraforge_version": __version__, **self.to_dict()},
+            sort_keys=False,
+            allow_unicode=True,
+        )
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
@@ -250,15 +272,20 @@ def _validate(r: LoraRecipe) -> list[str]:
         elif hint is int and (not isinstance(value, int) or isinstance(value, bool)):
             bad(f.name, "must be an integer")
         elif hint is float and (
-            not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
         ):
             bad(f.name, "must be a finite number")
         elif hint is str and not isinstance(value, str):
             bad(f.name, "must be a string")
     if not r.model:
-        problems.append("model: required: a local model folder or a hub id such as LLM-Research/phi-4")
+        problems.append(
+            "model: required: a local model folder or a hub id such as LLM-Research/phi-4"
+        )
     if not r.data:
         problems.append("data: required: a .json array or .jsonl file of training records")
+
     def ok(name: str, test: Any) -> bool:
         try:
             return bool(test(getattr(r, name)))

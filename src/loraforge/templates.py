@@ -88,8 +88,8 @@ class PromptTemplate:
         strip_content: strip whitespace around content, as some families' templates do.
         role_names: rename roles in headers (e.g. ``{"assistant": "gpt"}``).
         chat_template: the model family's own Jinja ``chat_template`` that this template
-            reproduces; [`check_template`][loraforge.check_template] compares against it, and a merged
-            model is saved with it.
+            reproduces; [`check_template`][loraforge.check_template] compares against it,
+            and a merged model is saved with it.
     """
 
     name: ClassVar[str] = ""
@@ -123,8 +123,12 @@ class PromptTemplate:
         for i, message in enumerate(messages):
             role, content = _validate_message(message, i)
             trained = role == "assistant"
-            out.append(Segment(self.header.format(role=self.role_names.get(role, role)), False, False, i))
-            out.append(Segment(content.strip() if self.strip_content else content, trained, True, i))
+            out.append(
+                Segment(self.header.format(role=self.role_names.get(role, role)), False, False, i)
+            )
+            out.append(
+                Segment(content.strip() if self.strip_content else content, trained, True, i)
+            )
             out.append(Segment(self.end_of_turn, trained, False, i))
             if self.separator:
                 out.append(Segment(self.separator, False, False, i))
@@ -150,7 +154,9 @@ def _validate_message(message: Any, index: int) -> tuple[str, str]:
         )
     role = message.get("role")
     if role not in ROLES:
-        raise TemplateError(f"message {index}: unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        raise TemplateError(
+            f"message {index}: unknown role {role!r}; valid roles: {', '.join(ROLES)}"
+        )
     content = message.get("content")
     if not isinstance(content, str):
         raise TemplateError(
@@ -197,7 +203,11 @@ def register_template(
                 f"{_class_path(_REGISTRY[key])}); choose another name"
             )
         if name and c.name != name:
-            c = type(c.__name__, (c,), {"name": name, "__module__": c.__module__})  # type: ignore[assignment]
+            c = type(  # type: ignore[assignment]
+                c.__name__,
+                (c,),
+                {"name": name, "__module__": c.__module__, "__qualname__": c.__qualname__},
+            )
         _REGISTRY[key] = c
         _SOURCES[key] = source
         return c
@@ -245,11 +255,15 @@ def _class_path(cls: type) -> str:
 
 def _import_class_path(path: str) -> type[PromptTemplate]:
     module_name, _, attr = path.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise UnknownTemplateError(
+            f"template class path {path!r} must look like 'package.module:Class' (absolute module)"
+        )
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
         raise UnknownTemplateError(f"cannot import template class {path!r}: {exc}") from exc
     if not (isinstance(obj, type) and issubclass(obj, PromptTemplate)):
         raise TemplateError(f"{path!r} is not a PromptTemplate subclass (got {obj!r})")
@@ -389,7 +403,9 @@ class Llama3Template(PromptTemplate):
     """Llama 3 / 3.1 instruct (without tools): header ids, ``<|eot_id|>``, content trimmed."""
 
     name = "llama-3"
-    description = "Llama 3 instruct: <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>"
+    description = (
+        "Llama 3 instruct: <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>"
+    )
     prefix = "<|begin_of_text|>"
     header = "<|start_header_id|>{role}<|end_header_id|>\n\n"
     end_of_turn = "<|eot_id|>"
@@ -422,7 +438,10 @@ SAMPLE_CONVERSATIONS: list[list[dict[str, str]]] = [
         {"role": "assistant", "content": "2"},
     ],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
-    [{"role": "user", "content": "emoji 🙂 and 中文 mixed"}, {"role": "assistant", "content": "好的 👍"}],
+    [
+        {"role": "user", "content": "emoji 🙂 and 中文 mixed"},
+        {"role": "assistant", "content": "好的 👍"},
+    ],
 ]
 
 
@@ -469,4 +488,3 @@ def _diff(expected: str, got: str) -> str:
         f"  tokenizer: ...{expected[lo : pos + 40]!r}\n"
         f"  template:  ...{got[lo : pos + 40]!r}"
     )
-

@@ -67,8 +67,10 @@ def build_tiny_tokenizer(
     )
     tok.train_from_iterator(list(texts) if texts is not None else _sample_texts(), trainer)
     tok.add_special_tokens(
-        [AddedToken(t, lstrip=True, rstrip=True, normalized=False, special=True)
-         for t in PHI4_SPECIAL_TOKENS]
+        [
+            AddedToken(t, lstrip=True, rstrip=True, normalized=False, special=True)
+            for t in PHI4_SPECIAL_TOKENS
+        ]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -109,7 +111,6 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=2048,
         original_max_position_embeddings=2048,
-        rope_theta=250000.0,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

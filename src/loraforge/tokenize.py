@@ -72,24 +72,23 @@ class SegmentTokenizer:
     def adjust(self, segments: Sequence[Segment]) -> list[str]:
         """The segments' texts after removing the whitespace that neighbouring special tokens
         with ``lstrip``/``rstrip`` would swallow in a whole-string tokenization."""
+        # Only the template's own control text can hold real special tokens (content is plain
+        # text); whitespace-only segments pass the "swallow" on to their neighbour.
         texts = [s.text for s in segments]
         if self._rstrip:
             eat = False
-            for i, t in enumerate(texts):
+            for i, seg in enumerate(segments):
                 if eat:
-                    t = t.lstrip(_WHITESPACE)
-                    texts[i] = t
-                if t:
-                    eat = t.endswith(tuple(self._rstrip))
+                    texts[i] = texts[i].lstrip(_WHITESPACE)
+                if texts[i]:
+                    eat = not seg.content and texts[i].endswith(tuple(self._rstrip))
         if self._lstrip:
             eat = False
-            for i in range(len(texts) - 1, -1, -1):
-                t = texts[i]
+            for i in range(len(segments) - 1, -1, -1):
                 if eat:
-                    t = t.rstrip(_WHITESPACE)
-                    texts[i] = t
-                if t:
-                    eat = t.startswith(tuple(self._lstrip))
+                    texts[i] = texts[i].rstrip(_WHITESPACE)
+                if texts[i]:
+                    eat = not segments[i].content and texts[i].startswith(tuple(self._lstrip))
         return texts
 
     # ------------------------------------------------------------------ encoding
@@ -107,14 +106,19 @@ class SegmentTokenizer:
             todo = [(i, t) for i, t in enumerate(texts) if t]
             out: list[list[int]] = [[] for _ in texts]
             for (i, _), enc in zip(
-                todo, self._plain.encode_batch([t for _, t in todo], add_special_tokens=False),
+                todo,
+                self._plain.encode_batch([t for _, t in todo], add_special_tokens=False),
                 strict=True,
             ):
                 out[i] = enc.ids
             return out
         try:
             return [
-                list(self.tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+                list(
+                    self.tokenizer(t, add_special_tokens=False, split_special_tokens=True)[
+                        "input_ids"
+                    ]
+                )
                 if t
                 else []
                 for t in texts
@@ -122,7 +126,8 @@ class SegmentTokenizer:
         except TypeError as exc:  # pragma: no cover - very old tokenizers
             raise ModelError(
                 f"tokenizer {type(self.tokenizer).__name__} cannot tokenize text without parsing "
-                "special tokens; use a fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))"
+                "special tokens; use a fast tokenizer "
+                "(AutoTokenizer.from_pretrained(..., use_fast=True))"
             ) from exc
 
     def encode_many(self, conversations: Sequence[Sequence[Segment]]) -> list[list[list[int]]]:

@@ -58,7 +58,8 @@ class TrainResult:
     """What [`train`][loraforge.train] produced.
 
     Attributes:
-        output_dir: the output folder (pass it to [`load_for_inference`][loraforge.load_for_inference]).
+        output_dir: the output folder (for
+            [`load_for_inference`][loraforge.load_for_inference]).
         metrics: final metrics (``train_loss``, ``first_loss``, ``last_loss``, ``eval_loss`` when
             evaluated, ``steps``, ``runtime_s``, ``train_tokens``...).
         data_report: the dataset builder's report for the training data.
@@ -107,7 +108,8 @@ def _last_complete_checkpoint(output_dir: Path) -> Path | None:
     if not root.is_dir():
         return None
     done = [
-        p for p in root.glob("checkpoint-*")
+        p
+        for p in root.glob("checkpoint-*")
         if p.is_dir() and (p / COMPLETE_MARKER).is_file() and p.name.split("-")[-1].isdigit()
     ]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
@@ -142,8 +144,19 @@ def _prepare_output_dir(recipe: LoraRecipe, resume: bool) -> tuple[Path, Path | 
     return out, None
 
 
-_RESUME_KEYS = ("model", "data", "template", "max_length", "lora_r", "lora_alpha",
-                "target_modules", "batch_size", "grad_accum", "seed", "learning_rate")
+_RESUME_KEYS = (
+    "model",
+    "data",
+    "template",
+    "max_length",
+    "lora_r",
+    "lora_alpha",
+    "target_modules",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "learning_rate",
+)
 
 
 def _check_same_run(out: Path, recipe: LoraRecipe) -> None:
@@ -237,13 +250,20 @@ def train(
     set_seed(recipe.seed)
 
     # 2. tokenizer and data (before the model: bad data fails fast)
-    model_path = resolve_model_path(recipe.model, recipe.model_source, recipe.model_revision,
-                                    recipe.cache_dir)
+    model_path = resolve_model_path(
+        recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
+    )
     tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
     builder = SFTDatasetBuilder(
-        tokenizer, template, max_length=recipe.max_length, system_prompt=recipe.system_prompt,
-        format=recipe.data_format, train_on=recipe.train_on, truncation=recipe.truncation,
-        on_bad_record=recipe.on_bad_record, input_separator=recipe.input_separator,
+        tokenizer,
+        template,
+        max_length=recipe.max_length,
+        system_prompt=recipe.system_prompt,
+        format=recipe.data_format,
+        train_on=recipe.train_on,
+        truncation=recipe.truncation,
+        on_bad_record=recipe.on_bad_record,
+        input_separator=recipe.input_separator,
     )
     train_ds = builder.build(recipe.data)
     assert builder.report is not None
@@ -267,22 +287,37 @@ def train(
     model.config.use_cache = False
     if recipe.gradient_checkpointing:
         enable_checkpointing(model)
-    model = get_peft_model(model, LoraConfig(
-        r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-        target_modules=targets, bias="none", task_type="CAUSAL_LM",
-    ))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=recipe.lora_r,
+            lora_alpha=recipe.lora_alpha,
+            lora_dropout=recipe.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     trainable, total = model.get_nb_trainable_parameters()
-    counts = {t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))
-              for t in targets}
-    logger.info("LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
-                recipe.lora_r, recipe.lora_alpha,
-                ", ".join(f"{t} x{c}" for t, c in counts.items()),
-                f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    counts = {
+        t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))
+        for t in targets
+    }
+    logger.info(
+        "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
+        recipe.lora_r,
+        recipe.lora_alpha,
+        ", ".join(f"{t} x{c}" for t, c in counts.items()),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
 
     # 4. trainer
     steps_per_epoch = math.ceil(len(train_ds) / (recipe.batch_size * recipe.grad_accum))
-    total_steps = recipe.max_steps if recipe.max_steps > 0 else math.ceil(
-        steps_per_epoch * recipe.num_epochs)
+    total_steps = (
+        recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
+    )
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
@@ -294,6 +329,7 @@ def train(
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler,
         warmup_steps=math.ceil(recipe.warmup_ratio * total_steps),
+        optim=recipe.optimizer,
         weight_decay=recipe.weight_decay,
         max_grad_norm=recipe.max_grad_norm,
         seed=recipe.seed,
@@ -312,7 +348,10 @@ def train(
         disable_tqdm=False,
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
         data_collator=_Collator(tokenizer.pad_token_id),
         callbacks=[*_callbacks(), *callbacks],
     )
@@ -346,8 +385,15 @@ def train(
 
 
 def _save_run(
-    out: Path, model: Any, tokenizer: Any, recipe: LoraRecipe, template: Any, model_path: str,
-    report: DataReport, metrics: dict[str, Any], history: list[dict[str, Any]],
+    out: Path,
+    model: Any,
+    tokenizer: Any,
+    recipe: LoraRecipe,
+    template: Any,
+    model_path: str,
+    report: DataReport,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
 ) -> None:
     import peft
     import torch
@@ -364,8 +410,11 @@ def _save_run(
             "revision": recipe.model_revision,
             "resolved_path": str(Path(model_path).resolve()),
         },
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
         "metrics": metrics,
     }
 
@@ -389,12 +438,17 @@ def _save_run(
         ".tokenizer": save_tokenizer,
         "recipe.yaml": lambda p: recipe.to_yaml(p),
         "data_report.json": lambda p: p.write_text(
-            json.dumps(report.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8"),
+            json.dumps(report.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8"
+        ),
         "loss_curve.png": lambda p: _plot_losses(history, p),
-        RUN_FILE: lambda p: p.write_text(json.dumps(run, ensure_ascii=False, indent=2,
-                                                    default=str), encoding="utf-8"),
+        RUN_FILE: lambda p: p.write_text(
+            json.dumps(run, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
+        ),
     }
     _atomic_write(out, files)
+    ckpts = out / CHECKPOINTS
+    if ckpts.is_dir() and not any(ckpts.iterdir()):
+        ckpts.rmdir()
 
 
 def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
@@ -413,7 +467,8 @@ def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train_pts or eval_pts:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -1,0 +1,101 @@
+"""The command line: each verb through ``loraforge.cli.main`` (and one real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from loraforge.cli import main
+from loraforge.demo import demo_recipe, prepare_tiny_base
+from loraforge.tiny import sample_data_path
+
+RECORDS = json.loads(sample_data_path().read_text(encoding="utf-8"))[:8]
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "data.json").write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    base = prepare_tiny_base(root / "base", hidden_size=64)
+    recipe = demo_recipe(base, root / "run", data=str(root / "data.json"), num_epochs=40, lora_r=8)
+    path = root / "recipe.yaml"
+    recipe.to_yaml(path)
+    return path
+
+
+def test_templates_lists_builtins(capsys):
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    for name in ("phi-4", "chatml", "phi-3", "llama-3"):
+        assert name in out
+    assert "built-in" in out
+
+
+def test_inspect_data_default_sample(capsys):
+    assert main(["-q", "inspect-data"]) == 0
+    out = capsys.readouterr().out
+    assert "records read       48" in out
+    assert "[[" + RECORDS[0]["output"] + "<|im_end|>]]" in out
+    assert "<|im_start|>assistant<|im_sep|>[[" in out
+
+
+def test_validate_ok_and_errors(recipe_file, capsys, tmp_path):
+    assert main(["validate", str(recipe_file)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert (
+        main(["validate", str(recipe_file), "--set", "lora_rank=4", "--set", "lora_dropout=3"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "did you mean 'lora_r'" in err and "lora_dropout: must be in [0, 1)" in err
+    assert main(["validate", str(recipe_file), "--set", f"data={tmp_path / 'none.json'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_train_chat_merge_through_cli(recipe_file, capsys, tmp_path):
+    out = recipe_file.parent / "run"
+    assert main(["-q", "train", str(recipe_file), "--set", f"output_dir={out}"]) == 0
+    assert "adapter in" in capsys.readouterr().out
+    assert main(["-q", "chat", str(out), "--prompt", RECORDS[3]["instruction"]]) == 0
+    assert capsys.readouterr().out.strip() == RECORDS[3]["output"]
+    assert main(["-q", "merge", str(out), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # an occupied output folder is refused with a clear message, exit code 2
+    assert main(["-q", "train", str(recipe_file), "--set", f"output_dir={out}"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    saved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    assert saved["output_dir"] == str(out)
+
+
+@pytest.mark.integration
+def test_chat_interactive_loop(recipe_file, monkeypatch, capsys):
+    out = recipe_file.parent / "run-chat"
+    assert (
+        main(
+            ["-q", "train", str(recipe_file), "--set", f"output_dir={out}", "--set", "num_epochs=1"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    answers = iter([RECORDS[0]["instruction"], "/reset", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["-q", "chat", str(out)]) == 0
+    assert "model> " in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_demo_command_in_a_subprocess(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraforge.cli", "demo", "--output", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[matches]" in proc.stdout
+    assert (tmp_path / "demo" / "run" / "adapter_model.safetensors").is_file()
+    assert "step 10/" in proc.stderr  # the plain log line

@@ -1,0 +1,246 @@
+"""End-to-end training on a tiny Phi-3-architecture model, on the CPU, through the public API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge import (
+    DataError,
+    LoraRecipe,
+    ModelError,
+    OutputDirError,
+    TargetModulesError,
+    load_for_inference,
+    train,
+)
+from loraforge.demo import demo_recipe, prepare_tiny_base
+from loraforge.tiny import sample_data_path
+
+pytestmark = pytest.mark.integration
+
+RECORDS = json.loads(sample_data_path().read_text(encoding="utf-8"))[:8]
+
+# transformers' tokenizer files differ between versions; loraforge's own files are pinned exactly
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
+RUN_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "recipe.yaml",
+    "loraforge.json",
+    "data_report.json",
+    "loss_curve.png",
+}
+# checkpoints/: the Trainer's last checkpoint, where the transformers version saves one at the end
+OPTIONAL_TOKENIZER_FILES = {"chat_template.jinja", "special_tokens_map.json", "checkpoints"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    (root / "data.json").write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    prepare_tiny_base(root / "base", hidden_size=64)
+    return root
+
+
+def fast_recipe(workdir: Path, out: str, **changes) -> LoraRecipe:
+    values = dict(data=str(workdir / "data.json"), num_epochs=40, lora_r=8, logging_steps=5)
+    values.update(changes)
+    return demo_recipe(workdir / "base", workdir / out, **values)
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    return train(fast_recipe(workdir, "run"))
+
+
+def lora_state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_loss_falls_and_chat_reproduces_trained_answers(trained):
+    m = trained.metrics
+    assert m["last_loss"] < 0.4 * m["first_loss"], m
+    chat = load_for_inference(trained.output_dir, device="cpu")
+    for rec in RECORDS:
+        assert chat.chat(rec["instruction"]) == rec["output"]
+
+
+def test_output_folder_is_pinned_and_describes_itself(trained, workdir):
+    names = {p.name for p in trained.output_dir.iterdir()}
+    assert names >= RUN_FILES | TOKENIZER_FILES
+    assert names - RUN_FILES - TOKENIZER_FILES <= OPTIONAL_TOKENIZER_FILES, names
+    run = json.loads((trained.output_dir / "loraforge.json").read_text(encoding="utf-8"))
+    assert run["template"]["name"] == "phi-4"
+    assert run["base_model"]["model"] == str(workdir / "base")
+    assert run["loraforge_version"]
+    assert run["metrics"]["lora_target_modules"] == {
+        "down_proj": 2,
+        "gate_up_proj": 2,
+        "o_proj": 2,
+        "qkv_proj": 2,
+    }
+    recipe = LoraRecipe.from_yaml(trained.output_dir / "recipe.yaml")
+    assert recipe == fast_recipe(workdir, "run")
+    report = json.loads((trained.output_dir / "data_report.json").read_text(encoding="utf-8"))
+    assert report["records_read"] == 8 and report["built"] == 8
+    assert (trained.output_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    tok = json.loads((trained.output_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert tok["pad_token"] == "<|dummy_85|>" and tok["eos_token"] == "<|im_end|>"
+
+
+def test_plain_peft_reload_gives_same_logits(trained, workdir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    chat = load_for_inference(trained.output_dir, device="cpu")
+    ids = torch.tensor([chat.prompt_ids(RECORDS[0]["instruction"])])
+    base = AutoModelForCausalLM.from_pretrained(str(workdir / "base"), dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, str(trained.output_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, chat.model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_merged_model_matches_base_plus_adapter(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.templates import Phi4Template
+
+    chat = load_for_inference(trained.output_dir, device="cpu")
+    ids = torch.tensor([chat.prompt_ids(RECORDS[1]["instruction"])])
+    with torch.no_grad():
+        expected = chat.model(ids).logits
+    chat.merge_and_save(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert tok.chat_template == Phi4Template.chat_template
+
+
+def test_merge_on_load_and_stream_and_multi_turn(trained):
+    chat = load_for_inference(trained.output_dir, device="cpu", merge=True)
+    q, a = RECORDS[2]["instruction"], RECORDS[2]["output"]
+    assert chat.chat(q) == a
+    assert "".join(chat.stream(q)) == a
+    history = [
+        {"role": "user", "content": RECORDS[0]["instruction"]},
+        {"role": "assistant", "content": RECORDS[0]["output"]},
+        {"role": "user", "content": q},
+    ]
+    assert isinstance(chat.chat(history), str)
+    # the prompt of a multi-turn chat is the template's, token for token
+    assert chat.tokenizer.decode(chat.prompt_ids(history)).endswith(
+        f"<|im_start|>user<|im_sep|>{q}<|im_end|><|im_start|>assistant<|im_sep|>"
+    )
+
+
+def _one_sgd_step(workdir: Path, out: str, batch: int, accum: int):
+    recipe = fast_recipe(
+        workdir,
+        out,
+        batch_size=batch,
+        grad_accum=accum,
+        max_steps=1,
+        optimizer="sgd",
+        learning_rate=1.0,
+        lora_dropout=0.0,
+        max_grad_norm=0.0,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        logging_steps=1,
+        overwrite_output_dir=True,
+    )
+    res = train(recipe)
+    return res.metrics["first_loss"], lora_state(res.output_dir)
+
+
+def test_accumulation_equals_bigger_batch(workdir):
+    """batch 1 x accumulation 4 == batch 4 x accumulation 1: same loss, same LoRA update.
+
+    With SGD at lr=1 the update of one step *is* the gradient, so equal weights after one step
+    mean equal gradients (loss averaged over all supervised tokens of the optimizer step).
+    """
+    loss_a, w_a = _one_sgd_step(workdir, "acc-1x4", 1, 4)
+    loss_b, w_b = _one_sgd_step(workdir, "acc-4x1", 4, 1)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for key in w_a:
+        torch.testing.assert_close(w_a[key], w_b[key], rtol=1e-5, atol=1e-7)
+    assert any(w_a[k].abs().sum() > 0 for k in w_a if "lora_B" in k)
+
+
+def test_gradient_checkpointing_still_trains_lora(workdir):
+    recipe = fast_recipe(
+        workdir, "gc", gradient_checkpointing=True, max_steps=3, overwrite_output_dir=True
+    )
+    res = train(recipe)
+    weights = lora_state(res.output_dir)
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(workdir):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise RuntimeError("simulated crash")
+
+    common = dict(
+        max_steps=6,
+        save_steps=2,
+        lora_dropout=0.1,
+        num_epochs=3,
+        batch_size=2,
+        overwrite_output_dir=True,
+    )
+    straight = train(fast_recipe(workdir, "straight", **common))
+    recipe = fast_recipe(workdir, "crashy", **common)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(recipe, callbacks=[Crash()])
+    assert not (workdir / "crashy" / "loraforge.json").exists()
+    resumed = train(recipe.replace(overwrite_output_dir=False), resume=True)
+    assert resumed.metrics["steps"] == 6
+    a, b = lora_state(straight.output_dir), lora_state(resumed.output_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_eval_fraction_reports_eval_loss(workdir):
+    res = train(
+        fast_recipe(workdir, "eval", eval_fraction=0.25, max_steps=4, overwrite_output_dir=True)
+    )
+    assert "eval_loss" in res.metrics
+    assert any("eval_loss" in h for h in res.log_history)
+
+
+# ------------------------------------------------------------------ bad recipes fail early
+
+
+def test_missing_model_folder(workdir):
+    with pytest.raises(ModelError, match="does not exist"):
+        train(fast_recipe(workdir, "bad1").replace(model=str(workdir / "nope")))
+
+
+def test_target_modules_matching_nothing(workdir):
+    recipe = fast_recipe(workdir, "bad2", target_modules=["q_proj", "v_proj"])
+    with pytest.raises(TargetModulesError, match=r"q_proj, v_proj.*qkv_proj"):
+        train(recipe)
+    assert not (workdir / "bad2" / "checkpoints").exists()
+
+
+def test_bad_records_fail_before_training(workdir):
+    bad = workdir / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2, record 1, field 'output'"):
+        train(fast_recipe(workdir, "bad3", data=str(bad)))
+
+
+def test_output_dir_holding_another_run_is_refused(trained, workdir):
+    with pytest.raises(OutputDirError, match="already holds files"):
+        train(fast_recipe(workdir, "run"))
