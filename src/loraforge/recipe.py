@@ -105,8 +105,27 @@ class LoraRecipe:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     seed: int = _f(42, "Random seed (data order, LoRA init, dropout).")
-    gradient_checkpointing: bool = _f(
-        True, "Recompute activations in the backward pass to save memory."
+    gradient_checkpointing: Literal["auto", "full", "selective", "off"] = _f(
+        "auto",
+        "Recompute activations in the backward pass to save memory: 'full' (whole decoder layers),"
+        " 'selective' (keep matmul/attention outputs), 'off'; 'auto' = off on the CPU, on a GPU "
+        "whatever the memory budget needs. true/false mean full/off.",
+    )
+    # GPU fast path (each piece can be turned off)
+    packing: Literal["auto", "on", "off"] = _f(
+        "auto", "Pack examples into padding-free rows of pack_tokens tokens; 'auto' = on a GPU."
+    )
+    pack_tokens: int | None = _f(
+        None, "Token budget of one packed row (None = chosen from the GPU memory budget)."
+    )
+    attention: Literal["auto", "varlen", "flex_attention", "sdpa", "eager"] = _f(
+        "auto", "Attention kernel; 'auto' = PyTorch varlen flash attention when packing on a GPU."
+    )
+    liger_kernels: Literal["auto", "on", "off"] = _f(
+        "auto", "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE (GPU; 'auto' = when installed)."
+    )
+    max_memory_gib: float | None = _f(
+        40.0, "GPU memory the automatic choices aim to stay under (None = the whole card)."
     )
     output_dir: str = _f("output/loraforge", "Where the adapter, logs and checkpoints go.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a folder that holds another run.")
@@ -120,6 +139,10 @@ class LoraRecipe:
         for name in ("target_modules", "report_to"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.gradient_checkpointing, bool):  # true/false: full/off
+            object.__setattr__(
+                self, "gradient_checkpointing", "full" if self.gradient_checkpointing else "off"
+            )
         problems = _validate(self)
         if problems:
             raise RecipeError(problems)
@@ -239,6 +262,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         return value
+    if key == "gradient_checkpointing" and isinstance(value, str):
+        low = value.lower()
+        if low in ("true", "yes", "on"):
+            return True
+        if low in ("false", "no"):
+            return False
+        return value
     if hint is bool and isinstance(value, str):
         low = value.lower()
         if low in ("true", "yes", "1", "on"):
@@ -309,6 +339,14 @@ def _validate(r: LoraRecipe) -> list[str]:
         ("save_steps", lambda v: v >= 1, "must be >= 1"),
         ("logging_steps", lambda v: v >= 1, "must be >= 1"),
     ]
+    if r.pack_tokens is not None and (
+        not isinstance(r.pack_tokens, int) or r.pack_tokens < r.max_length
+    ):
+        bad("pack_tokens", f"must be None or an integer >= max_length ({r.max_length})")
+    if r.max_memory_gib is not None and (
+        not isinstance(r.max_memory_gib, (int, float)) or r.max_memory_gib <= 0
+    ):
+        bad("max_memory_gib", "must be None or a number > 0")
     problems += [
         f"{n}: {m} (got {getattr(r, n)!r})"
         for n, test, m in checks

@@ -19,7 +19,6 @@ Output folder layout::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +31,13 @@ from typing import Any
 
 from .data import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from .errors import OutputDirError
+from .fast import (
+    FastPlan,
+    apply_liger,
+    enable_selective_checkpointing,
+    plan_fast_path,
+    set_attention,
+)
 from .models import (
     enable_checkpointing,
     ensure_pad_token,
@@ -41,6 +47,7 @@ from .models import (
     resolve_model_path,
     resolve_target_modules,
 )
+from .packing import PackedCollator, PackedDataset, packed_loss
 from .recipe import LoraRecipe
 from .templates import get_template, template_id
 
@@ -121,16 +128,36 @@ def _prepare_output_dir(recipe: LoraRecipe, resume: bool) -> tuple[Path, Path | 
         raise OutputDirError(f"output_dir: {str(out)!r} exists and is not a folder")
     occupied = out.is_dir() and any(out.iterdir())
     if resume:
-        ckpt = _last_complete_checkpoint(out)
+        from .errors import RecipeError
+        from .guards import scan_checkpoints
+
+        # complete = manifest present and every file matching it (see loraforge.guards)
+        ckpt, incomplete = scan_checkpoints(out / CHECKPOINTS)
+        # refuse a different run before touching anything in its folder
+        if ckpt is not None and (ckpt / "recipe.yaml").is_file():
+            _check_same_run(ckpt, recipe)  # the settings this checkpoint was trained with
+        elif (out / "recipe.yaml").is_file():
+            try:
+                _check_same_run(out, recipe)
+            except RecipeError:
+                if ckpt is not None:
+                    raise
+                logger.warning("resume: %s/recipe.yaml is unreadable (write cut short?)", out)
+        elif occupied and ckpt is None and not incomplete:
+            raise OutputDirError(
+                f"resume: {str(out)!r} holds files but no loraforge run (no recipe.yaml); "
+                "choose a new output_dir or set overwrite_output_dir: true"
+            )
+        for p, why in incomplete:
+            logger.warning("removing checkpoint %s: %s", p, why)
+            shutil.rmtree(p, ignore_errors=True)
+        for p in out.glob(".staging-*"):  # a final save cut short
+            shutil.rmtree(p, ignore_errors=True)
         if ckpt is None:
             logger.warning("resume: no complete checkpoint in %s; starting from the beginning", out)
         else:
-            _check_same_run(out, recipe)
-            for p in (out / CHECKPOINTS).glob("checkpoint-*"):
-                if p.is_dir() and not (p / COMPLETE_MARKER).is_file():
-                    logger.warning("removing incomplete checkpoint %s (a save was interrupted)", p)
-                    shutil.rmtree(p, ignore_errors=True)
             logger.info("resuming from %s", ckpt)
+        out.mkdir(parents=True, exist_ok=True)
         return out, ckpt
     if occupied and not recipe.overwrite_output_dir:
         raise OutputDirError(
@@ -173,26 +200,49 @@ def _check_same_run(out: Path, recipe: LoraRecipe) -> None:
 
 
 def _atomic_write(dst_dir: Path, files: dict[str, Any]) -> None:
-    """Write the given files into a staging folder, then move each into place."""
+    """Write the given files into a staging folder, then move each into place.
+
+    Nothing in ``dst_dir`` changes until every file is written and fsynced (a full disk raises
+    [`DiskFullError`][loraforge.DiskFullError] and removes the staging folder). The run file is
+    removed first and moved in last, so a folder whose move was cut short never looks finished.
+    """
+    from .guards import disk_full_errors, fsync_dir
+
+    for old in dst_dir.glob(".staging-*"):  # left by a process that was killed
+        shutil.rmtree(old, ignore_errors=True)
     stage = dst_dir / f".staging-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    for name, writer in files.items():
-        writer(stage / name)
+    try:
+        with disk_full_errors(dst_dir, "saving the run to"):
+            stage.mkdir(parents=True)
+            for name, writer in files.items():
+                writer(stage / name)
+            for p in stage.iterdir():
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    (dst_dir / RUN_FILE).unlink(missing_ok=True)
     for p in sorted(stage.iterdir(), key=lambda p: p.name == RUN_FILE):  # run file last
         target = dst_dir / p.name
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(p, target)
     stage.rmdir()
+    fsync_dir(dst_dir)
 
 
 # --------------------------------------------------------------------------- callbacks
 
 
-def _callbacks() -> list[Any]:
+def _callbacks(
+    out: Path | None = None, train_ds: Any = None, report: DataReport | None = None
+) -> list[Any]:
     from transformers import TrainerCallback
+
+    from . import guards
+    from .errors import TrainingDivergedError
 
     class PlainLog(TrainerCallback):
         """A plain log line every logging_steps, and the run's start and end."""
@@ -208,17 +258,47 @@ def _callbacks() -> list[Any]:
             logger.info(" | ".join(parts))
 
     class MarkComplete(TrainerCallback):
-        """Mark a checkpoint complete once the Trainer has written all of it."""
+        """Mark a checkpoint complete once the Trainer has written all of it: copy the run's
+        recipe into it, fsync it and write its manifest (see `loraforge.guards`)."""
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+            if not ckpt.is_dir():
+                return
+            model = kw.get("model")
+            if model is not None and not guards.parameters_finite(model):
+                raise TrainingDivergedError(
+                    f"training diverged: non-finite weights at step {state.global_step}; "
+                    f"{ckpt} is left unmarked and will not be resumed",
+                    step=state.global_step,
+                    kind="parameter",
+                )
+            recipe_file = Path(args.output_dir).parent / "recipe.yaml"
+            with guards.disk_full_errors(ckpt, "marking the checkpoint"):
+                if recipe_file.is_file():
+                    shutil.copyfile(recipe_file, ckpt / "recipe.yaml")
+                guards.mark_complete(ckpt, state.global_step)
 
-    return [PlainLog(), MarkComplete()]
+    extra = [guards.NonFiniteGuard(out, train_ds, report), guards.DiskSpaceGuard()] if out else []
+    return [PlainLog(), MarkComplete(), *extra]
 
 
 # --------------------------------------------------------------------------- train
+
+
+def _apply_plan(model: Any, plan: FastPlan) -> None:
+    """Kernels, attention and checkpointing on the base model, before LoRA wraps it."""
+    if plan.liger_kernels:
+        apply_liger(model)
+    set_attention(model, plan.attention)
+    if plan.gradient_checkpointing == "full":
+        enable_checkpointing(model)
+    elif plan.gradient_checkpointing == "selective":
+        enable_selective_checkpointing(model)
+
+
+def _ids(ds: Any) -> Any:
+    return ds.input_ids if isinstance(ds, PackedDataset) else ds["input_ids"]
 
 
 def train(
@@ -226,6 +306,8 @@ def train(
     *,
     resume: bool = False,
     callbacks: Sequence[Any] = (),
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> TrainResult:
     """Fine-tune ``recipe.model`` with LoRA on ``recipe.data`` and save a self-describing folder.
 
@@ -233,6 +315,9 @@ def train(
         recipe: the run's settings.
         resume: continue from the last complete checkpoint in ``recipe.output_dir``.
         callbacks: extra ``transformers.TrainerCallback`` objects.
+        model: an already loaded base model to fine-tune instead of loading ``recipe.model``
+            (``recipe.model`` is still recorded as its name).
+        tokenizer: the tokenizer to use with ``model`` (default: loaded from ``recipe.model``).
 
     Returns:
         A [`TrainResult`][loraforge.TrainResult].
@@ -250,10 +335,13 @@ def train(
     set_seed(recipe.seed)
 
     # 2. tokenizer and data (before the model: bad data fails fast)
-    model_path = resolve_model_path(
-        recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
-    )
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
+    model_path = recipe.model
+    if model is None or tokenizer is None:
+        model_path = resolve_model_path(
+            recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
+        )
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
     builder = SFTDatasetBuilder(
         tokenizer,
         template,
@@ -269,6 +357,9 @@ def train(
     assert builder.report is not None
     report = builder.report
     logger.info("data:\n%s", report.format_text())
+    from .guards import SKIPPED_FILE, write_skipped_records  # every dropped record, with why
+
+    write_skipped_records(out / SKIPPED_FILE, report.dropped)
     eval_ds = None
     if recipe.eval_data:
         eval_ds = builder.build(recipe.eval_data)
@@ -279,14 +370,20 @@ def train(
 
     # 3. model, padding, LoRA
     dtype = pick_dtype(recipe.dtype)
-    model = load_model(model_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+    if model is None:
+        model = load_model(model_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+    dtype = next(model.parameters()).dtype
     note = ensure_pad_token(tokenizer, model, template.end_of_turn)
     if note:
         logger.warning(note)
     targets = resolve_target_modules(model, recipe.target_modules)
     model.config.use_cache = False
-    if recipe.gradient_checkpointing:
-        enable_checkpointing(model)
+    longest = max(len(x) for x in train_ds["input_ids"])
+    plan = plan_fast_path(recipe, model, longest)
+    logger.info("fast path: %s", plan.describe())
+    _apply_plan(model, plan)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -314,15 +411,33 @@ def train(
     )
 
     # 4. trainer
-    steps_per_epoch = math.ceil(len(train_ds) / (recipe.batch_size * recipe.grad_accum))
+    collator: Any = _Collator(tokenizer.pad_token_id)
+    loss_func = None
+    batch_size = recipe.batch_size
+    if plan.packing:
+        assert plan.pack_tokens is not None
+        train_ds = PackedDataset(train_ds, plan.pack_tokens, seed=recipe.seed)
+        logger.info(
+            "packed %d examples into %d rows of <= %d tokens (%.0f%% full)",
+            len(train_ds.input_ids),
+            len(train_ds),
+            plan.pack_tokens,
+            100 * train_ds.fill,
+        )
+        if eval_ds is not None:
+            eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
+        collator = PackedCollator(tokenizer.pad_token_id)
+        loss_func = packed_loss
+        batch_size = 1
+    steps_per_epoch = math.ceil(len(train_ds) / (batch_size * recipe.grad_accum))
     total_steps = (
         recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
     )
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=recipe.batch_size,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=recipe.grad_accum,
         num_train_epochs=recipe.num_epochs,
         max_steps=recipe.max_steps,
@@ -352,8 +467,9 @@ def train(
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[*_callbacks(), *callbacks],
+        data_collator=collator,
+        compute_loss_func=loss_func,
+        callbacks=[*_callbacks(out, train_ds, report), *callbacks],
     )
 
     # 5. train
@@ -372,8 +488,9 @@ def train(
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "runtime_s": round(runtime, 3),
-        "train_examples": len(train_ds),
-        "train_tokens_per_epoch": int(sum(len(x) for x in train_ds["input_ids"])),
+        "train_examples": len(builder_ids := _ids(train_ds)),
+        "train_tokens_per_epoch": int(sum(len(x) for x in builder_ids)),
+        "fast_path": plan.describe(),
         "trainable_parameters": trainable,
         "lora_target_modules": counts,
     }
@@ -400,7 +517,13 @@ def _save_run(
     import transformers
 
     from . import __version__
+    from .guards import SKIPPED_FILE, json_text
 
+    data = report.to_dict()
+    for d in data["dropped"]:  # the raw records are in skipped.jsonl
+        d.pop("record", None)
+    if data["dropped"]:
+        data["skipped_records_file"] = SKIPPED_FILE
     run = {
         "loraforge_version": __version__,
         "template": template_id(template),
@@ -437,13 +560,9 @@ def _save_run(
         ".adapter": save_adapter,
         ".tokenizer": save_tokenizer,
         "recipe.yaml": lambda p: recipe.to_yaml(p),
-        "data_report.json": lambda p: p.write_text(
-            json.dumps(report.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8"
-        ),
+        "data_report.json": lambda p: p.write_text(json_text(data, indent=2), encoding="utf-8"),
         "loss_curve.png": lambda p: _plot_losses(history, p),
-        RUN_FILE: lambda p: p.write_text(
-            json.dumps(run, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
-        ),
+        RUN_FILE: lambda p: p.write_text(json_text(run, indent=2), encoding="utf-8"),
     }
     _atomic_write(out, files)
     ckpts = out / CHECKPOINTS

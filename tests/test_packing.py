@@ -1,0 +1,195 @@
+"""Packing: the packed computation equals the unpacked one, and examples never see each other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loraforge import DataError, train
+from loraforge.packing import PackedCollator, PackedDataset, pack_examples, packed_loss
+from loraforge.tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
+
+TOK = build_tiny_tokenizer()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=0, max_size=80), st.integers(64, 300))
+def test_packer_places_every_example_once_within_budget(lengths, budget):
+    bins = pack_examples(lengths, budget)
+    placed = sorted(i for b in bins for i in b)
+    assert placed == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= budget for b in bins)
+    # best fit: no two bins could be merged into one
+    loads = sorted(sum(lengths[i] for i in b) for b in bins)
+    assert len(loads) < 2 or loads[0] + loads[1] > budget
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=2, max_size=30), min_size=1, max_size=12))
+def test_collator_preserves_supervised_tokens(masks):
+    examples = []
+    for k, mask in enumerate(masks):
+        ids = [(7 * k + j) % 900 + 5 for j in range(len(mask))]
+        labels = [i if m else -100 for i, m in zip(ids, mask, strict=True)]
+        examples.append({"input_ids": ids, "labels": labels})
+    batch = PackedCollator(TOK.pad_token_id)([examples])
+    unpacked = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+    assert int((batch["labels"][0, 1:] != -100).sum()) == unpacked
+    assert batch["logits_to_keep"].numel() == unpacked
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
+    starts = batch["cu_seq_lens_q"].tolist()[:-1]
+    assert all(batch["position_ids"][0, s] == 0 for s in starts)
+    assert all(batch["labels"][0, s] == -100 for s in starts)
+
+
+def test_example_longer_than_budget_is_an_error():
+    with pytest.raises(DataError, match=r"longer than pack_tokens=10 .*example 1 with 12 tokens"):
+        pack_examples([3, 12, 4], 10)
+
+
+def _examples(n: int):
+    from loraforge import SFTDatasetBuilder
+
+    records = json.loads(sample_data_path().read_text(encoding="utf-8"))[:n]
+    ds = SFTDatasetBuilder(TOK, system_prompt="sys").build(records)
+    return [
+        {"input_ids": list(a), "labels": list(b)}
+        for a, b in zip(ds["input_ids"], ds["labels"], strict=True)
+    ]
+
+
+def _lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = build_tiny_model(TOK)
+    model.config.use_cache = False
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        ),
+    )
+    for n, p in model.named_parameters():  # non-zero B so that every LoRA weight gets a gradient
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("logits_only", [True, False])
+def test_packed_loss_and_grads_equal_unpacked(logits_only):
+    examples = _examples(6)
+    model = _lora_model()
+    total = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+    # plain path: each example alone, summed token losses / supervised tokens of the step
+    model.zero_grad()
+    plain = 0.0
+    for e in examples:
+        out = model(
+            input_ids=torch.tensor([e["input_ids"]]),
+            labels=torch.tensor([e["labels"]]),
+            num_items_in_batch=torch.tensor(total),
+        )
+        out.loss.backward()
+        plain += out.loss.item()
+    g_plain = _grads(model)
+    # packed path: two rows, same normalisation
+    model.zero_grad()
+    coll = PackedCollator(TOK.pad_token_id, supervised_logits_only=logits_only)
+    packed = 0.0
+    for part in (examples[:4], examples[4:]):
+        batch = coll([part])
+        labels = batch.pop("labels")
+        out = model(**{k: v for k, v in batch.items() if not k.startswith(("cu_", "max_"))})
+        loss = packed_loss(out, labels, torch.tensor(total))
+        loss.backward()
+        packed += loss.item()
+    g_packed = _grads(model)
+    assert packed == pytest.approx(plain, rel=1e-5)
+    for n in g_plain:
+        rel = (g_packed[n] - g_plain[n]).norm() / g_plain[n].norm()
+        assert rel < 1e-5, (n, rel.item())
+
+
+def test_no_token_attends_across_examples():
+    examples = _examples(3)
+    model = _lora_model().eval()
+    coll = PackedCollator(TOK.pad_token_id, supervised_logits_only=False)
+
+    def logits(exs):
+        batch = coll([exs])
+        batch.pop("labels")
+        with torch.no_grad():
+            return model(
+                **{k: v for k, v in batch.items() if not k.startswith(("cu_", "max_"))}
+            ).logits[0]
+
+    before = logits(examples)
+    changed = [dict(e) for e in examples]
+    changed[1] = {
+        "input_ids": [(i * 7 + 3) % 1000 for i in examples[1]["input_ids"]],
+        "labels": examples[1]["labels"],
+    }
+    after = logits(changed)
+    n0, n1 = len(examples[0]["input_ids"]), len(examples[1]["input_ids"])
+    torch.testing.assert_close(after[:n0], before[:n0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after[n0 + n1 :], before[n0 + n1 :], rtol=0, atol=1e-6)
+    assert (after[n0 : n0 + n1] - before[n0 : n0 + n1]).abs().max() > 1e-3
+
+
+@pytest.mark.integration
+def test_packed_training_step_equals_plain_step(tmp_path):
+    """One SGD step through train(): packing on (one row) vs off (one batch of 8) give the same
+    loss and the same LoRA weights."""
+    from safetensors.torch import load_file
+
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+
+    records = json.loads(sample_data_path().read_text(encoding="utf-8"))[:8]
+    (tmp_path / "d.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
+    results = {}
+    for packing in ("off", "on"):
+        recipe = demo_recipe(
+            base,
+            tmp_path / packing,
+            data=str(tmp_path / "d.json"),
+            packing=packing,
+            pack_tokens=2048,
+            batch_size=8,
+            max_steps=1,
+            optimizer="sgd",
+            learning_rate=1.0,
+            lora_dropout=0.0,
+            max_grad_norm=0.0,
+            lr_scheduler="constant",
+            warmup_ratio=0.0,
+            logging_steps=1,
+        )
+        res = train(recipe)
+        results[packing] = (
+            res.metrics["first_loss"],
+            load_file(str(res.output_dir / "adapter_model.safetensors")),
+        )
+    assert results["on"][0] == pytest.approx(results["off"][0], rel=1e-5)
+    for k, w in results["off"][1].items():
+        torch.testing.assert_close(results["on"][1][k], w, rtol=1e-5, atol=1e-7)
+
+
+def test_packed_dataset_reports_fill():
+    ds = PackedDataset(
+        {"input_ids": [[1] * 30, [1] * 50, [1] * 20], "labels": [[1] * 30, [1] * 50, [1] * 20]}, 100
+    )
+    assert len(ds) == 1 and ds.fill == 1.0
