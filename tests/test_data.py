@@ -140,6 +140,9 @@ def test_json_with_bom_and_unknown_suffix(tiny_tokenizer, tmp_path):
 def test_load_records_gives_index_and_line(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ALPACA[:2])
     assert list(load_records(path)) == [(0, 1, ALPACA[0]), (1, 2, ALPACA[1])]
+    # blank lines are skipped: the index counts records, the line counts lines
+    gaps = write_jsonl(tmp_path / "gaps.jsonl", ALPACA[:2], blank_lines=True)
+    assert list(load_records(gaps)) == [(0, 1, ALPACA[0]), (1, 3, ALPACA[1])]
     array = write_json(tmp_path / "d.json", ALPACA[:2])
     assert list(load_records(array)) == [(0, None, ALPACA[0]), (1, None, ALPACA[1])]
     assert list(load_records(ALPACA[:1])) == [(0, None, ALPACA[0])]
@@ -387,14 +390,13 @@ def test_record_whose_supervised_tokens_are_all_cut_is_dropped(tiny_tokenizer):
     rows, report = build(tiny_tokenizer, [ALPACA[0], long_prompt, ALPACA[1]], max_length=prompt_len)
     assert report.records_read == 3 and report.built == 2
     assert report.truncated == []
-    assert report.dropped == [
-        DroppedRecord(
-            1,
-            f"no supervised token left after cutting to max_length={prompt_len} "
-            f"(prompt alone is {prompt_len} tokens)",
-            None,
-        )
-    ]
+    [dropped] = report.dropped
+    assert (dropped.index, dropped.line) == (1, None)
+    assert dropped.reason == (
+        f"no supervised token left after cutting to max_length={prompt_len} "
+        f"(prompt alone is {prompt_len} tokens)"
+    )
+    assert dropped.record == long_prompt  # the raw record, to look at or fix
     assert len(rows) == 2
     assert "dropped record 1: no supervised token left" in report.format_text()
 
@@ -640,8 +642,9 @@ def test_undetectable_format(tiny_tokenizer):
 
 def test_bad_jsonl_record_names_file_and_line(tiny_tokenizer, tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(ALPACA[0]) + "\n[1, 2]\n", encoding="utf-8")
-    with raises(f"{path}, line 2, record 1: expected a JSON object, got list"):
+    path.write_text(json.dumps(ALPACA[0]) + "\n\n[1, 2]\n", encoding="utf-8")
+    # the line counts lines (blank ones too), the record index counts records
+    with raises(f"{path}, line 3, record 1: expected a JSON object, got list"):
         build(tiny_tokenizer, path, format="alpaca")
 
 
@@ -678,6 +681,22 @@ def test_invalid_utf8_names_the_line(tiny_tokenizer, tmp_path, suffix):
     path.write_bytes(good + b"\n" + bad + b"\n")
     offset = len(good) + 1 + len('{"instruction": "q", "output": "')
     with raises(f"{path}, line 2: not valid UTF-8 (byte {offset}); save the file as UTF-8"):
+        build(tiny_tokenizer, path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "data._read_file strips a UTF-8 BOM before decoding, so the 'byte N' it reports for "
+        "invalid UTF-8 is 3 less than the offset in the file"
+    ),
+)
+def test_invalid_utf8_after_a_bom_names_the_file_offset(tiny_tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(ALPACA[0]).encode("utf-8")
+    path.write_bytes(b"\xef\xbb\xbf" + good + b'\n{"instruction": "\xff"}\n')
+    offset = 3 + len(good) + 1 + len('{"instruction": "')
+    with raises(f"{path}, line 2: not valid UTF-8 (byte {offset})"):
         build(tiny_tokenizer, path)
 
 
@@ -741,6 +760,9 @@ def test_skip_bad_records_counts_them(tiny_tokenizer, tmp_path):
     assert "record 1: expected a JSON object, got str" in report.dropped[0].reason
     assert "field 'output': missing" in report.dropped[1].reason
     assert "field 'output': is empty" in report.dropped[2].reason
+    for d in report.dropped:
+        assert isinstance(d, DroppedRecord)
+        assert d.record == recs[d.index]  # the raw record, as read
     assert rows == build(tiny_tokenizer, [ALPACA[0], ALPACA[1], ALPACA[2]])[0]
     # a first record whose format cannot be told is skipped too; detection moves on
     rows, report = build(tiny_tokenizer, ["x", ALPACA[0]], on_bad_record="skip")
@@ -812,18 +834,12 @@ def test_to_messages_is_usable_alone():
         to_messages({"instruction": "q"}, "alpaca")
 
 
-# --------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------- edge cases
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "data._read_file splits JSONL with str.splitlines(), which also breaks lines at "
-        "U+2028, U+2029, U+0085, \\x0b, \\x0c and \\x1c-\\x1e; json.dumps(ensure_ascii=False) "
-        "writes U+2028 raw inside strings, so a valid JSONL file fails with 'Unterminated string'"
-    ),
-)
 def test_jsonl_with_raw_line_separator_inside_a_string(tiny_tokenizer, tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028/U+2029 raw inside strings; JSONL lines are
+    split on "\\n" only (str.splitlines() used to break such records apart)."""
     rec = {"instruction": "第一行\u2028第二行", "output": "好的\u2029"}
     path = write_jsonl(tmp_path / "d.jsonl", [rec, ALPACA[0]])
     rows, report = build(tiny_tokenizer, path)
@@ -831,20 +847,45 @@ def test_jsonl_with_raw_line_separator_inside_a_string(tiny_tokenizer, tmp_path)
     assert rows[0] == build(tiny_tokenizer, [rec])[0][0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "data._read_file catches RecursionError for a .json array but not for a JSONL line: "
-        "a deeply nested line escapes as a bare RecursionError instead of a DataError with its line"
-    ),
-)
 def test_deeply_nested_jsonl_line_is_a_data_error(tiny_tokenizer, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(
         json.dumps(ALPACA[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8"
     )
-    with raises(f"{path}, line 2"):
+    # (this used to escape as a bare RecursionError)
+    with raises(f"{path}, line 2: unreadable JSON (nested too deeply to read)"):
         build(tiny_tokenizer, path)
+
+
+def test_unconvertible_json_number_is_a_data_error(tiny_tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps(ALPACA[0]) + '\n{"instruction": ' + "9" * 5000 + "}\n", encoding="utf-8"
+    )
+    with raises(f"{path}, line 2: unreadable JSON (Exceeds the limit"):
+        build(tiny_tokenizer, path)
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"instruction": "a\ud800b", "output": "x"}, "instruction"),
+        ({"instruction": "q", "output": "x", "history": [["\udfff", "y"]]}, "history[0][0]"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "x\ud800"},
+                ]
+            },
+            "messages[1].content",
+        ),
+    ],
+)
+def test_unpaired_surrogate_is_a_data_error(tiny_tokenizer, record, field):
+    # JSON allows "\ud800"; no tokenizer can take it
+    with raises(f"<list>, record 0, field {field!r}: holds an unpaired surrogate (U+D"):
+        build(tiny_tokenizer, [record])
 
 
 def test_deeply_nested_json_array_is_a_data_error(tiny_tokenizer, tmp_path):
@@ -854,16 +895,13 @@ def test_deeply_nested_json_array_is_a_data_error(tiny_tokenizer, tmp_path):
         build(tiny_tokenizer, path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "data.to_messages: a conversation holding only an empty system message is emptied by the "
-        "'drop empty system' step and then indexed (msgs[-1]) -> IndexError instead of DataError"
-    ),
-)
 def test_conversation_of_only_an_empty_system_message(tiny_tokenizer):
-    with raises("<list>, record 0, field 'messages'"):
-        build(tiny_tokenizer, [{"messages": [{"role": "system", "content": ""}]}])
+    # the empty system message is removed, leaving nothing (this used to be an IndexError)
+    record = {"messages": [{"role": "system", "content": ""}]}
+    with raises("<list>, record 0, field 'messages': the conversation ends with a"):
+        build(tiny_tokenizer, [record])
+    with raises("<list>, record 0, field 'messages': the conversation ends with a system turn"):
+        build(tiny_tokenizer, [record], system_prompt="默认")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 1000])

@@ -194,7 +194,8 @@ def test_yaml_lists_become_tuples_and_string_numbers_are_coerced(tmp_path):
         "lora_r: '4'\n"
         "num_epochs: 2\n"
         "max_length: 512.0\n"
-        "gradient_checkpointing: 'no'\n"
+        "trust_remote_code: 'no'\n"
+        "overwrite_output_dir: 'yes'\n"
         "target_modules: [qkv_proj, o_proj]\n"
         "report_to:\n  - tensorboard\n",
         encoding="utf-8",
@@ -202,11 +203,12 @@ def test_yaml_lists_become_tuples_and_string_numbers_are_coerced(tmp_path):
     assert yaml.safe_load(path.read_text())["learning_rate"] == "1e-4"
     r = LoraRecipe.from_yaml(path)
     assert r.learning_rate == 1e-4 and isinstance(r.learning_rate, float)
-    assert r.lora_alpha == 16.0 and isinstance(r.lora_alpha, float)
+    assert r.lora_alpha == 16 and isinstance(r.lora_alpha, int)
     assert r.lora_r == 4 and isinstance(r.lora_r, int)
     assert r.num_epochs == 2
     assert r.max_length == 512 and isinstance(r.max_length, int)
-    assert r.gradient_checkpointing is False
+    assert r.trust_remote_code is False
+    assert r.overwrite_output_dir is True
     assert r.target_modules == ("qkv_proj", "o_proj")
     assert r.report_to == ("tensorboard",)
     # a list given to the constructor is frozen into a tuple too
@@ -221,11 +223,11 @@ def test_yaml_lists_become_tuples_and_string_numbers_are_coerced(tmp_path):
         ("learning_rate", True, "learning_rate: expected a number, got True"),
         ("learning_rate", "nan", "learning_rate: must be a finite number (got nan)"),
         (
-            "gradient_checkpointing",
+            "overwrite_output_dir",
             "maybe",
-            "gradient_checkpointing: expected true or false, got 'maybe'",
+            "overwrite_output_dir: expected true or false, got 'maybe'",
         ),
-        ("gradient_checkpointing", 1, "gradient_checkpointing: must be true or false (got 1)"),
+        ("overwrite_output_dir", 1, "overwrite_output_dir: must be true or false (got 1)"),
         (
             "target_modules",
             "qkv_proj",

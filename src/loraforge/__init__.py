@@ -5,6 +5,7 @@ from __future__ import annotations
 from .data import DataReport, DroppedRecord, SFTDatasetBuilder
 from .errors import (
     DataError,
+    DiskFullError,
     LoraForgeError,
     ModelError,
     OutputDirError,
@@ -12,6 +13,7 @@ from .errors import (
     TargetModulesError,
     TemplateError,
     TemplateMismatchError,
+    TrainingDivergedError,
     UnknownTemplateError,
 )
 from .inference import ChatModel, load_for_inference
@@ -33,6 +35,7 @@ __all__ = [
     "ChatModel",
     "DataError",
     "DataReport",
+    "DiskFullError",
     "DroppedRecord",
     "LoraForgeError",
     "LoraRecipe",
@@ -47,6 +50,7 @@ __all__ = [
     "TemplateError",
     "TemplateMismatchError",
     "TrainResult",
+    "TrainingDivergedError",
     "UnknownTemplateError",
     "__version__",
     "check_template",

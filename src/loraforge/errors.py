@@ -7,10 +7,12 @@ catch those keep working.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 __all__ = [
     "DataError",
+    "DiskFullError",
     "LoraForgeError",
     "ModelError",
     "OutputDirError",
@@ -18,6 +20,7 @@ __all__ = [
     "TargetModulesError",
     "TemplateError",
     "TemplateMismatchError",
+    "TrainingDivergedError",
     "UnknownTemplateError",
 ]
 
@@ -98,3 +101,50 @@ class ModelError(LoraForgeError, ValueError):
 
 class OutputDirError(LoraForgeError, ValueError):
     """The output folder holds something that must not be overwritten, or no run to resume."""
+
+
+class TrainingDivergedError(LoraForgeError, RuntimeError):
+    """A training step produced a non-finite loss or gradient; the run stopped before the
+    optimizer applied it.
+
+    Attributes:
+        step: the optimizer step (1-based, as in the logs) that went non-finite.
+        kind: ``"loss"``, ``"gradient"`` or ``"parameter"``.
+        record_indices: the 0-based indices, in the training data, of the offending batch's
+            records (empty when they could not be told).
+        batch_file: the JSON file listing the offending batch, when written.
+        checkpoint: the last complete checkpoint (all of whose weights are finite), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        kind: str,
+        record_indices: Sequence[int] = (),
+        batch_file: str | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
+        self.step = step
+        self.kind = kind
+        self.record_indices = list(record_indices)
+        self.batch_file = batch_file
+        self.checkpoint = checkpoint
+        super().__init__(message)
+
+
+class DiskFullError(LoraForgeError, OSError):
+    """A save ran out of disk space (``ENOSPC``/``EDQUOT``); what was saved before is intact.
+
+    Attributes:
+        folder: the folder being written.
+    """
+
+    def __init__(self, message: str, *, folder: str) -> None:
+        super().__init__(errno.ENOSPC, message, folder)
+        self.folder = folder
+        self.message = message
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 28]" and append the file name
+        return self.message

@@ -121,6 +121,9 @@ class LoraRecipe:
     attention: Literal["auto", "varlen", "flex_attention", "sdpa", "eager"] = _f(
         "auto", "Attention kernel; 'auto' = PyTorch varlen flash attention when packing on a GPU."
     )
+    fused_lora: bool = _f(
+        True, "Leaner LoRA forward (scale on the rank-r product, add fused into the matmul); exact."
+    )
     liger_kernels: Literal["auto", "on", "off"] = _f(
         "auto", "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE (GPU; 'auto' = when installed)."
     )
@@ -139,6 +142,9 @@ class LoraRecipe:
         for name in ("target_modules", "report_to"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("packing", "liger_kernels"):  # YAML reads on/off as true/false
+            if isinstance(getattr(self, name), bool):
+                object.__setattr__(self, name, "on" if getattr(self, name) else "off")
         if isinstance(self.gradient_checkpointing, bool):  # true/false: full/off
             object.__setattr__(
                 self, "gradient_checkpointing", "full" if self.gradient_checkpointing else "off"

@@ -32,6 +32,7 @@ from typing import Any
 from .data import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from .errors import OutputDirError
 from .fast import (
+    fuse_lora_forward,
     FastPlan,
     apply_liger,
     enable_selective_checkpointing,
@@ -263,7 +264,7 @@ def _callbacks(
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if not ckpt.is_dir():
+            if not ckpt.is_dir() or not state.is_world_process_zero:
                 return
             model = kw.get("model")
             if model is not None and not guards.parameters_finite(model):
@@ -395,6 +396,8 @@ def train(
             task_type="CAUSAL_LM",
         ),
     )
+    if recipe.fused_lora:
+        fuse_lora_forward(model)
     trainable, total = model.get_nb_trainable_parameters()
     counts = {
         t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))

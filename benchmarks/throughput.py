@@ -1,0 +1,466 @@
+"""Phi-4 LoRA training throughput: the tutorial's recipe, TRL + Liger, and loraforge, on one card.
+
+Each setup runs in its own subprocess on a random-initialised model of Phi-4's exact shape
+(``config.json`` of ``../shared/phi4``) over the huanhuan data tokenized with Phi-4's tokenizer,
+for a few warm-up optimizer steps and then a timed stretch. Printed per setup: tokens/s (real,
+non-padding tokens), supervised tokens/s, peak GiB allocated, MFU (4 x matmul parameters per token,
+lm_head included, over the bf16 matmul rate measured on this card) and the projected time of the
+tutorial's 3 epochs; then the ratios. Results go to ``benchmarks/results/<card>-<date>.json``.
+
+    python benchmarks/throughput.py                       # all three setups, ../shared
+    python benchmarks/throughput.py --assets .gpu --only loraforge --set liger_kernels=off
+
+``--assets`` is laid out like ``../shared`` (``phi4/config.json``, ``phi4/tokenizer.json``,
+``phi4/tokenizer_config.json``, ``data/huanhuan.json``); the default is ``../shared`` itself. On a
+GPU machine, where ``../shared`` does not travel, copy those files into a git-ignored folder.
+TRL and Liger-Kernel must be importable for the ``trl_liger`` setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
+TUTORIAL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SETUPS = ("tutorial", "trl_liger", "loraforge")
+GPU = os.environ.get("LORAFORGE_BENCH_CPU") is None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def matmul_peak_tflops() -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1.0
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * 8192**3 / times[len(times) // 2] / 1e12
+
+
+def build_model(assets: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(assets / "phi4" / "config.json"))
+    cfg.use_cache = False
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def tokenizer_of(assets: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(assets / "phi4"))
+
+
+def tokenized(assets: Path, tokenizer):
+    from loraforge import SFTDatasetBuilder
+
+    builder = SFTDatasetBuilder(tokenizer, max_length=384, system_prompt=SYSTEM, input_separator="")
+    return builder.build(str(assets / "data" / "huanhuan.json"))
+
+
+class Meter:
+    """Counts real and supervised tokens per collated micro-batch and times optimizer steps."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.batches: list[tuple[int, int]] = []
+        self.marks: list[tuple[float, int]] = []
+
+    def wrap(self, collator):
+        def call(features):
+            batch = collator(features)
+            mask = batch.get("attention_mask")
+            ids = batch["input_ids"]
+            real = int(mask.sum()) if mask is not None else int(ids.numel())
+            sup = int((batch["labels"][..., 1:] != -100).sum())
+            self.batches.append((real, sup))
+            return batch
+
+        return call
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class Timer(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                meter.marks.append((time.perf_counter(), len(meter.batches)))
+
+        return Timer()
+
+    def result(self) -> dict:
+        (t0, n0), (t1, n1) = self.marks[self.warmup - 1], self.marks[-1]
+        real = sum(b[0] for b in self.batches[n0:n1])
+        sup = sum(b[1] for b in self.batches[n0:n1])
+        return {
+            "tokens_per_s": real / (t1 - t0),
+            "supervised_tokens_per_s": sup / (t1 - t0),
+            "timed_steps": len(self.marks) - self.warmup,
+            "timed_tokens": real,
+        }
+
+
+# ----------------------------------------------------------------------------- setups
+
+
+def run_tutorial(assets: Path, warmup: int, steps: int, out: Path) -> dict:
+    """The self-llm tutorial: Trainer, batch 1 x accumulation 4, gradient checkpointing,
+    DataCollatorForSeq2Seq padding, LoRA r=8 on its (mostly non-matching) module list."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tok = tokenizer_of(assets)
+    ds = tokenized(assets, tok)
+    model = build_model(assets)
+    model.enable_input_require_grads()
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=TUTORIAL_TARGETS,
+            r=8,
+            lora_alpha=32,
+            lora_dropout=0.1,
+        ),
+    )
+    meter = Meter(warmup)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        logging_steps=10,
+        max_steps=warmup + steps,
+        learning_rate=1e-4,
+        gradient_checkpointing=True,
+        bf16=GPU,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        data_collator=meter.wrap(DataCollatorForSeq2Seq(tokenizer=tok, padding=True)),
+        callbacks=[meter.callback()],
+    )
+    trainer.train()
+    return meter.result()
+
+
+def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path) -> dict:
+    """TRL SFTTrainer: BFD packing to 8,192 tokens, padding-free, flex_attention, gradient
+    checkpointing, Liger kernels, LoRA on all linear layers."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tok = tokenizer_of(assets)
+    built = tokenized(assets, tok)
+    ds = Dataset.from_dict(
+        {
+            "input_ids": built["input_ids"],
+            "completion_mask": [[int(x != -100) for x in lab] for lab in built["labels"]],
+        }
+    )
+    model = build_model(assets)
+    model.set_attn_implementation("flex_attention")
+    meter = Meter(warmup)
+    cfg = SFTConfig(
+        output_dir=str(out),
+        max_length=8192,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=True,
+        use_liger_kernel=GPU,
+        bf16=GPU,
+        learning_rate=1e-4,
+        max_steps=warmup + steps,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataset_num_proc=4,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=8, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+        callbacks=[meter.callback()],
+    )
+    trainer.data_collator = meter.wrap(trainer.data_collator)
+    trainer.train()
+    return meter.result()
+
+
+def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides) -> dict:
+    """loraforge's default recipe (tutorial LoRA hyper-parameters on all linear layers)."""
+    import loraforge.packing as packing
+    from loraforge import LoraRecipe, train
+
+    lf_train = sys.modules["loraforge.train"]  # the module (loraforge.train is the function)
+
+    meter = Meter(warmup)
+    original = packing.PackedCollator.__call__
+
+    def counted(self, batch):
+        return meter.wrap(lambda b: original(self, b))(batch)
+
+    packing.PackedCollator.__call__ = counted
+    lf_train._Collator.__call__ = lambda self, f: meter.wrap(
+        lambda b: lf_train.pad_collate(b, self.pad_token_id)
+    )(f)
+    recipe = LoraRecipe(
+        model="phi-4 (random init)",
+        model_source="local",
+        data=str(assets / "data" / "huanhuan.json"),
+        system_prompt=SYSTEM,
+        input_separator="",
+        output_dir=str(out),
+        max_steps=warmup + steps,
+        save_steps=10**6,
+        logging_steps=10,
+        **overrides,
+    )
+    tok = tokenizer_of(assets)
+    model = build_model(assets)
+    callbacks = [meter.callback()]
+    if os.environ.get("LORAFORGE_PROFILE"):
+        callbacks.append(profiler_callback(warmup))
+    res = train(recipe, model=model, tokenizer=tok, callbacks=callbacks)
+    result = meter.result()
+    result["fast_path"] = res.metrics["fast_path"]
+    return result
+
+
+def profiler_callback(start: int, steps: int = 2):
+    """Profile ``steps`` optimizer steps after ``start`` and print where the GPU time goes."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == start:
+                self.prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CUDA]
+                )
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == start + steps:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                cats: dict[str, float] = {}
+                kernels: list[tuple[float, str, str]] = []
+                total = 0.0
+                for ev in self.prof.key_averages():
+                    t = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0))
+                    if not t or ev.key.startswith(("ProfilerStep", "aten::", "autograd")):
+                        continue
+                    k = ev.key.lower()
+                    if "flash" in k or "fmha" in k or "attn" in k:
+                        cat = "attention"
+                    elif any(
+                        x in k for x in ("gemm", "nvjet", "xmma", "cublas", "cutlass", "matmul")
+                    ):
+                        cat = "gemm"
+                    elif "triton" in k or (not k.startswith("void") and "kernel" in k):
+                        cat = "triton (liger)"
+                    elif "reduce" in k or "norm" in k:
+                        cat = "reductions"
+                    elif "elementwise" in k or "copy" in k or "cat" in k or "fill" in k:
+                        cat = "elementwise/copies"
+                    else:
+                        cat = "other"
+                    kernels.append((t, cat, ev.key[:90]))
+                    cats[cat] = cats.get(cat, 0.0) + t
+                    total += t
+                print("PROFILE GPU time by kind over", steps, "steps:")
+                for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
+                    print(f"PROFILE   {cat:<18} {t / 1e3:9.1f} ms  {t / total:6.1%}")
+                for t, cat, name in sorted(kernels, reverse=True)[:20]:
+                    print(f"PROFILE {t / 1e3:9.1f} ms  {cat:<18} {name}")
+                self.prof = None
+
+    return Profile()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def child(name: str, assets: Path, warmup: int, steps: int, overrides: dict) -> dict:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        if name == "tutorial":
+            r = run_tutorial(assets, warmup, steps, Path(tmp))
+        elif name == "trl_liger":
+            r = run_trl_liger(assets, warmup, steps, Path(tmp))
+        else:
+            r = run_loraforge(assets, warmup, steps, Path(tmp) / "run", **overrides)
+    r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
+    r["wall_s"] = time.perf_counter() - t0
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", type=Path, default=HERE.parent.parent / "shared")
+    ap.add_argument("--only", default=",".join(SETUPS))
+    ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (tutorial: x4)")
+    ap.add_argument("--set", action="append", default=[], help="loraforge recipe override k=v")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    overrides = {}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        import yaml
+
+        overrides[k] = yaml.safe_load(v)
+    if args.child:
+        steps = args.steps * (3 if args.child == "tutorial" else 1)
+        print(
+            "RESULT " + json.dumps(child(args.child, args.assets, args.warmup, steps, overrides)),
+            flush=True,
+        )
+        return
+
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak_tflops()
+    import transformers
+
+    import loraforge
+
+    ds_tokens = sum(len(x) for x in tokenized(args.assets, tokenizer_of(args.assets))["input_ids"])
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(args.assets / "phi4" / "config.json"))
+    h, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kvd = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    n_mm = L * (h * (h + 2 * kvd) + h * h + h * 2 * i + i * h) + h * V
+    print(
+        f"card {card}; bf16 matmul {peak:.0f} TFLOP/s; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {ds_tokens:,} tokens an epoch; N = {n_mm / 1e9:.2f}B",
+        flush=True,
+    )
+    runs = []
+    for name in args.only.split(","):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--assets",
+            str(args.assets),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+        ]
+        for kv in args.set:
+            cmd += ["--set", kv]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(
+                f"{name}: FAILED ({time.perf_counter() - t0:.0f}s)\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-6000:]}",
+                flush=True,
+            )
+            continue
+        prof = [x for x in proc.stdout.splitlines() if x.startswith("PROFILE")]
+        if prof:
+            print("\n".join(prof[:60]), flush=True)
+        r = json.loads(line[7:])
+        r["name"] = name
+        r["mfu"] = r["tokens_per_s"] * 4 * n_mm / (peak * 1e12)
+        r["three_epochs_min"] = 3 * ds_tokens / r["tokens_per_s"] / 60
+        runs.append(r)
+        print(
+            f"{name:<10} {r['tokens_per_s']:>8.0f} tok/s {r['supervised_tokens_per_s']:>7.0f} sup/s "
+            f"{r['peak_gib']:>6.1f} GiB  MFU {r['mfu']:.1%}  3 epochs {r['three_epochs_min']:.1f} min"
+            f"  {r.get('fast_path', '')}",
+            flush=True,
+        )
+    by = {r["name"]: r for r in runs}
+    if "loraforge" in by:
+        for base in ("tutorial", "trl_liger"):
+            if base in by:
+                print(
+                    f"loraforge / {base}: {by['loraforge']['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x"
+                )
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = card.replace(" ", "-")
+    path = args.out / f"{slug}-{dt.date.today().isoformat()}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "card": card,
+                "bf16_matmul_tflops": peak,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "loraforge": loraforge.__version__,
+                "epoch_tokens": ds_tokens,
+                "matmul_params": n_mm,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The documentation is tested: it builds strictly, documents every public name, and its
+quickstart code runs.
+
+Code blocks meant to run are marked in the Markdown with ``<!-- run -->`` on the line before
+the opening fence; each runs in its own subprocess in an empty folder, against the tiny model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import loraforge
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+QUICKSTARTS = ("quickstart.md", "quickstart.zh.md")
+RUN_BLOCK = re.compile(r"^<!-- run -->\n```python\n(.*?)^```$", re.M | re.S)
+# every runnable quickstart block ends by printing the trained answer to the first sample question
+TRAINED_ANSWER = "臣妾甄嬛，入宫不久，还请多多指教。"
+
+
+def run_blocks(page: str) -> list[str]:
+    return RUN_BLOCK.findall((DOCS / page).read_text(encoding="utf-8"))
+
+
+@pytest.mark.integration
+def test_mkdocs_build_strict(tmp_path):
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
+    site = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    # the generated reference tables are there, one row per field and one section per command
+    recipe_page = (site / "reference" / "recipe" / "index.html").read_text(encoding="utf-8")
+    for name in loraforge.LoraRecipe.field_help():
+        assert f'id="{name}"' in recipe_page, name
+    cli_page = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
+    for verb in ("demo", "train", "chat", "merge", "templates", "inspect-data", "validate"):
+        assert f"usage: loraforge {verb}" in cli_page, verb
+    assert "<!--" not in recipe_page.split("<article", 1)[1].split("</article>", 1)[0]
+
+
+def test_every_public_name_is_in_the_api_reference():
+    api = (DOCS / "reference" / "api.md").read_text(encoding="utf-8")
+    missing = [name for name in loraforge.__all__ if f"::: loraforge.{name}\n" not in api]
+    assert not missing, f"add a '::: loraforge.NAME' entry to docs/reference/api.md for {missing}"
+
+
+@pytest.mark.parametrize("page", QUICKSTARTS)
+def test_quickstart_has_runnable_blocks(page):
+    assert len(run_blocks(page)) >= 2
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("page", "index"),
+    [(page, i) for page in QUICKSTARTS for i in range(len(run_blocks(page)))],
+)
+def test_quickstart_block_runs(page, index, tmp_path):
+    code = run_blocks(page)[index]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, f"{page} block {index} failed:\n{done.stderr[-4000:]}"
+    assert TRAINED_ANSWER in done.stdout, done.stdout[-2000:]

@@ -1,0 +1,94 @@
+"""examples/phi4_huanhuan runs end to end, with the tiny model and a small sample swapped in.
+
+The recipe file itself is used unchanged; only ``--set`` overrides replace Phi-4 and the huanhuan
+data, so a key that stops being a LoraRecipe field, or a script that stops matching the public API,
+fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraforge import LoraRecipe, load_for_inference
+from loraforge.cli import main
+from loraforge.demo import prepare_tiny_base
+from loraforge.tiny import sample_data_path
+
+pytestmark = pytest.mark.integration
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "phi4_huanhuan"
+RECIPE = EXAMPLE / "recipe.yaml"
+RECORDS = json.loads(sample_data_path().read_text(encoding="utf-8"))[:8]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phi4_huanhuan")
+    data = root / "huanhuan-sample.json"
+    data.write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    return root, prepare_tiny_base(root / "base", hidden_size=64), data
+
+
+def overrides(base: Path, data: Path, output_dir: Path) -> list[str]:
+    return [
+        f"model={base}",
+        "model_source=local",
+        f"data={data}",
+        f"output_dir={output_dir}",
+        "num_epochs=40",
+        "learning_rate=1e-2",
+        "lora_dropout=0",
+        "max_length=128",
+        "batch_size=8",
+        "dtype=float32",
+        "gradient_checkpointing=false",
+    ]
+
+
+def test_recipe_is_the_tutorial_setup():
+    r = LoraRecipe.from_yaml(RECIPE)
+    assert (r.model, r.model_source, r.template) == ("LLM-Research/phi-4", "modelscope", "phi-4")
+    assert r.system_prompt == "现在你要扮演皇帝身边的女人--甄嬛"
+    assert (r.lora_r, r.lora_alpha, r.lora_dropout) == (8, 32, 0.1)
+    assert (r.learning_rate, r.num_epochs, r.max_length, r.batch_size) == (1e-4, 3, 384, 4)
+    assert r.target_modules == "all-linear" and r.gradient_checkpointing == "full"
+    assert r.output_dir == "output/phi4-huanhuan"
+
+
+def test_recipe_through_cli(tiny, capsys):
+    root, base, data = tiny
+    out = root / "run-cli"
+    argv = ["-q", "train", str(RECIPE)]
+    for pair in overrides(base, data, out):
+        argv += ["--set", pair]
+    assert main(argv) == 0
+    assert f"adapter in {out}" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").is_file()
+    run = json.loads((out / "loraforge.json").read_text(encoding="utf-8"))
+    assert run["metrics"]["steps"] == 40
+    chat = load_for_inference(out, device="cpu")
+    assert chat.system_prompt == "现在你要扮演皇帝身边的女人--甄嬛"
+    assert chat.chat(RECORDS[0]["instruction"], max_new_tokens=64) == RECORDS[0]["output"]
+
+
+def test_train_and_chat_scripts(tiny):
+    root, base, data = tiny
+    out = root / "run-scripts"
+    cmd = [sys.executable, str(EXAMPLE / "train.py"), str(RECIPE)]
+    for pair in overrides(base, data, out):
+        cmd += ["--set", pair]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: 40 steps" in done.stdout
+    prompts = [RECORDS[0]["instruction"], RECORDS[3]["instruction"]]
+    cmd = [sys.executable, str(EXAMPLE / "chat.py"), str(out), "--max-new-tokens", "64"]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[3]["output"]]

@@ -1,0 +1,161 @@
+"""GPU checks of the fast path (skipped without CUDA; run on an H100/H200 and noted in the docs).
+
+bf16 equivalence of the packed fast path (varlen attention, supervised-only logits, Liger when
+installed) with the plain unpacked path, and a short training run whose loss matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _phi4_like(tokenizer, layers: int = 2):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        use_cache=False,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(cfg).to("cuda", torch.bfloat16)
+
+
+def _examples(tokenizer, n: int):
+    from loraforge import SFTDatasetBuilder
+    from loraforge.tiny import sample_data_path
+
+    records = json.loads(sample_data_path().read_text(encoding="utf-8"))[:n]
+    ds = SFTDatasetBuilder(tokenizer, system_prompt="sys").build(records)
+    return [
+        {"input_ids": list(a), "labels": list(b)}
+        for a, b in zip(ds["input_ids"], ds["labels"], strict=True)
+    ]
+
+
+def _with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        ),
+    )
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_fast_path_matches_plain_path_in_bf16(capsys):
+    from loraforge.fast import (
+        apply_liger,
+        fuse_lora_forward,
+        liger_available,
+        register_varlen_attention,
+        set_attention,
+    )
+    from loraforge.packing import PackedCollator, packed_loss
+    from loraforge.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    examples = _examples(tok, 24)
+    base = _phi4_like(tok)
+    fast_base = copy.deepcopy(base)
+    if liger_available():
+        apply_liger(fast_base)
+    set_attention(fast_base, register_varlen_attention())
+    plain, fast = _with_lora(base), _with_lora(fast_base)
+    fast.load_state_dict(plain.state_dict())
+    fuse_lora_forward(fast)
+    total = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+    loss_plain = 0.0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)  # as Trainer(bf16=True) runs
+    for e in examples:
+        with autocast:
+            out = plain(
+            input_ids=torch.tensor([e["input_ids"]], device="cuda"),
+            labels=torch.tensor([e["labels"]], device="cuda"),
+            num_items_in_batch=torch.tensor(total, device="cuda"),
+        )
+        out.loss.backward()
+        loss_plain += out.loss.item()
+    batch = PackedCollator(tok.pad_token_id)([examples])
+    labels = batch.pop("labels").cuda()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    with autocast:
+        loss_fast = packed_loss(fast(**batch), labels, torch.tensor(total, device="cuda"))
+    loss_fast.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    errs = [_rel(p.grad, grads[n]) for n, p in fast.named_parameters() if p.requires_grad]
+    loss_err = abs(loss_fast.item() - loss_plain) / loss_plain
+    with capsys.disabled():
+        print(
+            f"\nbf16 fast vs plain: loss rel err {loss_err:.2e}, LoRA grad rel err "
+            f"median {sorted(errs)[len(errs) // 2]:.2e} max {max(errs):.2e} "
+            f"(liger {'on' if liger_available() else 'off'})"
+        )
+    assert loss_err < 1e-2
+    assert max(errs) < 5e-2
+
+
+@pytest.mark.integration
+def test_short_training_run_matches_plain_path(tmp_path, capsys):
+    """Same data, epochs and learning rate; packed fast path vs unpacked plain path in bf16: the
+    final training losses agree."""
+    from loraforge import train
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+
+    base = prepare_tiny_base(tmp_path / "base", hidden_size=256)
+    losses = {}
+    for packing in ("off", "on"):
+        recipe = demo_recipe(
+            base,
+            tmp_path / packing,
+            packing=packing,
+            pack_tokens=512,
+            dtype="bfloat16",
+            num_epochs=20,
+            batch_size=8,
+            learning_rate=5e-3,
+            logging_steps=1,
+        )
+        res = train(recipe)
+        losses[packing] = [h["loss"] for h in res.log_history if "loss" in h]
+    with capsys.disabled():
+        print(
+            f"\nplain: {losses['off'][0]:.3f} -> {losses['off'][-1]:.3f} in {len(losses['off'])} steps; "
+            f"packed: {losses['on'][0]:.3f} -> {losses['on'][-1]:.3f} in {len(losses['on'])} steps"
+        )
+    assert losses["on"][0] == pytest.approx(losses["off"][0], rel=0.05)
+    assert losses["on"][-1] < 0.5 * losses["on"][0]
+    assert losses["on"][-1] == pytest.approx(losses["off"][-1], rel=0.35, abs=0.15)
