@@ -41,13 +41,17 @@ def _sync() -> None:
 
 
 def matmul_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters()
-               if p.dim() == 2 and "embed_tokens" not in n and "lora" not in n)
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and "embed_tokens" not in n and "lora" not in n
+    )
 
 
 def check_varlen():
-    from loraforge.fast import register_varlen_attention, _varlen_attention
     import torch.nn.functional as F
+
+    from loraforge.fast import _varlen_attention, register_varlen_attention
 
     register_varlen_attention()
     torch.manual_seed(0)
@@ -57,8 +61,9 @@ def check_varlen():
     k = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    out, _ = _varlen_attention(None, q, k, v, None, scaling=D ** -0.5, cu_seq_lens_q=cu,
-                               max_length_q=max(lens))
+    out, _ = _varlen_attention(
+        None, q, k, v, None, scaling=D**-0.5, cu_seq_lens_q=cu, max_length_q=max(lens)
+    )
     g = torch.randn_like(out)
     (out * g).sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
@@ -67,14 +72,19 @@ def check_varlen():
     refs = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         o = F.scaled_dot_product_attention(
-            q[:, :, a:b].float(), k[:, :, a:b].float().repeat_interleave(H // Hkv, 1),
-            v[:, :, a:b].float().repeat_interleave(H // Hkv, 1), is_causal=True)
+            q[:, :, a:b].float(),
+            k[:, :, a:b].float().repeat_interleave(H // Hkv, 1),
+            v[:, :, a:b].float().repeat_interleave(H // Hkv, 1),
+            is_causal=True,
+        )
         refs.append(o.transpose(1, 2))
     ref = torch.cat(refs, 1)
     (ref * g.float()).sum().backward()
     err = ((out.float() - ref).norm() / ref.norm()).item()
-    gerr = [((a.float() - b.float()).norm() / b.float().norm()).item()
-            for a, b in zip(grads, (q.grad, k.grad, v.grad))]
+    gerr = [
+        ((a.float() - b.float()).norm() / b.float().norm()).item()
+        for a, b in zip(grads, (q.grad, k.grad, v.grad))
+    ]
     print(f"varlen vs fp32 sdpa: out rel err {err:.2e}, grad rel err {max(gerr):.2e}")
 
 
@@ -94,21 +104,27 @@ def run_variant(model, batches, attn: str, ckpt: str, steps: int, n_mm: int):
     set_attention(model, attn)
     base = model.get_base_model()
     if ckpt == "none":
-        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+        (
+            getattr(base, "activation_checkpointing_disable", None)
+            or base.gradient_checkpointing_disable
+        )()
     elif ckpt == "full":
         enable_checkpointing(base)
     else:
         enable_selective_checkpointing(base)
     model.train()
     _sync()
-    DEV == 'cuda' and torch.cuda.reset_peak_memory_stats()
+    DEV == "cuda" and torch.cuda.reset_peak_memory_stats()
     tokens = 0
     t0 = None
     for i in range(steps + 2):
         if i == 2:
             _sync()
             t0 = time.perf_counter()
-        b = {k: (v.to(DEV) if torch.is_tensor(v) else v) for k, v in batches[i % len(batches)].items()}
+        b = {
+            k: (v.to(DEV) if torch.is_tensor(v) else v)
+            for k, v in batches[i % len(batches)].items()
+        }
         labels = b.pop("labels")
         if attn != "loraforge_varlen":
             for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
@@ -122,7 +138,7 @@ def run_variant(model, batches, attn: str, ckpt: str, steps: int, n_mm: int):
     dt = time.perf_counter() - t0
     tps = tokens / dt
     mfu = tps * 4 * n_mm / 774e12
-    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == 'cuda' else 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     model.zero_grad(set_to_none=True)
     return tps, mfu, peak
 
@@ -146,19 +162,33 @@ def main() -> None:
     model = build_model(args.config, args.layers or None)
     n_mm = matmul_params(model)
     # MFU counts all 40 layers' matmuls: scale when probing fewer layers
-    print(f"model built in {time.perf_counter() - t0:.1f}s; matmul params {n_mm / 1e9:.2f}B; "
-          f"weights {torch.cuda.memory_allocated() / 2**30 if DEV == 'cuda' else 0:.1f} GiB", flush=True)
-    model = get_peft_model(model, LoraConfig(
-        r=8, lora_alpha=32, lora_dropout=args.dropout, task_type="CAUSAL_LM",
-        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
-    print(f"{'attention':<18}{'ckpt':<10}{'budget':>7}{'fill':>6}{'tok/s':>9}{'MFU':>7}{'peak GiB':>9}")
+    print(
+        f"model built in {time.perf_counter() - t0:.1f}s; matmul params {n_mm / 1e9:.2f}B; "
+        f"weights {torch.cuda.memory_allocated() / 2**30 if DEV == 'cuda' else 0:.1f} GiB",
+        flush=True,
+    )
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=32,
+            lora_dropout=args.dropout,
+            task_type="CAUSAL_LM",
+            target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        ),
+    )
+    print(
+        f"{'attention':<18}{'ckpt':<10}{'budget':>7}{'fill':>6}{'tok/s':>9}{'MFU':>7}{'peak GiB':>9}"
+    )
     for spec in args.variants.split(","):
         attn, ckpt, budget = spec.split(":")
         batches, fill = bins_from(tokens, int(budget), args.steps + 2)
         try:
             tps, mfu, peak = run_variant(model, batches, attn, ckpt, args.steps, n_mm)
-            print(f"{attn:<18}{ckpt:<10}{budget:>7}{fill:>6.2f}{tps:>9.0f}{mfu:>7.1%}{peak:>9.1f}",
-                  flush=True)
+            print(
+                f"{attn:<18}{ckpt:<10}{budget:>7}{fill:>6.2f}{tps:>9.0f}{mfu:>7.1%}{peak:>9.1f}",
+                flush=True,
+            )
         except torch.OutOfMemoryError:
             print(f"{attn:<18}{ckpt:<10}{budget:>7}   OOM", flush=True)
             model.zero_grad(set_to_none=True)

@@ -239,7 +239,7 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
     import loraforge.packing as packing
     from loraforge import LoraRecipe, train
 
-    lf_train = sys.modules["loraforge.train"]  # the module (loraforge.train is the function)
+    lf_train = sys.modules["loraforge.training"]
 
     meter = Meter(warmup)
     original = packing.PackedCollator.__call__

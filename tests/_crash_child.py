@@ -50,7 +50,7 @@ from transformers import TrainerCallback
 
 from loraforge.demo import demo_recipe
 
-lf_train = importlib.import_module("loraforge.train")  # loraforge.train is the function
+lf_train = importlib.import_module("loraforge.training")
 
 
 def journal(spec: dict[str, Any], event: str) -> None:

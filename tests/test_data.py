@@ -684,13 +684,6 @@ def test_invalid_utf8_names_the_line(tiny_tokenizer, tmp_path, suffix):
         build(tiny_tokenizer, path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "data._read_file strips a UTF-8 BOM before decoding, so the 'byte N' it reports for "
-        "invalid UTF-8 is 3 less than the offset in the file"
-    ),
-)
 def test_invalid_utf8_after_a_bom_names_the_file_offset(tiny_tokenizer, tmp_path):
     path = tmp_path / "d.jsonl"
     good = json.dumps(ALPACA[0]).encode("utf-8")

@@ -348,23 +348,6 @@ def recipe_texts(draw: Any) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-KNOWN_RECIPE_BUGS = {
-    # recipe.py is outside this change; each has a strict-xfail reproducer below
-    "TypeError": "eval_data with a non-number eval_fraction: _validate compares None > 0",
-    "RecursionError": "deeply nested YAML: yaml.safe_load recursion is not caught",
-    "ValueError": "a YAML integer over 4300 digits: int() raises ValueError, not caught",
-}
-
-
-def _known_recipe_bug(exc: BaseException) -> str | None:
-    name = type(exc).__name__
-    if name == "TypeError" and "not supported between" in str(exc):
-        return name
-    if name == "RecursionError" or (name == "ValueError" and "4300" in str(exc)):
-        return name
-    return None
-
-
 @settings(FUZZ, max_examples=400)
 @given(recipe_texts())
 def test_any_recipe_yaml_loads_or_raises_recipe_error(text: bytes):
@@ -377,11 +360,7 @@ def test_any_recipe_yaml_loads_or_raises_recipe_error(text: bytes):
         assert str(path) in str(exc) and exc.problems, str(exc)
         return
     except Exception as exc:
-        bug = _known_recipe_bug(exc)
-        if bug is None:
-            pytest.fail(f"{type(exc).__name__} escaped for {text[:300]!r}: {exc}")
-        _figures.count("recipe_outcomes", f"known bug: {bug}")
-        return
+        pytest.fail(f"{type(exc).__name__} escaped for {text[:300]!r}: {exc}")
     _figures.count("recipe_outcomes", "recipe")
     assert isinstance(recipe, LoraRecipe)
     for name in ("learning_rate", "num_epochs", "lora_dropout", "warmup_ratio"):
@@ -397,8 +376,7 @@ def test_any_recipe_yaml_loads_or_raises_recipe_error(text: bytes):
     ],
     ids=["eval_fraction-null", "deep-nesting", "huge-int"],
 )
-@pytest.mark.xfail(strict=True, reason="recipe.py bugs found by the fuzzer (see KNOWN_RECIPE_BUGS)")
-def test_known_recipe_bugs_raise_recipe_error(tmp_path, text):
+def test_recipe_bugs_found_by_the_fuzzer_raise_recipe_error(tmp_path, text):
     path = tmp_path / "r.yaml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(RecipeError):

@@ -103,10 +103,10 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
     for e in examples:
         with autocast:
             out = plain(
-            input_ids=torch.tensor([e["input_ids"]], device="cuda"),
-            labels=torch.tensor([e["labels"]], device="cuda"),
-            num_items_in_batch=torch.tensor(total, device="cuda"),
-        )
+                input_ids=torch.tensor([e["input_ids"]], device="cuda"),
+                labels=torch.tensor([e["labels"]], device="cuda"),
+                num_items_in_batch=torch.tensor(total, device="cuda"),
+            )
         out.loss.backward()
         loss_plain += out.loss.item()
     batch = PackedCollator(tok.pad_token_id)([examples])

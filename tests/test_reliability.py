@@ -397,7 +397,7 @@ def test_scan_takes_the_newest_complete_checkpoint(tmp_path):
     newest, bad = guards.scan_checkpoints(tmp_path)
     assert newest == tmp_path / "checkpoint-4"
     assert [p.name for p, _ in bad] == ["checkpoint-8", "checkpoint-6"]
-    assert guards.COMPLETE_MARKER == importlib.import_module("loraforge.train").COMPLETE_MARKER
+    assert guards.COMPLETE_MARKER == importlib.import_module("loraforge.training").COMPLETE_MARKER
 
 
 # =========================================================================== 2. non-finite
@@ -635,16 +635,6 @@ def test_disk_full_inside_a_checkpoint_save_keeps_the_previous_one(workdir, monk
 
 
 @integration
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason=(
-        "the Trainer's own checkpoint write surfaces its raw OSError: train() needs "
-        "`with guards.disk_full_errors(out / CHECKPOINTS, 'saving a checkpoint to'):` around "
-        "trainer.train(...), a line outside this change (DiskSpaceGuard stops before the save "
-        "when the previous checkpoint's size shows it cannot fit)"
-    ),
-)
 def test_disk_full_inside_a_checkpoint_save_is_a_disk_full_error(workdir, monkeypatch):
     _enospc_on(monkeypatch, torch, "save", lambda p: p.endswith("optimizer.pt"))
     with pytest.raises(DiskFullError, match="disk full"):

@@ -27,7 +27,7 @@ from .templates import (
     register_template,
 )
 from .tokenize import SegmentTokenizer
-from .train import TrainResult, train
+from .training import TrainResult, train
 
 __version__ = "0.1.0"
 

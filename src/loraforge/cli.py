@@ -138,7 +138,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training import train
 
     result = train(_recipe(args), resume=args.resume)
     m = result.metrics

@@ -16,7 +16,7 @@ from pathlib import Path
 from .inference import load_for_inference
 from .recipe import LoraRecipe
 from .tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
-from .train import TrainResult, train
+from .training import TrainResult, train
 
 __all__ = ["DEMO_SYSTEM_PROMPT", "DemoResult", "demo_recipe", "prepare_tiny_base", "run_demo"]
 

@@ -25,8 +25,8 @@ __all__ = [
     "VARLEN_ATTENTION",
     "FastPlan",
     "apply_liger",
-    "plan_fast_path",
     "choose_attention",
+    "plan_fast_path",
     "register_varlen_attention",
     "selective_checkpoint_context",
     "varlen_attention_available",
@@ -131,8 +131,12 @@ def choose_attention(requested: str, packing: bool) -> str:
         if not varlen_attention_available():
             from .errors import RecipeError
 
-            raise RecipeError(["attention: 'varlen' needs a CUDA GPU and torch >= 2.9 "
-                               "(torch.nn.attention.varlen); use 'sdpa'"])
+            raise RecipeError(
+                [
+                    "attention: 'varlen' needs a CUDA GPU and torch >= 2.9 "
+                    "(torch.nn.attention.varlen); use 'sdpa'"
+                ]
+            )
         if not packing:
             from .errors import RecipeError
 
@@ -212,9 +216,11 @@ class FastPlan:
 
     def describe(self) -> str:
         pack = f"packing {self.pack_tokens} tokens/row" if self.packing else "no packing"
-        return (f"{pack}; attention {self.attention}; checkpointing "
-                f"{self.gradient_checkpointing}; liger {'on' if self.liger_kernels else 'off'}"
-                f" ({self.reason})")
+        return (
+            f"{pack}; attention {self.attention}; checkpointing "
+            f"{self.gradient_checkpointing}; liger {'on' if self.liger_kernels else 'off'}"
+            f" ({self.reason})"
+        )
 
 
 def liger_available() -> bool:
@@ -236,8 +242,12 @@ def plan_fast_path(recipe: Any, model: Any, max_example_tokens: int) -> FastPlan
     packing = recipe.packing == "on" or (recipe.packing == "auto" and on_gpu)
     liger = recipe.liger_kernels == "on" or (recipe.liger_kernels == "auto" and liger_available())
     if recipe.liger_kernels == "on" and not liger_available():
-        raise RecipeError(["liger_kernels: 'on' needs the liger-kernel package and a CUDA GPU "
-                           "(pip install 'loraforge[gpu]'), or use 'auto'/'off'"])
+        raise RecipeError(
+            [
+                "liger_kernels: 'on' needs the liger-kernel package and a CUDA GPU "
+                "(pip install 'loraforge[gpu]'), or use 'auto'/'off'"
+            ]
+        )
     ckpt = recipe.gradient_checkpointing
     budget = recipe.pack_tokens
     reason = "as set in the recipe"
@@ -264,8 +274,10 @@ def plan_fast_path(recipe: Any, model: Any, max_example_tokens: int) -> FastPlan
         if chosen is None:
             chosen = (min(candidates), ckpt)
         budget, ckpt = chosen
-        reason = (f"{free / 2**30:.1f} GiB for activations under a {cap / 2**30:.0f} GiB cap, "
-                  f"weights {weights / 2**30:.1f} GiB")
+        reason = (
+            f"{free / 2**30:.1f} GiB for activations under a {cap / 2**30:.0f} GiB cap, "
+            f"weights {weights / 2**30:.1f} GiB"
+        )
     if ckpt == "auto":
         ckpt = "off"  # CPU: recomputation only costs time
     if packing and budget is None:

@@ -16,6 +16,7 @@ keeps them apart:
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -124,7 +125,7 @@ class PackedCollator:
             labels.extend([IGNORE_INDEX] * n)
             pos.extend(range(n))
             cu.append(cu[-1] + n)
-        lengths = [b - a for a, b in zip(cu, cu[1:], strict=False)]
+        lengths = [b - a for a, b in itertools.pairwise(cu)]
         out: dict[str, Any] = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
@@ -163,8 +164,12 @@ def packed_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> An
     else:  # logits only at positions whose next token is supervised, in order
         flat_logits = logits.reshape(-1, logits.shape[-1])
         flat_targets = nxt[nxt != IGNORE_INDEX]
-    total = F.cross_entropy(flat_logits.float(), flat_targets.to(flat_logits.device),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        flat_logits.float(),
+        flat_targets.to(flat_logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     if num_items_in_batch is None:
         num_items_in_batch = (flat_targets != IGNORE_INDEX).sum()
     return total / num_items_in_batch

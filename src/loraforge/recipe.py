@@ -206,6 +206,10 @@ class LoraRecipe:
             values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise RecipeError([f"not valid YAML: {exc}"], source=str(p)) from None
+        except RecursionError:
+            raise RecipeError(["YAML nested too deeply to read"], source=str(p)) from None
+        except ValueError as exc:  # e.g. an integer longer than Python converts
+            raise RecipeError([f"unreadable value in YAML: {exc}"], source=str(p)) from None
         if not isinstance(values, dict):
             raise RecipeError(
                 [f"expected a mapping of settings, got {type(values).__name__}"], source=str(p)
@@ -361,7 +365,9 @@ def _validate(r: LoraRecipe) -> list[str]:
     if r.eval_steps is not None and (not isinstance(r.eval_steps, int) or r.eval_steps < 1):
         bad("eval_steps", "must be None or an integer >= 1")
     if r.save_total_limit is not None and (
-        not isinstance(r.save_total_limit, int) or r.save_total_limit < 1
+        not isinstance(r.save_total_limit, int)
+        or isinstance(r.save_total_limit, bool)
+        or r.save_total_limit < 1
     ):
         bad("save_total_limit", "must be None or an integer >= 1")
     tm = r.target_modules
@@ -372,7 +378,11 @@ def _validate(r: LoraRecipe) -> list[str]:
         bad("target_modules", "must be 'all-linear' or a non-empty list of module names")
     if not (isinstance(r.report_to, tuple) and all(isinstance(x, str) for x in r.report_to)):
         bad("report_to", "must be a list of tracker names")
-    if r.eval_data is not None and r.eval_fraction > 0:
+    if (
+        r.eval_data is not None
+        and isinstance(r.eval_fraction, (int, float))
+        and r.eval_fraction > 0
+    ):
         problems.append("eval_data and eval_fraction: give one way of holding data out, not both")
     for name in ("system_prompt", "model_revision", "cache_dir", "eval_data"):
         v = getattr(r, name)

@@ -5,7 +5,7 @@ tokenizer and model, apply LoRA, build the data, build the ``transformers.Traine
 The Trainer is composed, not subclassed; loraforge adds a padding collator, callbacks for plain
 log lines and complete-checkpoint markers, and the saving of its artifacts.
 
-Output folder layout::
+Output folder layout:
 
     output_dir/
       adapter_model.safetensors, adapter_config.json   # loadable by plain peft
@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,14 @@ from typing import Any
 from .data import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from .errors import OutputDirError
 from .fast import (
-    fuse_lora_forward,
     FastPlan,
     apply_liger,
     enable_selective_checkpointing,
+    fuse_lora_forward,
     plan_fast_path,
     set_attention,
 )
+from .guards import disk_full_errors
 from .models import (
     enable_checkpointing,
     ensure_pad_token,
@@ -55,6 +57,11 @@ from .templates import get_template, template_id
 __all__ = ["TrainResult", "pad_collate", "train"]
 
 logger = logging.getLogger(__name__)
+# transformers >= 5.20 renamed gradient to activation checkpointing; PEFT still asks by the old
+# name on every forward pass. The warning tells a loraforge user nothing they can act on.
+warnings.filterwarnings(
+    "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = ".complete"
@@ -109,18 +116,6 @@ class _Collator:
 
 
 # --------------------------------------------------------------------------- output folder
-
-
-def _last_complete_checkpoint(output_dir: Path) -> Path | None:
-    root = output_dir / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    done = [
-        p
-        for p in root.glob("checkpoint-*")
-        if p.is_dir() and (p / COMPLETE_MARKER).is_file() and p.name.split("-")[-1].isdigit()
-    ]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _prepare_output_dir(recipe: LoraRecipe, resume: bool) -> tuple[Path, Path | None]:
@@ -287,6 +282,19 @@ def _callbacks(
 # --------------------------------------------------------------------------- train
 
 
+def _quiet_progress(trainer: Any) -> None:
+    """Keep the Trainer's progress bar but not its printed log dicts (loraforge logs each line)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class Progress(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            return None
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Progress())
+    trainer.pop_callback(PrinterCallback)
+
+
 def _apply_plan(model: Any, plan: FastPlan) -> None:
     """Kernels, attention and checkpointing on the base model, before LoRA wraps it."""
     if plan.liger_kernels:
@@ -432,6 +440,16 @@ def train(
         collator = PackedCollator(tokenizer.pad_token_id)
         loss_func = packed_loss
         batch_size = 1
+        per_row = len(train_ds.input_ids) / max(len(train_ds), 1)
+        logger.warning(
+            "packing: batch_size=%d is not used; each optimizer step is grad_accum=%d packed "
+            "row(s) of <= %d tokens (about %.0f examples per row). Set packing: off for "
+            "fixed-size batches.",
+            recipe.batch_size,
+            recipe.grad_accum,
+            plan.pack_tokens,
+            per_row,
+        )
     steps_per_epoch = math.ceil(len(train_ds) / (batch_size * recipe.grad_accum))
     total_steps = (
         recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
@@ -478,7 +496,9 @@ def train(
     # 5. train
     recipe.to_yaml(out / "recipe.yaml")
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _quiet_progress(trainer)
+    with disk_full_errors(out / CHECKPOINTS, "saving a checkpoint to"):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - start
 
     # 6. save
