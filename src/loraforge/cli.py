@@ -64,17 +64,7 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
             resolve_model_path(r.model, r.model_source, r.model_revision, r.cache_dir),
             trust_remote_code=r.trust_remote_code,
         )
-        builder = SFTDatasetBuilder(
-            tokenizer,
-            r.template,
-            max_length=r.max_length,
-            system_prompt=r.system_prompt,
-            format=r.data_format,
-            train_on=r.train_on,
-            truncation=r.truncation,
-            on_bad_record=r.on_bad_record,
-            input_separator=r.input_separator,
-        )
+        builder = SFTDatasetBuilder.from_recipe(tokenizer, r)
         return builder, r.data
     from .demo import DEMO_SYSTEM_PROMPT
     from .tiny import build_tiny_tokenizer, sample_data_path

@@ -11,15 +11,21 @@ with its index and the reason.
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from .errors import DataError, TemplateError
+from .records import (
+    RecordFormat,
+    _iter_records,
+    _Record,
+    _source_name,
+    detect_format,
+    load_records,
+    to_messages,
+)
 from .templates import PromptTemplate, Segment, get_template
 from .tokenize import SegmentTokenizer
 
@@ -36,283 +42,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-RecordFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
 TrainOn = Literal["all_assistant", "last_assistant", "all"]
 Truncation = Literal["cut_end", "drop"]
 OnBadRecord = Literal["raise", "skip"]
-
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "bard": "assistant",
-    "system": "system",
-}
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    index: int
-    line: int | None
-    value: Any
-
-
-def _source_name(source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return f"<{type(source).__name__}>"
-
-
-def load_records(source: Any) -> Iterator[tuple[int, int | None, Any]]:
-    """Yield ``(index, line, record)`` from a list of dicts, a JSON array file, a JSONL file or a
-    ``datasets.Dataset``. ``line`` is the 1-based line in a JSONL file, else ``None``.
-
-    Raises:
-        DataError: the file does not exist, is not UTF-8, or holds invalid JSON (with its line).
-    """
-    for rec in _iter_records(source):
-        yield rec.index, rec.line, rec.value
-
-
-def _iter_records(source: Any) -> Iterator[_Record]:
-    if isinstance(source, (str, os.PathLike)):
-        yield from _read_file(Path(source))
-        return
-    if isinstance(source, Mapping):
-        raise DataError(
-            "expected a sequence of records (list of dicts), a file path or a datasets.Dataset, "
-            "got a single mapping",
-            source=_source_name(source),
-        )
-    if not isinstance(source, Iterable):
-        raise DataError(
-            "expected a list of records, a .json/.jsonl path or a datasets.Dataset, "
-            f"got {type(source).__name__}",
-            source=_source_name(source),
-        )
-    for i, value in enumerate(source):
-        yield _Record(i, None, value)
-
-
-def _read_file(path: Path) -> Iterator[_Record]:
-    name = str(path)
-    if not path.exists():
-        raise DataError("no such file (give a .json array or a .jsonl file)", source=name)
-    if path.is_dir():
-        raise DataError("is a folder; give a .json array or a .jsonl file", source=name)
-    raw = path.read_bytes()
-    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
-    try:
-        text = raw[bom:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: bom + exc.start].count(b"\n") + 1
-        raise DataError(
-            f"not valid UTF-8 (byte {bom + exc.start}); save the file as UTF-8",
-            source=name,
-            line=line,
-        ) from None
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".jsonl" or (
-        path.suffix.lower() != ".json" and not stripped.startswith("[")
-    ):
-        index = 0
-        # split on "\n" only: str.splitlines() would also split inside records at U+2028 etc.
-        for lineno, row in enumerate(text.split("\n"), start=1):
-            if not row.strip():
-                continue
-            try:
-                value = json.loads(row)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"invalid JSON ({exc.msg} at column {exc.colno}); each line of a JSONL file "
-                    "must be one JSON object",
-                    source=name,
-                    line=lineno,
-                ) from None
-            except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer, [[[[...
-                raise DataError(
-                    f"unreadable JSON ({_json_problem(exc)})", source=name, line=lineno
-                ) from None
-            yield _Record(index, lineno, value)
-            index += 1
-        return
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"invalid JSON ({exc.msg} at column {exc.colno})", source=name, line=exc.lineno
-        ) from None
-    except RecursionError:
-        raise DataError("JSON nested too deeply to read", source=name) from None
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        raise DataError(f"unreadable JSON ({_json_problem(exc)})", source=name) from None
-    if not isinstance(value, list):
-        raise DataError(
-            f"expected a JSON array of records at the top level, got {type(value).__name__} "
-            "(for one record per line use a .jsonl file)",
-            source=name,
-        )
-    for i, rec in enumerate(value):
-        yield _Record(i, None, rec)
-
-
-def _json_problem(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply to read"
-    return str(exc).split(";")[0]
-
-
-# --------------------------------------------------------------------------- records -> messages
-
-
-def detect_format(record: Any) -> Literal["alpaca", "messages", "sharegpt"]:
-    """Guess a record set's format from one record's keys."""
-    if isinstance(record, Mapping):
-        if "messages" in record:
-            return "messages"
-        if "conversations" in record:
-            return "sharegpt"
-        if "instruction" in record or "output" in record:
-            return "alpaca"
-    keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
-    raise DataError(
-        f"cannot tell the record format from {keys}; expected alpaca (instruction, input, output), "
-        "messages (OpenAI) or conversations (ShareGPT), or set the format explicitly"
-    )
-
-
-def _expect_str(rec: Mapping[str, Any], key: str, *, required: bool, nonempty: bool = False) -> str:
-    if key not in rec or rec[key] is None:
-        if required:
-            raise DataError("missing; it must be a string", field=key)
-        return ""
-    value = rec[key]
-    if not isinstance(value, str):
-        raise DataError(f"must be a string, got {type(value).__name__}", field=key)
-    _check_text(value, key)
-    if nonempty and not value.strip():
-        raise DataError("is empty; it must be a non-empty string", field=key)
-    return value
-
-
-def _check_text(value: str, field: str) -> None:
-    """Reject text a tokenizer cannot take: an unpaired surrogate (JSON allows ``"\\ud800"``)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise DataError(
-            f"holds an unpaired surrogate (U+{ord(value[exc.start]):04X}) at character "
-            f"{exc.start}; it is not valid Unicode text",
-            field=field,
-        ) from None
-
-
-def to_messages(
-    record: Any,
-    fmt: Literal["alpaca", "messages", "sharegpt"],
-    *,
-    system_prompt: str | None = None,
-    input_separator: str = "\n",
-) -> list[dict[str, str]]:
-    """Convert one record into a validated conversation ending with an assistant turn.
-
-    Raises:
-        DataError: naming the field and what would be valid (the caller adds file and index).
-    """
-    if not isinstance(record, Mapping):
-        raise DataError(f"expected a JSON object, got {type(record).__name__}")
-    msgs: list[dict[str, str]]
-    if fmt == "alpaca":
-        instruction = _expect_str(record, "instruction", required=False)
-        inp = _expect_str(record, "input", required=False)
-        output = _expect_str(record, "output", required=True, nonempty=True)
-        if not (instruction or inp):
-            raise DataError(
-                "both 'instruction' and 'input' are empty; one must hold the prompt",
-                field="instruction",
-            )
-        system = _expect_str(record, "system", required=False) or system_prompt
-        msgs = [{"role": "system", "content": system}] if system else []
-        history = record.get("history") or []
-        if not isinstance(history, list):
-            raise DataError("must be a list of [user, assistant] pairs", field="history")
-        for k, pair in enumerate(history):
-            if (
-                not isinstance(pair, (list, tuple))
-                or len(pair) != 2
-                or not all(isinstance(x, str) for x in pair)
-            ):
-                raise DataError(
-                    f"item {k} must be a [user, assistant] pair of strings", field="history"
-                )
-            _check_text(pair[0], f"history[{k}][0]")
-            _check_text(pair[1], f"history[{k}][1]")
-            msgs += [
-                {"role": "user", "content": pair[0]},
-                {"role": "assistant", "content": pair[1]},
-            ]
-        user = instruction + input_separator + inp if instruction and inp else instruction or inp
-        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return msgs
-    key, role_key, content_key = (
-        ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
-    )
-    turns = record.get(key)
-    if not isinstance(turns, list):
-        raise DataError(f"must be a list of turns, got {type(turns).__name__}", field=key)
-    if not turns:
-        raise DataError(
-            "is empty; a conversation needs at least a user and an assistant turn", field=key
-        )
-    msgs = []
-    for k, turn in enumerate(turns):
-        where = f"{key}[{k}]"
-        if not isinstance(turn, Mapping):
-            raise DataError(f"must be an object with {role_key!r} and {content_key!r}", field=where)
-        raw_role = turn.get(role_key)
-        role = (
-            (_SHAREGPT_ROLES.get(raw_role) if isinstance(raw_role, str) else None)
-            if fmt == "sharegpt"
-            else raw_role
-        )
-        if role not in ("system", "user", "assistant"):
-            valid = (
-                sorted(_SHAREGPT_ROLES) if fmt == "sharegpt" else ["system", "user", "assistant"]
-            )
-            raise DataError(
-                f"unknown {role_key} {raw_role!r}; valid: {', '.join(valid)}",
-                field=f"{where}.{role_key}",
-            )
-        content = turn.get(content_key)
-        if not isinstance(content, str):
-            raise DataError(
-                f"must be a string, got {type(content).__name__}", field=f"{where}.{content_key}"
-            )
-        _check_text(content, f"{where}.{content_key}")
-        if role == "system" and k != 0:
-            raise DataError("a system message may only come first", field=f"{where}.{role_key}")
-        if role == "assistant" and not content.strip():
-            raise DataError("assistant content is empty", field=f"{where}.{content_key}")
-        msgs.append({"role": role, "content": content})
-    if msgs[0]["role"] == "system" and not msgs[0]["content"]:
-        msgs = msgs[1:]
-    if system_prompt and (not msgs or msgs[0]["role"] != "system"):
-        msgs.insert(0, {"role": "system", "content": system_prompt})
-    if not msgs or msgs[-1]["role"] != "assistant":
-        raise DataError(
-            f"the conversation ends with a {msgs[-1]['role'] if msgs else 'system'} turn; "
-            "training needs it to end with "
-            "an assistant turn",
-            field=key,
-        )
-    return msgs
-
 
 # --------------------------------------------------------------------------- report
 
@@ -478,6 +210,22 @@ class SFTDatasetBuilder:
         self.segment_tokenizer = SegmentTokenizer(tokenizer)
         self.report: DataReport | None = None
 
+    @classmethod
+    def from_recipe(cls, tokenizer: Any, recipe: Any) -> SFTDatasetBuilder:
+        """The builder a [`LoraRecipe`][loraforge.LoraRecipe] describes (template, length,
+        system prompt, format and masking options)."""
+        return cls(
+            tokenizer,
+            recipe.template,
+            max_length=recipe.max_length,
+            system_prompt=recipe.system_prompt,
+            format=recipe.data_format,
+            train_on=recipe.train_on,
+            truncation=recipe.truncation,
+            on_bad_record=recipe.on_bad_record,
+            input_separator=recipe.input_separator,
+        )
+
     # ------------------------------------------------------------------ one conversation
     def _trainable(self, segments: Sequence[Segment]) -> list[bool]:
         if self.train_on == "all":
@@ -530,17 +278,6 @@ class SFTDatasetBuilder:
                 gc.enable()
 
     def _build(self, source: Any, chunk_size: int) -> Any:
-        """Build a ``datasets.Dataset`` with ``input_ids``, ``attention_mask`` and ``labels``.
-
-        Args:
-            source: a list of dicts, a ``.json`` array file, a ``.jsonl`` file or a
-                ``datasets.Dataset``.
-            chunk_size: records tokenized per batch.
-
-        Raises:
-            DataError: a malformed record (with ``on_bad_record="raise"``), an unreadable file,
-                or no example left to train on.
-        """
         import datasets
 
         name = _source_name(source)

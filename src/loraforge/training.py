@@ -351,17 +351,7 @@ def train(
         )
     if tokenizer is None:
         tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
-    builder = SFTDatasetBuilder(
-        tokenizer,
-        template,
-        max_length=recipe.max_length,
-        system_prompt=recipe.system_prompt,
-        format=recipe.data_format,
-        train_on=recipe.train_on,
-        truncation=recipe.truncation,
-        on_bad_record=recipe.on_bad_record,
-        input_separator=recipe.input_separator,
-    )
+    builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
     train_ds = builder.build(recipe.data)
     assert builder.report is not None
     report = builder.report
