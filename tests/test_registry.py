@@ -443,7 +443,12 @@ tok = PreTrainedTokenizerFast(
 tok.chat_template = type(tpl).chat_template
 loraforge.check_template("vicuna", tok)
 loraforge.check_template("vicuna", tok, conversations=[conv])
+from loraforge.tiny import build_tiny_tokenizer
+recipe = loraforge.LoraRecipe(model="m", data="d.json", template="vicuna")
+built = loraforge.SFTDatasetBuilder.from_recipe(build_tiny_tokenizer(), recipe).build(
+    [{"instruction": "Hi!", "output": "Hello!"}])
 print(json.dumps({
+    "recipe_rows": len(built),
     "listed": loraforge.list_templates(),
     "render": tpl.render(conv),
     "prompt": tpl.render(conv[:-1], add_generation_prompt=True),
@@ -504,6 +509,7 @@ def test_installed_example_plugin(vicuna_site):
     )
     assert got["prompt"] == "SYSTEM: You are a helpful assistant.</s>\nUSER: Hi!</s>\nASSISTANT: "
     assert got["trainable"] == ["Hello!", "</s>"]
+    assert got["recipe_rows"] == 1  # a recipe can name the plugin template
     assert got["id"] == {"class_path": "loraforge_vicuna:VicunaTemplate", "name": "vicuna"}
     # Without the install folder on the path, the plugin is simply absent.
     assert "vicuna" not in list_templates()
