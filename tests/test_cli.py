@@ -99,3 +99,20 @@ def test_demo_command_in_a_subprocess(tmp_path):
     assert "[matches]" in proc.stdout
     assert (tmp_path / "demo" / "run" / "adapter_model.safetensors").is_file()
     assert "step 10/" in proc.stderr  # the plain log line
+
+
+def test_validate_reads_every_record_without_a_tokenizer(recipe_file, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": 3, "output": "c"}\n', encoding="utf-8"
+    )
+    assert main(["validate", str(recipe_file), "--set", f"data={bad}"]) == 2
+    assert (
+        f"{bad}, line 2, record 1, field 'instruction': must be a string" in capsys.readouterr().err
+    )
+    assert (
+        main(["validate", str(recipe_file), "--set", f"data={bad}", "--set", "on_bad_record=skip"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "2 records, 1 to skip" in out and "skip:" in out

@@ -244,3 +244,14 @@ def test_bad_records_fail_before_training(workdir):
 def test_output_dir_holding_another_run_is_refused(trained, workdir):
     with pytest.raises(OutputDirError, match="already holds files"):
         train(fast_recipe(workdir, "run"))
+
+
+def test_bad_records_fail_before_any_model_download(workdir):
+    """A hub model is never fetched when the data is bad: the records are checked first."""
+    bad = workdir / "bad2.jsonl"
+    bad.write_text('{"instruction": "a"}\n', encoding="utf-8")
+    recipe = fast_recipe(workdir, "bad4", data=str(bad)).replace(
+        model="LLM-Research/phi-4", model_source="modelscope"
+    )
+    with pytest.raises(DataError, match=r"bad2.jsonl, line 1, record 0, field 'output': missing"):
+        train(recipe)

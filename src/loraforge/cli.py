@@ -117,13 +117,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     local = Path(recipe.model).expanduser()
     if recipe.model_source == "local" and not local.is_dir():
         problems.append(f"model: local folder {recipe.model!r} does not exist")
-    if not Path(recipe.data).is_file():
-        problems.append(f"data: file {recipe.data!r} does not exist")
-    if recipe.eval_data and not Path(recipe.eval_data).is_file():
-        problems.append(f"eval_data: file {recipe.eval_data!r} does not exist")
+    for key in ("data", "eval_data"):
+        path = getattr(recipe, key)
+        if path and not Path(path).is_file():
+            problems.append(f"{key}: file {path!r} does not exist")
     if problems:
         raise RecipeError(problems, source=args.recipe)
-    print(f"{args.recipe}: OK")
+    from .records import check_records
+
+    counts = []
+    for path in (p for p in (recipe.data, recipe.eval_data) if p):
+        read, bad = check_records(
+            path,
+            recipe.data_format,
+            input_separator=recipe.input_separator,
+            on_bad_record=recipe.on_bad_record,
+        )
+        counts.append(f"{path}: {read} records" + (f", {len(bad)} to skip" if bad else ""))
+        for err in bad[:10]:
+            print(f"  skip: {err}")
+    print(f"{args.recipe}: OK ({'; '.join(counts)})")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from .errors import DataError
 
-__all__ = ["RecordFormat", "detect_format", "load_records", "to_messages"]
+__all__ = ["RecordFormat", "check_records", "detect_format", "load_records", "to_messages"]
 
 RecordFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
 
@@ -292,3 +292,38 @@ def to_messages(
             field=key,
         )
     return msgs
+
+
+def check_records(
+    source: Any,
+    format: RecordFormat = "auto",
+    *,
+    input_separator: str = "\n",
+    on_bad_record: Literal["raise", "skip"] = "raise",
+) -> tuple[int, list[DataError]]:
+    """Read and validate every record without a tokenizer (cheap: run it before downloading a
+    model). Returns the number of records read and the problems found.
+
+    Raises:
+        DataError: the source cannot be read, or (with ``on_bad_record="raise"``) the first bad
+            record, naming its file, line or index and field; also when no record is usable.
+    """
+    name = _source_name(source)
+    fmt = None if format == "auto" else format
+    read, problems = 0, []
+    for rec in _iter_records(source):
+        read += 1
+        try:
+            if fmt is None:
+                fmt = detect_format(rec.value)
+            to_messages(rec.value, fmt, input_separator=input_separator)
+        except DataError as exc:
+            err = DataError(
+                exc.reason, source=name, index=rec.index, line=rec.line, field=exc.field
+            )
+            if on_bad_record == "raise":
+                raise err from None
+            problems.append(err)
+    if read == len(problems):
+        raise DataError(f"no usable record ({read} read, {len(problems)} bad)", source=name)
+    return read, problems

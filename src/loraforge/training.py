@@ -52,6 +52,7 @@ from .models import (
 )
 from .packing import PackedCollator, PackedDataset, packed_loss
 from .recipe import LoraRecipe
+from .records import check_records
 from .templates import get_template, template_id
 
 __all__ = ["TrainResult", "pad_collate", "train"]
@@ -343,7 +344,15 @@ def train(
     template = get_template(recipe.template)
     set_seed(recipe.seed)
 
-    # 2. tokenizer and data (before the model: bad data fails fast)
+    # 2. data records (before any download: bad data fails fast), tokenizer, examples
+    for path in (recipe.data, recipe.eval_data):
+        if path:
+            check_records(
+                path,
+                recipe.data_format,
+                input_separator=recipe.input_separator,
+                on_bad_record=recipe.on_bad_record,
+            )
     model_path = recipe.model
     if model is None or tokenizer is None:
         model_path = resolve_model_path(
