@@ -116,3 +116,10 @@ def test_validate_reads_every_record_without_a_tokenizer(recipe_file, capsys, tm
     )
     out = capsys.readouterr().out
     assert "2 records, 1 to skip" in out and "skip:" in out
+
+
+def test_inspect_data_refuses_flags_it_would_ignore(recipe_file, capsys):
+    assert main(["-q", "inspect-data", str(recipe_file), "--max-length", "64"]) == 2
+    assert "--max-length: not used with a recipe" in capsys.readouterr().err
+    assert main(["-q", "inspect-data", "--set", "max_length=64"]) == 2
+    assert "--set: needs a recipe file" in capsys.readouterr().err

@@ -910,3 +910,11 @@ def test_chunk_size_does_not_change_the_result(tiny_tokenizer, chunk_size):
         expected_report.dropped, key=lambda d: d.index
     )
     assert builder.report.truncated == expected_report.truncated
+
+
+def test_history_with_an_empty_assistant_answer_is_rejected_like_other_formats():
+    from loraforge.data import to_messages
+
+    rec = {"instruction": "q", "output": "a", "history": [["hi", "  "]]}
+    with pytest.raises(DataError, match=r"field 'history\[0\]\[1\]': assistant answer is empty"):
+        to_messages(rec, "alpaca")

@@ -167,7 +167,7 @@ def test_packed_training_step_equals_plain_step(tmp_path):
             tmp_path / packing,
             data=str(tmp_path / "d.json"),
             packing=packing,
-            pack_tokens=2048,
+            pack_tokens=2048 if packing == "on" else None,
             batch_size=8,
             max_steps=1,
             optimizer="sgd",

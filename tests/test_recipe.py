@@ -80,6 +80,7 @@ def test_yaml_round_trip(tmp_path, recipe):
         system_prompt="现在你要扮演皇帝身边的女人--甄嬛",
         input_separator="",
         eval_steps=50,
+        eval_fraction=0.1,
         save_total_limit=None,
     )
     path = tmp_path / "recipe.yaml"
@@ -322,3 +323,11 @@ def test_recipe_error_is_a_value_error():
     with pytest.raises(ValueError):
         LoraRecipe()
     assert issubclass(RecipeError, loraforge.LoraForgeError)
+
+
+def test_settings_that_would_do_nothing_are_errors():
+    with pytest.raises(RecipeError, match=r"pack_tokens: has no effect with packing: off"):
+        LoraRecipe(model="m", data="d", packing="off", pack_tokens=4096)
+    with pytest.raises(RecipeError, match=r"eval_steps: has no effect without eval_data"):
+        LoraRecipe(model="m", data="d", eval_steps=10)
+    LoraRecipe(model="m", data="d", eval_steps=10, eval_fraction=0.1)

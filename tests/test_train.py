@@ -255,3 +255,65 @@ def test_bad_records_fail_before_any_model_download(workdir):
     )
     with pytest.raises(DataError, match=r"bad2.jsonl, line 1, record 0, field 'output': missing"):
         train(recipe)
+
+
+def test_eval_fraction_that_leaves_no_split_is_a_data_error(workdir):
+    one = workdir / "one.json"
+    one.write_text(json.dumps(RECORDS[:1], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match=r"eval_fraction=0.5 of 1 examples leaves 1 for evaluation"):
+        train(fast_recipe(workdir, "evalsplit", data=str(one), eval_fraction=0.5))
+
+
+def test_eval_data_drops_are_reported_not_lost(workdir):
+    ev = workdir / "eval.jsonl"
+    ev.write_text(
+        json.dumps(RECORDS[0], ensure_ascii=False) + "\n" + json.dumps({"instruction": "x"}) + "\n",
+        encoding="utf-8",
+    )
+    res = train(
+        fast_recipe(
+            workdir,
+            "evaldrop",
+            eval_data=str(ev),
+            on_bad_record="skip",
+            max_steps=2,
+            overwrite_output_dir=True,
+        )
+    )
+    report = json.loads((res.output_dir / "data_report.json").read_text(encoding="utf-8"))
+    assert report["eval"]["records_read"] == 2 and len(report["eval"]["dropped"]) == 1
+    skipped = (res.output_dir / "eval_skipped.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(skipped) == 1 and "'output'" in json.loads(skipped[0])["reason"]
+
+
+def test_nan_loss_on_the_packed_path_is_caught_as_a_loss(workdir):
+    from transformers import TrainerCallback
+
+    from loraforge import TrainingDivergedError
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 1:
+                emb = model.get_input_embeddings()
+                emb.weight.data[:] = float("nan")
+
+    recipe = fast_recipe(
+        workdir, "nanpacked", packing="on", pack_tokens=512, max_steps=3, overwrite_output_dir=True
+    )
+    with pytest.raises(TrainingDivergedError, match=r"loss"):
+        train(recipe, callbacks=[Poison()])
+
+
+def test_inference_falls_back_to_the_template_class_path(trained, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(trained.output_dir, folder)
+    run = json.loads((folder / "loraforge.json").read_text(encoding="utf-8"))
+    run["template"]["name"] = "a-plugin-that-is-gone"
+    (folder / "loraforge.json").write_text(json.dumps(run), encoding="utf-8")
+    chat = load_for_inference(folder, device="cpu")
+    assert chat.template.name == "phi-4"
+    (folder / "loraforge.json").write_text("{broken", encoding="utf-8")
+    with pytest.raises(ModelError, match=r"loraforge\.json: unreadable"):
+        load_for_inference(folder, device="cpu")

@@ -58,6 +58,28 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
     from .data import SFTDatasetBuilder
     from .models import load_tokenizer, resolve_model_path
 
+    flags = {
+        "--data": args.data,
+        "--tokenizer": args.tokenizer,
+        "--template": args.template,
+        "--max-length": args.max_length,
+        "--system-prompt": args.system_prompt,
+    }
+    given = [k for k, v in flags.items() if v is not None]
+    if args.recipe and given:
+        raise RecipeError(
+            [
+                f"{', '.join(given)}: not used with a recipe; change a recipe setting "
+                "with --set key=value instead"
+            ]
+        )
+    if not args.recipe and args.set:
+        raise RecipeError(
+            [
+                "--set: needs a recipe file; without one use --data, --tokenizer, "
+                "--template, --max-length, --system-prompt"
+            ]
+        )
     if args.recipe:
         r = _recipe(args)
         tokenizer = load_tokenizer(
@@ -72,8 +94,8 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else build_tiny_tokenizer()
     builder = SFTDatasetBuilder(
         tokenizer,
-        args.template,
-        max_length=args.max_length,
+        args.template or "phi-4",
+        max_length=args.max_length or 384,
         system_prompt=args.system_prompt
         if args.system_prompt is not None
         else (None if args.data else DEMO_SYSTEM_PROMPT),
@@ -252,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting")
     s.add_argument("--data", help="data file (without a recipe)")
     s.add_argument("--tokenizer", help="tokenizer folder (without a recipe)")
-    s.add_argument("--template", default="phi-4")
-    s.add_argument("--max-length", type=int, default=384)
+    s.add_argument("--template", help="template name (default: phi-4)")
+    s.add_argument("--max-length", type=int, help="longest example in tokens (default: 384)")
     s.add_argument("--system-prompt")
     s.set_defaults(func=cmd_inspect_data)
 

@@ -260,11 +260,16 @@ def plan_fast_path(recipe: Any, model: Any, max_example_tokens: int) -> FastPlan
         free = cap - weights - _RESERVE_GIB * 2**30
         per_tok_none = _BYTES_NO_CKPT * hidden * layers
         per_tok_full = _BYTES_LAYER_INPUT * hidden * layers + _BYTES_NO_CKPT * hidden
-        candidates = [b for b in ((budget,) if budget else _BUDGETS) if b >= max_example_tokens]
-        candidates = candidates or [max(max_example_tokens, budget or 0)]
+        if not packing:  # the micro-batch is batch_size padded sequences
+            candidates = [recipe.batch_size * max(recipe.max_length, max_example_tokens)]
+        elif budget:
+            candidates = [max(budget, max_example_tokens)]
+        else:
+            candidates = [b for b in _BUDGETS if b >= max_example_tokens] or [max_example_tokens]
+        smallest_fast = 2048 if packing and not recipe.pack_tokens else 1
         chosen = None
         if ckpt in ("auto", "off"):
-            fit = [b for b in candidates if b >= 2048 and b * per_tok_none <= free]
+            fit = [b for b in candidates if b >= smallest_fast and b * per_tok_none <= free]
             if fit:
                 chosen = (max(fit), "off")
         if chosen is None and ckpt in ("auto", "full", "selective"):

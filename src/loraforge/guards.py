@@ -363,6 +363,14 @@ class NonFiniteGuard(TrainerCallback):
             self._handle = None
         self._pending.clear()
 
+    def record_loss(self, loss: Any) -> None:
+        """Attach a loss computed outside the model (``compute_loss_func``) to the latest
+        micro-batch, so a non-finite loss is caught as a loss on every path."""
+        import torch
+
+        if self._pending and torch.is_tensor(loss):
+            self._pending[-1] = (loss.detach(), *self._pending[-1][1:])
+
     def _after_forward(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         import torch
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import ModelError, UnknownTemplateError
 from .models import load_model, load_tokenizer, pick_dtype, resolve_model_path, token_id
 from .templates import PromptTemplate, get_template
 from .tokenize import SegmentTokenizer
@@ -40,16 +40,29 @@ def _read_run(path: Path) -> dict[str, Any]:
             f"{str(path)!r} is not a loraforge output folder (no loraforge.json); "
             "give the output_dir of a finished train() run"
         )
-    data: dict[str, Any] = json.loads(run_file.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(run_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{run_file}: unreadable ({exc}); the run's final save is damaged"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{run_file}: expected a JSON object")
     return data
 
 
 def _template_from_run(run: dict[str, Any]) -> PromptTemplate:
-    tid = run.get("template", {})
-    try:
-        return get_template(tid.get("name") or tid["class_path"])
-    except KeyError:
-        raise ModelError("loraforge.json names no template") from None
+    tid = run.get("template") or {}
+    names = [n for n in (tid.get("name"), tid.get("class_path")) if n]
+    if not names:
+        raise ModelError("loraforge.json names no template")
+    for i, name in enumerate(names):  # a plugin no longer installed: try its class path
+        try:
+            return get_template(name)
+        except UnknownTemplateError:
+            if i == len(names) - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class ChatModel:
@@ -222,21 +235,20 @@ def load_for_inference(
             model_path = resolve_model_path(
                 base.get("model", ""), base.get("source", "auto"), base.get("revision")
             )
-    tokenizer = load_tokenizer(str(folder))
+    saved: dict[str, Any] = {}
+    recipe_file = folder / "recipe.yaml"
+    if recipe_file.is_file():
+        import yaml
+
+        saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+    remote = bool(saved.get("trust_remote_code", False))  # as the run was trained
+    tokenizer = load_tokenizer(str(folder), trust_remote_code=remote)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_path, dtype=pick_dtype(dtype), device=device)
+    model = load_model(model_path, dtype=pick_dtype(dtype), device=device, trust_remote_code=remote)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(model, str(folder))
     if merge:
         model = model.merge_and_unload()
     model.eval()
-    system = None
-    recipe_file = folder / "recipe.yaml"
-    if recipe_file.is_file():
-        import yaml
-
-        system = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}).get(
-            "system_prompt"
-        )
-    return ChatModel(model, tokenizer, template, system_prompt=system)
+    return ChatModel(model, tokenizer, template, system_prompt=saved.get("system_prompt"))

@@ -134,6 +134,8 @@ class PackedCollator:
             "cu_seq_lens_k": torch.tensor(cu, dtype=torch.int32),
             "max_length_q": max(lengths),
             "max_length_k": max(lengths),
+            # transformers builds the per-example mask from position_ids only without a cache
+            "use_cache": False,
         }
         if self.supervised_logits_only:
             out["logits_to_keep"] = _keep_positions(out["labels"])

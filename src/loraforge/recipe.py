@@ -353,6 +353,17 @@ def _validate(r: LoraRecipe) -> list[str]:
         not isinstance(r.pack_tokens, int) or r.pack_tokens < r.max_length
     ):
         bad("pack_tokens", f"must be None or an integer >= max_length ({r.max_length})")
+    if r.pack_tokens is not None and r.packing == "off":
+        problems.append(
+            "pack_tokens: has no effect with packing: off (remove it, or set packing: on/auto)"
+        )
+    if (
+        isinstance(r.eval_steps, int)
+        and r.eval_steps >= 1
+        and r.eval_data is None
+        and not r.eval_fraction
+    ):
+        problems.append("eval_steps: has no effect without eval_data or eval_fraction")
     if r.max_memory_gib is not None and (
         not isinstance(r.max_memory_gib, (int, float)) or r.max_memory_gib <= 0
     ):

@@ -233,6 +233,8 @@ def to_messages(
                 )
             _check_text(pair[0], f"history[{k}][0]")
             _check_text(pair[1], f"history[{k}][1]")
+            if not pair[1].strip():
+                raise DataError("assistant answer is empty", field=f"history[{k}][1]")
             msgs += [
                 {"role": "user", "content": pair[0]},
                 {"role": "assistant", "content": pair[1]},

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import IGNORE_INDEX, DataReport, SFTDatasetBuilder
-from .errors import OutputDirError
+from .errors import DataError, OutputDirError
 from .fast import (
     FastPlan,
     apply_liger,
@@ -168,18 +168,18 @@ def _prepare_output_dir(recipe: LoraRecipe, resume: bool) -> tuple[Path, Path | 
     return out, None
 
 
-_RESUME_KEYS = (
-    "model",
-    "data",
-    "template",
-    "max_length",
-    "lora_r",
-    "lora_alpha",
-    "target_modules",
-    "batch_size",
-    "grad_accum",
-    "seed",
-    "learning_rate",
+# settings that may change between a run and its resume (they change no computed value)
+_RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "report_to",
+        "cache_dir",
+        "eval_steps",
+    }
 )
 
 
@@ -188,7 +188,19 @@ def _check_same_run(out: Path, recipe: LoraRecipe) -> None:
     if not saved.is_file():
         return
     old = LoraRecipe.from_yaml(saved)
-    diff = [k for k in _RESUME_KEYS if getattr(old, k) != getattr(recipe, k)]
+    diff = [
+        k
+        for k in old.to_dict()
+        if k not in _RESUMABLE_CHANGES and getattr(old, k) != getattr(recipe, k)
+    ]
+    longer = [k for k in diff if k in ("max_steps", "num_epochs")]
+    if longer:  # training on for longer is allowed; the learning-rate schedule is recomputed
+        logger.warning(
+            "resume: %s changed (%s); the learning-rate schedule follows the new length",
+            ", ".join(longer),
+            ", ".join(f"{getattr(old, k)} -> {getattr(recipe, k)}" for k in longer),
+        )
+        diff = [k for k in diff if k not in longer]
     if diff:
         raise OutputDirError(
             f"resume: {out} holds a run with different settings ({', '.join(diff)}); "
@@ -307,6 +319,22 @@ def _apply_plan(model: Any, plan: FastPlan) -> None:
         enable_selective_checkpointing(model)
 
 
+def _guarded(loss_func: Any, callbacks: Sequence[Any]) -> Any:
+    """``loss_func`` that also hands each micro-batch's loss to the non-finite guard (with a
+    ``compute_loss_func`` the model computes no loss of its own for the guard to see)."""
+    from .guards import NonFiniteGuard
+
+    guard = next((c for c in callbacks if isinstance(c, NonFiniteGuard)), None)
+
+    def compute(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        loss = loss_func(outputs, labels, num_items_in_batch)
+        if guard is not None:
+            guard.record_loss(loss)
+        return loss
+
+    return compute
+
+
 def _ids(ds: Any) -> Any:
     return ds.input_ids if isinstance(ds, PackedDataset) else ds["input_ids"]
 
@@ -353,12 +381,13 @@ def train(
                 input_separator=recipe.input_separator,
                 on_bad_record=recipe.on_bad_record,
             )
-    model_path = recipe.model
+    model_path: str | None = None  # None: the caller passed the model and tokenizer objects
     if model is None or tokenizer is None:
         model_path = resolve_model_path(
             recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
         )
     if tokenizer is None:
+        assert model_path is not None
         tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
     builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
     train_ds = builder.build(recipe.data)
@@ -368,17 +397,29 @@ def train(
     from .guards import SKIPPED_FILE, write_skipped_records  # every dropped record, with why
 
     write_skipped_records(out / SKIPPED_FILE, report.dropped)
-    eval_ds = None
+    eval_ds, eval_report = None, None
     if recipe.eval_data:
         eval_ds = builder.build(recipe.eval_data)
+        eval_report = builder.report
+        eval_dropped = eval_report.dropped if eval_report else []
+        write_skipped_records(out / f"eval_{SKIPPED_FILE}", eval_dropped)
         builder.report = report
     elif recipe.eval_fraction > 0:
-        split = train_ds.train_test_split(test_size=recipe.eval_fraction, seed=recipe.seed)
+        n_eval = math.ceil(len(train_ds) * recipe.eval_fraction)
+        if not 1 <= n_eval < len(train_ds):
+            raise DataError(
+                f"eval_fraction={recipe.eval_fraction} of {len(train_ds)} examples leaves "
+                f"{n_eval} for evaluation and {len(train_ds) - n_eval} for training; both need at "
+                "least one (more data, another eval_fraction, or eval_data)",
+                source=recipe.data,
+            )
+        split = train_ds.train_test_split(test_size=n_eval, seed=recipe.seed)
         train_ds, eval_ds = split["train"], split["test"]
 
     # 3. model, padding, LoRA
     dtype = pick_dtype(recipe.dtype)
     if model is None:
+        assert model_path is not None
         model = load_model(model_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
         if torch.cuda.is_available():
             model = model.to("cuda")
@@ -421,6 +462,7 @@ def train(
     )
 
     # 4. trainer
+    guard_callbacks = _callbacks(out, train_ds, report)
     collator: Any = _Collator(tokenizer.pad_token_id)
     loss_func = None
     batch_size = recipe.batch_size
@@ -437,7 +479,7 @@ def train(
         if eval_ds is not None:
             eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
         collator = PackedCollator(tokenizer.pad_token_id)
-        loss_func = packed_loss
+        loss_func = _guarded(packed_loss, guard_callbacks)
         batch_size = 1
         per_row = len(train_ds.input_ids) / max(len(train_ds), 1)
         logger.warning(
@@ -489,7 +531,7 @@ def train(
         eval_dataset=eval_ds,
         data_collator=collator,
         compute_loss_func=loss_func,
-        callbacks=[*_callbacks(out, train_ds, report), *callbacks],
+        callbacks=[*guard_callbacks, *callbacks],
     )
 
     # 5. train
@@ -518,7 +560,9 @@ def train(
     }
     if eval_ds is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items()})
-    _save_run(out, model, tokenizer, recipe, template, model_path, report, metrics, history)
+    _save_run(
+        out, model, tokenizer, recipe, template, model_path, report, metrics, history, eval_report
+    )
     logger.info("saved adapter and run files to %s", out)
     return TrainResult(out, metrics, report, history)
 
@@ -529,10 +573,11 @@ def _save_run(
     tokenizer: Any,
     recipe: LoraRecipe,
     template: Any,
-    model_path: str,
+    model_path: str | None,
     report: DataReport,
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
+    eval_report: DataReport | None = None,
 ) -> None:
     import peft
     import torch
@@ -546,6 +591,10 @@ def _save_run(
         d.pop("record", None)
     if data["dropped"]:
         data["skipped_records_file"] = SKIPPED_FILE
+    if eval_report is not None:
+        data["eval"] = eval_report.to_dict()
+        for d in data["eval"]["dropped"]:
+            d.pop("record", None)
     run = {
         "loraforge_version": __version__,
         "template": template_id(template),
@@ -553,7 +602,7 @@ def _save_run(
             "model": recipe.model,
             "source": recipe.model_source,
             "revision": recipe.model_revision,
-            "resolved_path": str(Path(model_path).resolve()),
+            "resolved_path": str(Path(model_path).resolve()) if model_path else None,
         },
         "versions": {
             "torch": torch.__version__,
