@@ -397,7 +397,7 @@ def test_scan_takes_the_newest_complete_checkpoint(tmp_path):
     newest, bad = guards.scan_checkpoints(tmp_path)
     assert newest == tmp_path / "checkpoint-4"
     assert [p.name for p, _ in bad] == ["checkpoint-8", "checkpoint-6"]
-    assert guards.COMPLETE_MARKER == importlib.import_module("loraforge.training").COMPLETE_MARKER
+    assert guards.COMPLETE_MARKER == importlib.import_module("loraforge.output").COMPLETE_MARKER
 
 
 # =========================================================================== 2. non-finite
