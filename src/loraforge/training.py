@@ -60,7 +60,6 @@ warnings.filterwarnings(
 )
 
 
-
 @dataclass(slots=True)
 class TrainResult:
     """What [`train`][loraforge.train] produced.
