@@ -19,10 +19,9 @@ from typing import Any, Literal
 from .errors import DataError, TemplateError
 from .records import (
     RecordFormat,
-    _iter_records,
+    _parse_records,
     _Record,
     _source_name,
-    detect_format,
     load_records,
     to_messages,
 )
@@ -285,7 +284,7 @@ class SFTDatasetBuilder:
         cols: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         stats: dict[str, list[int]] = {"prompt": [], "response": [], "total": []}
         supervised = 0
-        fmt = None if self.format == "auto" else self.format
+        fmt: str | None = None if self.format == "auto" else self.format
         chunk: list[tuple[_Record, list[Segment]]] = []
 
         def flush() -> None:
@@ -322,32 +321,25 @@ class SFTDatasetBuilder:
                 supervised += n_sup
             chunk.clear()
 
-        for rec in _iter_records(source):
+        records = _parse_records(
+            source,
+            self.format,
+            system_prompt=self.system_prompt,
+            input_separator=self.input_separator,
+        )
+        for rec, rec_fmt, msgs in records:
             report.records_read += 1
-            try:
-                if fmt is None:
-                    fmt = detect_format(rec.value)
-                msgs = to_messages(
-                    rec.value,
-                    fmt,
-                    system_prompt=self.system_prompt,
-                    input_separator=self.input_separator,
-                )
-                segs = self.template.segments(msgs)
-            except (DataError, TemplateError) as exc:
-                reason = exc.reason if isinstance(exc, DataError) else str(exc)
-                err = DataError(
-                    reason,
-                    source=name,
-                    index=rec.index,
-                    line=rec.line,
-                    field=getattr(exc, "field", None),
-                )
+            fmt = rec_fmt
+            err = msgs if isinstance(msgs, DataError) else None
+            if not isinstance(msgs, DataError):
+                try:
+                    chunk.append((rec, self.template.segments(msgs)))
+                except TemplateError as exc:
+                    err = DataError(str(exc), source=name, index=rec.index, line=rec.line)
+            if err is not None:
                 if self.on_bad_record == "raise":
-                    raise err from None
+                    raise err
                 report.dropped.append(DroppedRecord(rec.index, str(err), rec.line, rec.value))
-                continue
-            chunk.append((rec, segs))
             if len(chunk) >= chunk_size:
                 flush()
         flush()

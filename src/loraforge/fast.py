@@ -74,6 +74,7 @@ def _varlen_attention(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """transformers attention function over a packed row: (1, H, T, D) -> (1, T, H, D)."""
+    import torch
     from torch.nn.attention.varlen import varlen_attn
 
     cu = kwargs.get("cu_seq_lens_q")
@@ -97,15 +98,9 @@ def _varlen_attention(
             rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-    cu = cu.to(device=q.device, dtype=_int32())
+    cu = cu.to(device=q.device, dtype=torch.int32)
     out: Any = varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, **kw)
     return out.unsqueeze(0), None
-
-
-def _int32() -> Any:
-    import torch
-
-    return torch.int32
 
 
 _CAUSAL: dict[str, Any] = {}
@@ -183,12 +178,9 @@ def selective_checkpoint_context() -> Any:
 
 def enable_selective_checkpointing(model: Any) -> None:
     """Selective activation checkpointing on every decoder layer (non-reentrant)."""
-    kwargs = {"use_reentrant": False, "context_fn": selective_checkpoint_context}
-    fn = getattr(model, "activation_checkpointing_enable", None)
-    if fn is not None:
-        fn(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    from .models import enable_checkpointing
+
+    enable_checkpointing(model, context_fn=selective_checkpoint_context)
 
 
 # --------------------------------------------------------------------------- the plan

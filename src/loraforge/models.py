@@ -228,11 +228,15 @@ def ensure_pad_token(tokenizer: Any, model: Any, end_of_turn: str) -> str | None
     )
 
 
-def enable_checkpointing(model: Any) -> None:
+def enable_checkpointing(model: Any, context_fn: Any = None) -> None:
     """Non-reentrant activation checkpointing: works with LoRA without
-    ``enable_input_require_grads`` (transformers >= 5.20 calls it ``activation_checkpointing``)."""
+    ``enable_input_require_grads`` (transformers >= 5.20 calls it ``activation_checkpointing``).
+    ``context_fn`` is passed to ``torch.utils.checkpoint`` (selective checkpointing)."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
     fn = getattr(model, "activation_checkpointing_enable", None)
     if fn is not None:
-        fn(activation_checkpointing_kwargs={"use_reentrant": False})
+        fn(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -296,6 +296,31 @@ def to_messages(
     return msgs
 
 
+def _parse_records(
+    source: Any,
+    format: RecordFormat = "auto",
+    *,
+    system_prompt: str | None = None,
+    input_separator: str = "\n",
+) -> Iterator[tuple[_Record, str | None, list[dict[str, str]] | DataError]]:
+    """Yield ``(record, format, conversation)`` for every record, the conversation replaced by a
+    [`DataError`][loraforge.DataError] naming file, line, index and field when it is invalid."""
+    name = _source_name(source)
+    fmt = None if format == "auto" else format
+    for rec in _iter_records(source):
+        try:
+            if fmt is None:
+                fmt = detect_format(rec.value)
+            msgs: list[dict[str, str]] | DataError = to_messages(
+                rec.value, fmt, system_prompt=system_prompt, input_separator=input_separator
+            )
+        except DataError as exc:
+            msgs = DataError(
+                exc.reason, source=name, index=rec.index, line=rec.line, field=exc.field
+            )
+        yield rec, fmt, msgs
+
+
 def check_records(
     source: Any,
     format: RecordFormat = "auto",
@@ -310,22 +335,15 @@ def check_records(
         DataError: the source cannot be read, or (with ``on_bad_record="raise"``) the first bad
             record, naming its file, line or index and field; also when no record is usable.
     """
-    name = _source_name(source)
-    fmt = None if format == "auto" else format
     read, problems = 0, []
-    for rec in _iter_records(source):
+    for _, _, msgs in _parse_records(source, format, input_separator=input_separator):
         read += 1
-        try:
-            if fmt is None:
-                fmt = detect_format(rec.value)
-            to_messages(rec.value, fmt, input_separator=input_separator)
-        except DataError as exc:
-            err = DataError(
-                exc.reason, source=name, index=rec.index, line=rec.line, field=exc.field
-            )
+        if isinstance(msgs, DataError):
             if on_bad_record == "raise":
-                raise err from None
-            problems.append(err)
+                raise msgs
+            problems.append(msgs)
     if read == len(problems):
-        raise DataError(f"no usable record ({read} read, {len(problems)} bad)", source=name)
+        raise DataError(
+            f"no usable record ({read} read, {len(problems)} bad)", source=_source_name(source)
+        )
     return read, problems
