@@ -91,6 +91,8 @@ def check_varlen():
 def bins_from(tokens, budget: int, n_bins: int):
     from loraforge.packing import PackedCollator, PackedDataset
 
+    if isinstance(tokens, list):  # [{"input_ids": ..., "labels": ...}, ...]
+        tokens = {k: [t[k] for t in tokens] for k in ("input_ids", "labels")}
     ds = PackedDataset(tokens, budget, seed=0)
     coll = PackedCollator(100349, supervised_logits_only=True)
     return [coll([ds[i]]) for i in range(min(n_bins, len(ds)))], ds.fill
@@ -103,15 +105,16 @@ def run_variant(model, batches, attn: str, ckpt: str, steps: int, n_mm: int):
 
     set_attention(model, attn)
     base = model.get_base_model()
-    if ckpt == "none":
-        (
-            getattr(base, "activation_checkpointing_disable", None)
-            or base.gradient_checkpointing_disable
-        )()
-    elif ckpt == "full":
+    (
+        getattr(base, "activation_checkpointing_disable", None)
+        or base.gradient_checkpointing_disable
+    )()
+    if ckpt == "full":
         enable_checkpointing(base)
-    else:
+    elif ckpt == "selective":
         enable_selective_checkpointing(base)
+    elif ckpt.isdigit():  # checkpoint the first N layers
+        enable_checkpointing(base, layers=int(ckpt))
     model.train()
     _sync()
     DEV == "cuda" and torch.cuda.reset_peak_memory_stats()
@@ -129,7 +132,8 @@ def run_variant(model, batches, attn: str, ckpt: str, steps: int, n_mm: int):
         if attn != "loraforge_varlen":
             for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
                 b.pop(k)
-        out = model(**b)
+        with torch.autocast(DEV, dtype=torch.bfloat16):  # as Trainer(bf16=True) runs
+            out = model(**b)
         loss = packed_loss(out, labels)
         loss.backward()
         if i >= 2:
@@ -151,6 +155,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--variants", default="loraforge_varlen:selective:4096")
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--peft", action="store_true", help="PEFT's LoRA forward, not loraforge's")
     args = ap.parse_args()
     if DEV == "cuda":
         print(torch.__version__, torch.cuda.get_device_name(), flush=True)
@@ -177,6 +182,14 @@ def main() -> None:
             target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         ),
     )
+    from loraforge.fast import apply_liger, liger_available
+    from loraforge.lora_ops import fuse_lora_forward
+
+    if liger_available():
+        apply_liger(model.get_base_model())
+    if not args.peft:
+        fuse_lora_forward(model)
+    print(f"liger {liger_available()}, lean LoRA {not args.peft}")
     print(
         f"{'attention':<18}{'ckpt':<10}{'budget':>7}{'fill':>6}{'tok/s':>9}{'MFU':>7}{'peak GiB':>9}"
     )

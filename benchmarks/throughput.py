@@ -34,6 +34,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 TUTORIAL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = ("tutorial", "trl_liger", "loraforge")
+# optimizer steps per setup: about 80k timed tokens for the packed setups (TRL packs 8,192-token
+# rows, loraforge's plan 2,048 under 40 GiB); the tutorial's steps are 4 x ~110 tokens
+WARMUP = {"tutorial": 3, "trl_liger": 3, "loraforge": 5}
+STEPS = {"tutorial": 30, "trl_liger": 10, "loraforge": 40}
 GPU = os.environ.get("LORAFORGE_BENCH_CPU") is None
 
 
@@ -115,8 +119,11 @@ class Meter:
         meter = self
 
         class Timer(TrainerCallback):
+            # synchronise only where a timestamp is used (after the warm-up and at the end):
+            # a per-step sync would stall the GPU while the CPU prepares the next step
             def on_step_end(self, args, state, control, **kw):
-                if torch.cuda.is_available():
+                timed = state.global_step in (meter.warmup, args.max_steps)
+                if timed and torch.cuda.is_available():
                     torch.cuda.synchronize()
                 meter.marks.append((time.perf_counter(), len(meter.batches)))
 
@@ -287,11 +294,14 @@ def profiler_callback(start: int, steps: int = 2):
                 self.prof = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CUDA]
                 )
+                torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kw):
             if self.prof is not None and state.global_step == start + steps:
                 torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
                 cats: dict[str, float] = {}
                 kernels: list[tuple[float, str, str]] = []
@@ -318,6 +328,10 @@ def profiler_callback(start: int, steps: int = 2):
                     kernels.append((t, cat, ev.key[:90]))
                     cats[cat] = cats.get(cat, 0.0) + t
                     total += t
+                print(
+                    f"PROFILE GPU busy {total / 1e3:.1f} ms of {wall * 1e3:.1f} ms wall over "
+                    f"{steps} steps ({total / 1e3 / (wall * 1e3):.0%}; the profiler slows the CPU)"
+                )
                 print("PROFILE GPU time by kind over", steps, "steps:")
                 for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
                     print(f"PROFILE   {cat:<18} {t / 1e3:9.1f} ms  {t / total:6.1%}")
@@ -354,8 +368,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--assets", type=Path, default=HERE.parent.parent / "shared")
     ap.add_argument("--only", default=",".join(SETUPS))
-    ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps")
-    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (tutorial: x4)")
+    ap.add_argument("--warmup", type=int, help="untimed optimizer steps (default: per setup)")
+    ap.add_argument("--steps", type=int, help="timed optimizer steps (default: per setup)")
     ap.add_argument("--set", action="append", default=[], help="loraforge recipe override k=v")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -367,9 +381,9 @@ def main() -> None:
 
         overrides[k] = yaml.safe_load(v)
     if args.child:
-        steps = args.steps * (3 if args.child == "tutorial" else 1)
         print(
-            "RESULT " + json.dumps(child(args.child, args.assets, args.warmup, steps, overrides)),
+            "RESULT "
+            + json.dumps(child(args.child, args.assets, args.warmup, args.steps, overrides)),
             flush=True,
         )
         return
@@ -404,9 +418,9 @@ def main() -> None:
             "--assets",
             str(args.assets),
             "--warmup",
-            str(args.warmup),
+            str(args.warmup or WARMUP[name]),
             "--steps",
-            str(args.steps),
+            str(args.steps or STEPS[name]),
         ]
         for kv in args.set:
             cmd += ["--set", kv]

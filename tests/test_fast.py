@@ -1,15 +1,17 @@
-"""The fast path's pieces that run on the CPU: the fused LoRA forward and the planner."""
+"""The fast path's pieces that run on the CPU: the lean LoRA functions and the planner."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from loraforge import LoraRecipe, RecipeError
-from loraforge.fast import fuse_lora_forward, plan_fast_path
+from loraforge import LoraRecipe, RecipeError, lora_ops
+from loraforge.fast import plan_fast_path
+from loraforge.lora_ops import _swiglu_backward, dropout_mask, fuse_lora_forward, swiglu
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()
@@ -33,22 +35,152 @@ def _lora(dropout: float):
     return model.train()
 
 
-def test_fused_lora_forward_is_exact_in_float32_with_dropout():
-    plain = _lora(0.1)
-    fused = copy.deepcopy(plain)
-    assert fuse_lora_forward(fused) == 8  # 4 module types x 2 layers
-    ids = torch.randint(0, 1000, (2, 40))
-    torch.manual_seed(3)
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(plain, fused, ids, rtol=1e-5):
     a = plain(input_ids=ids, labels=ids).loss
     a.backward()
-    torch.manual_seed(3)  # same dropout masks
     b = fused(input_ids=ids, labels=ids).loss
     b.backward()
+    torch.testing.assert_close(b, a, rtol=rtol, atol=0)
+    ref = _grads(plain)
+    for n, g in _grads(fused).items():
+        torch.testing.assert_close(g, ref[n], rtol=rtol, atol=rtol * ref[n].abs().max().item())
+
+
+def test_lean_lora_equals_peft_in_float32():
+    plain = _lora(0.0)
+    fused = copy.deepcopy(plain)
+    assert fuse_lora_forward(fused) == 8  # 4 module types x 2 layers
+    mlps = [m for m in fused.modules() if hasattr(m, "_loraforge_unfused_forward")]
+    assert len(mlps) == 2  # gate_up_proj -> SwiGLU -> down_proj run as one function
+    _assert_same(plain, fused, torch.randint(0, 1000, (2, 40)))
+
+
+class _SeededDropout(torch.nn.Module):
+    """PEFT's dropout, drawing its mask the way the lean functions do."""
+
+    def __init__(self, p: float, seeds) -> None:
+        super().__init__()
+        self.p, self.seeds = p, seeds
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        return (x2 * dropout_mask(x2, self.p, next(self.seeds)) / (1 - self.p)).view(x.shape)
+
+
+def test_lean_lora_equals_peft_with_the_same_dropout_masks(monkeypatch):
+    """Dropout 0.1: with PEFT's dropout drawing the same masks (same seeds, same order), loss and
+    gradients agree; the lean backward redraws each mask from its seed."""
+    plain = _lora(0.1)
+    fused = copy.deepcopy(plain)
+    fuse_lora_forward(fused)
+    ref_seeds = itertools.count(1000)
+    for m in plain.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = _SeededDropout(0.1, ref_seeds)
+    seeds = itertools.count(1000)
+    monkeypatch.setattr(lora_ops, "_new_seed", lambda: next(seeds))
+    _assert_same(plain, fused, torch.randint(0, 1000, (2, 40)))
+    assert next(seeds) == next(ref_seeds) == 1008  # one mask per adapted layer
+
+
+def _saved_bytes(module, x) -> int:
+    """Bytes autograd keeps for the backward pass of ``module(x)`` (distinct storages, parameters
+    and the input itself excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    skip.add(x.untyped_storage().data_ptr())
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum().backward()
+    return sum(seen.values())
+
+
+def test_lean_lora_keeps_less_for_the_backward_pass():
+    """The SwiGLU MLP keeps its gate_up output and nothing else beyond its input (PEFT also keeps
+    two dropped copies, two masks and the activation); an adapted linear keeps no dropped copy."""
+    plain = _lora(0.1)
+    fused = copy.deepcopy(plain)
+    fuse_lora_forward(fused)
+    hidden = plain.config.hidden_size
+    x = torch.randn(1, 256, hidden, requires_grad=True)
+    mlp, ref_mlp = _layers(fused)[0].mlp, _layers(plain)[0].mlp
+    gate_up_out = 256 * 2 * plain.config.intermediate_size * 4
+    kept, ref = _saved_bytes(mlp, x), _saved_bytes(ref_mlp, x)
+    assert kept <= gate_up_out + 2 * 256 * 8 * 4 < 0.45 * ref, (kept, ref)
+    o, ref_o = _layers(fused)[0].self_attn.o_proj, _layers(plain)[0].self_attn.o_proj
+    kept, ref = _saved_bytes(o, x), _saved_bytes(ref_o, x)
+    assert kept == 256 * 8 * 4 < ref, (kept, ref)  # the rank-r product only: x is the input
+
+
+def _layers(model):
+    return model.base_model.model.model.layers
+
+
+def test_lean_lora_dropout_survives_checkpoint_recomputation():
+    """A checkpointed layer runs its forward again in the backward pass: the dropout seeds come from
+    torch's CPU generator, which checkpointing restores, so the masks are the same."""
+    from loraforge.models import enable_checkpointing
+
+    fused = _lora(0.1)
+    fuse_lora_forward(fused)
+    ckpt = copy.deepcopy(fused)
+    enable_checkpointing(ckpt.get_base_model())
+    ids = torch.randint(0, 1000, (2, 40))
+    torch.manual_seed(7)
+    a = fused(input_ids=ids, labels=ids).loss
+    a.backward()
+    torch.manual_seed(7)
+    b = ckpt(input_ids=ids, labels=ids).loss
+    b.backward()
     assert a.item() == b.item()
-    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
-    for n, p in fused.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=1e-8)
+    ref = _grads(fused)
+    for n, g in _grads(ckpt).items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-6, atol=1e-9)
+
+
+def test_partial_checkpointing_checkpoints_the_first_layers_and_keeps_the_gradients():
+    from loraforge.models import enable_checkpointing
+
+    fused = _lora(0.1)
+    fuse_lora_forward(fused)
+    part = copy.deepcopy(fused)
+    enable_checkpointing(part.get_base_model(), layers=1)
+    flags = [layer.gradient_checkpointing for layer in _layers(part)]
+    assert flags == [True, False]
+    ids = torch.randint(0, 1000, (2, 40))
+    for model in (fused, part):
+        torch.manual_seed(11)
+        model(input_ids=ids, labels=ids).loss.backward()
+    ref = _grads(fused)
+    for n, g in _grads(part).items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-6, atol=1e-9)
+
+
+def test_dropout_mask_keeps_one_minus_p_and_depends_only_on_the_seed():
+    x = torch.empty(1000, 1000)
+    m = dropout_mask(x, 0.1, seed=5)
+    assert m.dtype == torch.bool and abs(m.float().mean().item() - 0.9) < 0.005
+    assert torch.equal(m, dropout_mask(x, 0.1, seed=5))
+    assert not torch.equal(m, dropout_mask(x, 0.1, seed=6))
+
+
+def test_swiglu_backward_matches_autograd():
+    gu = torch.randn(5, 2 * 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 24, dtype=torch.float64)
+    gate, up = gu.chunk(2, dim=-1)
+    (torch.nn.functional.silu(gate) * up * g).sum().backward()
+    torch.testing.assert_close(swiglu(gu.detach()), torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(_swiglu_backward(gu.detach(), g), gu.grad)
 
 
 def test_fused_lora_forward_leaves_mixed_dtypes_to_peft():
@@ -89,7 +221,7 @@ class _Param:
 
 def _phi4_sized():
     """Phi-4's shape as far as the planner looks: config and 14.7 B bf16 parameters."""
-    cfg = SimpleNamespace(hidden_size=5120, num_hidden_layers=40)
+    cfg = SimpleNamespace(hidden_size=5120, num_hidden_layers=40, vocab_size=100352)
     return SimpleNamespace(config=cfg, parameters=lambda: [_Param(14_659_507_200)])
 
 
@@ -106,11 +238,22 @@ def fake_gpu(monkeypatch):
     return card
 
 
-def test_plan_for_phi4_under_40_gib_checkpoints_full_8192_token_rows(fake_gpu):
+def test_plan_for_phi4_under_40_gib_checkpoints_a_few_layers_of_2048_token_rows(fake_gpu):
+    """Under the 40 GiB cap the lean LoRA path keeps most layers' activations: 2,048-token rows
+    with a few layers checkpointed; PEFT's forward would need many more; full checkpointing
+    when asked for packs the largest row that fits."""
     fake_gpu(80)
-    plan = plan_fast_path(_recipe(), _phi4_sized(), 384)
-    assert (plan.packing, plan.pack_tokens, plan.gradient_checkpointing) == (True, 8192, "full")
+    plan = plan_fast_path(_recipe(), _phi4_sized(), 384, supervised_fraction=0.34)
+    assert (plan.packing, plan.pack_tokens, plan.gradient_checkpointing) == (True, 2048, "partial")
+    assert 0 < plan.checkpoint_layers < 20
     assert "under a 40 GiB cap" in plan.reason
+    assert f"checkpointing {plan.checkpoint_layers} layers" in plan.describe()
+    peft = plan_fast_path(_recipe(fused_lora=False), _phi4_sized(), 384, supervised_fraction=0.34)
+    assert peft.checkpoint_layers > plan.checkpoint_layers
+    full = plan_fast_path(_recipe(gradient_checkpointing="full"), _phi4_sized(), 384, 0.34)
+    assert (full.pack_tokens, full.gradient_checkpointing) == (8192, "full")
+    roomy = plan_fast_path(_recipe(max_memory_gib=48), _phi4_sized(), 384, 0.34)
+    assert roomy.gradient_checkpointing == "off" and roomy.pack_tokens >= 2048
 
 
 def test_plan_without_a_cap_uses_the_card_and_skips_checkpointing(fake_gpu):
@@ -135,3 +278,48 @@ def test_liger_on_without_the_package_is_a_recipe_error(monkeypatch):
         plan_fast_path(
             LoraRecipe(model="m", data="d", liger_kernels="on"), build_tiny_model(TOK), 100
         )
+
+
+def test_lean_lora_hands_a_lora_bias_and_a_trained_base_back_to_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        build_tiny_model(TOK),
+        LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=["qkv_proj", "down_proj"]),
+    )
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    fused = copy.deepcopy(model)
+    fuse_lora_forward(fused)
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits)
+    layer = _layers(fused)[0].self_attn.qkv_proj
+    assert lora_ops._plain_lora(layer) is None  # the bias
+    plain = _lora(0.0)
+    proj = _layers(plain)[0].self_attn.o_proj
+    assert lora_ops._plain_lora(proj) == "default"
+    proj.base_layer.weight.requires_grad_(True)
+    assert lora_ops._plain_lora(proj) is None  # a trained base weight needs its gradient
+
+
+def test_lighter_steps_still_puts_every_module_back_in_training_mode():
+    from loraforge.training import _lighter_steps
+
+    model = _lora(0.1)
+    with _lighter_steps(model):
+        model.train()
+        _layers(model)[1].mlp.eval()  # e.g. a callback switched one part off
+        model.train()
+        assert all(m.training for m in model.modules())
+        model.eval()
+        assert not any(m.training for m in model.modules())
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
+
+
+def test_plan_counts_full_logits_when_the_loss_cannot_be_chunked(fake_gpu):
+    fake_gpu(80)
+    chunked = plan_fast_path(_recipe(), _phi4_sized(), 384, 0.34)
+    full = plan_fast_path(_recipe(), _phi4_sized(), 384, 0.34, chunkable_head=False)
+    assert full.checkpoint_layers > chunked.checkpoint_layers

@@ -1,7 +1,8 @@
 """GPU checks of the fast path (skipped without CUDA; run on an H100/H200 and noted in the docs).
 
-bf16 equivalence of the packed fast path (varlen attention, supervised-only logits, Liger when
-installed) with the plain unpacked path, and a short training run whose loss matches.
+bf16 equivalence of the packed fast path (varlen attention, lean LoRA functions, chunked
+supervised-only loss, Liger when installed) with the plain unpacked path; the Triton kernels; a
+short training run whose loss matches.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _examples(tokenizer, n: int):
     ]
 
 
-def _with_lora(model):
+def _with_lora(model, dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
@@ -60,7 +61,7 @@ def _with_lora(model):
         LoraConfig(
             r=8,
             lora_alpha=32,
-            lora_dropout=0.0,
+            lora_dropout=dropout,
             task_type="CAUSAL_LM",
             target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         ),
@@ -79,11 +80,11 @@ def _rel(a, b):
 def test_fast_path_matches_plain_path_in_bf16(capsys):
     from loraforge.fast import (
         apply_liger,
-        fuse_lora_forward,
         liger_available,
         register_varlen_attention,
         set_attention,
     )
+    from loraforge.lora_ops import fuse_lora_forward
     from loraforge.packing import PackedCollator, packed_loss
     from loraforge.tiny import build_tiny_tokenizer
 
@@ -112,8 +113,16 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
     batch = PackedCollator(tok.pad_token_id)([examples])
     labels = batch.pop("labels").cuda()
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    head = fast.get_output_embeddings()
+    head.forward = lambda hidden: hidden  # as train() runs it: lm_head applied by the chunked loss
     with autocast:
-        loss_fast = packed_loss(fast(**batch), labels, torch.tensor(total, device="cuda"))
+        loss_fast = packed_loss(
+            fast(**batch),
+            labels,
+            torch.tensor(total, device="cuda"),
+            keep_positions=batch["logits_to_keep"],
+            lm_head=head,
+        )
     loss_fast.backward()
     grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
     errs = [_rel(p.grad, grads[n]) for n, p in fast.named_parameters() if p.requires_grad]
@@ -125,6 +134,72 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
             f"(liger {'on' if liger_available() else 'off'})"
         )
     assert loss_err < 1e-2
+    assert max(errs) < 5e-2
+
+
+def test_triton_kernels_match_torch_in_bf16():
+    from loraforge import lora_ops
+
+    assert lora_ops._triton() is not None, "triton kernels did not build"
+    torch.manual_seed(0)
+    gu = torch.randn(3000, 2 * 1792, device="cuda", dtype=torch.bfloat16) * 3
+    g = torch.randn(3000, 1792, device="cuda", dtype=torch.bfloat16)
+    ref = gu.float().requires_grad_()
+    gate, up = ref.chunk(2, dim=-1)
+    out = torch.nn.functional.silu(gate) * up
+    out.backward(g.float())
+    assert _rel(lora_ops.swiglu(gu), out) < 5e-3
+    assert _rel(lora_ops._swiglu_backward(gu, g), ref.grad) < 5e-3
+    # dropout: one pass, the same mask as dropout_mask, kept with probability 1 - p
+    mask = lora_ops.dropout_mask(gu, 0.1, seed=7)
+    assert abs(mask.float().mean().item() - 0.9) < 2e-3
+    assert torch.equal(lora_ops.keep(gu, 0.1, seed=7), gu * mask)
+    assert not torch.equal(mask, lora_ops.dropout_mask(gu, 0.1, seed=8))
+    inplace = gu.clone()
+    lora_ops.keep(inplace, 0.1, seed=7, inplace=True)
+    assert torch.equal(inplace, gu * mask)
+
+
+def test_lean_lora_matches_peft_with_dropout_in_bf16(monkeypatch, capsys):
+    """The lean LoRA functions (dropout 0.1, masks drawn on the GPU from seeds) against PEFT's
+    forward drawing the same masks, under autocast as the Trainer runs."""
+    import itertools
+
+    from loraforge import lora_ops
+    from loraforge.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    plain = _with_lora(_phi4_like(tok), dropout=0.1)
+    fast = copy.deepcopy(plain)
+    lora_ops.fuse_lora_forward(fast)
+    ref_seeds, seeds = itertools.count(1), itertools.count(1)
+
+    class Seeded(torch.nn.Module):
+        def forward(self, x):
+            x2 = x.reshape(-1, x.shape[-1])
+            mask = lora_ops.dropout_mask(x2, 0.1, next(ref_seeds))
+            return (x2 * mask / 0.9).view(x.shape)
+
+    for m in plain.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = Seeded()
+    monkeypatch.setattr(lora_ops, "_new_seed", lambda: next(seeds))
+    ids = torch.randint(0, len(tok), (1, 2048), device="cuda")
+    losses = []
+    for model in (plain, fast):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    errs = [_rel(p.grad, grads[n]) for n, p in fast.named_parameters() if p.requires_grad]
+    with capsys.disabled():
+        print(
+            f"\nbf16 lean LoRA vs PEFT (dropout 0.1, same masks): loss {losses[1]:.5f} vs "
+            f"{losses[0]:.5f}; grad rel err median {sorted(errs)[len(errs) // 2]:.2e} "
+            f"max {max(errs):.2e}"
+        )
+    assert abs(losses[1] - losses[0]) / losses[0] < 1e-2
     assert max(errs) < 5e-2
 
 
@@ -142,7 +217,7 @@ def test_short_training_run_matches_plain_path(tmp_path, capsys):
             base,
             tmp_path / packing,
             packing=packing,
-            pack_tokens=512,
+            pack_tokens=512 if packing == "on" else None,
             dtype="bfloat16",
             num_epochs=20,
             batch_size=8,

@@ -88,8 +88,15 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("logits_only", [True, False])
-def test_packed_loss_and_grads_equal_unpacked(logits_only):
+@pytest.mark.parametrize("mode", ["all_logits", "logits_only", "keep_index", "chunked"])
+def test_packed_loss_and_grads_equal_unpacked(mode, monkeypatch):
+    """The packed loss equals the unpacked one with full logits, with supervised-only logits
+    (targets picked by a mask or by the ``logits_to_keep`` index), and with the chunked
+    ``lm_head`` + cross-entropy (chunks of 7 rows here)."""
+    import loraforge.packing as packing
+
+    monkeypatch.setattr(packing, "_CHUNK_BYTES", 7 * 4 * len(TOK))
+    logits_only = mode != "all_logits"
     examples = _examples(6)
     model = _lora_model()
     total = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
@@ -109,13 +116,25 @@ def test_packed_loss_and_grads_equal_unpacked(logits_only):
     model.zero_grad()
     coll = PackedCollator(TOK.pad_token_id, supervised_logits_only=logits_only)
     packed = 0.0
+    head = model.get_output_embeddings()
+    if mode == "chunked":
+        head.forward = lambda hidden: hidden  # as train() does: the loss applies lm_head
     for part in (examples[:4], examples[4:]):
         batch = coll([part])
         labels = batch.pop("labels")
+        keep = batch.get("logits_to_keep") if mode in ("keep_index", "chunked") else None
         out = model(**{k: v for k, v in batch.items() if not k.startswith(("cu_", "max_"))})
-        loss = packed_loss(out, labels, torch.tensor(total))
+        loss = packed_loss(
+            out,
+            labels,
+            torch.tensor(total),
+            keep_positions=keep,
+            lm_head=head if mode == "chunked" else None,
+        )
         loss.backward()
         packed += loss.item()
+    if mode == "chunked":
+        del head.forward
     g_packed = _grads(model)
     assert packed == pytest.approx(plain, rel=1e-5)
     for n in g_plain:
@@ -151,8 +170,8 @@ def test_no_token_attends_across_examples():
 
 @pytest.mark.integration
 def test_packed_training_step_equals_plain_step(tmp_path):
-    """One SGD step through train(): packing on (one row) vs off (one batch of 8) give the same
-    loss and the same LoRA weights."""
+    """One SGD step through train(): packing on (one row; chunked loss and lean LoRA, or neither)
+    vs off (one batch of 8) give the same loss and the same LoRA weights."""
     from safetensors.torch import load_file
 
     from loraforge.demo import demo_recipe, prepare_tiny_base
@@ -161,13 +180,18 @@ def test_packed_training_step_equals_plain_step(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
     results = {}
-    for packing in ("off", "on"):
+    for name, packing, extra in (
+        ("off", "off", {}),
+        ("on", "on", {}),
+        ("on-unchunked", "on", {"chunked_loss": False, "fused_lora": False}),
+    ):
         recipe = demo_recipe(
             base,
-            tmp_path / packing,
+            tmp_path / name,
             data=str(tmp_path / "d.json"),
             packing=packing,
             pack_tokens=2048 if packing == "on" else None,
+            **extra,
             batch_size=8,
             max_steps=1,
             optimizer="sgd",
@@ -179,13 +203,14 @@ def test_packed_training_step_equals_plain_step(tmp_path):
             logging_steps=1,
         )
         res = train(recipe)
-        results[packing] = (
+        results[name] = (
             res.metrics["first_loss"],
             load_file(str(res.output_dir / "adapter_model.safetensors")),
         )
-    assert results["on"][0] == pytest.approx(results["off"][0], rel=1e-5)
-    for k, w in results["off"][1].items():
-        torch.testing.assert_close(results["on"][1][k], w, rtol=1e-5, atol=1e-7)
+    for name in ("on", "on-unchunked"):
+        assert results[name][0] == pytest.approx(results["off"][0], rel=1e-5)
+        for k, w in results["off"][1].items():
+            torch.testing.assert_close(results[name][1][k], w, rtol=1e-5, atol=1e-7)
 
 
 def test_packed_dataset_reports_fill():
@@ -193,3 +218,60 @@ def test_packed_dataset_reports_fill():
         {"input_ids": [[1] * 30, [1] * 50, [1] * 20], "labels": [[1] * 30, [1] * 50, [1] * 20]}, 100
     )
     assert len(ds) == 1 and ds.fill == 1.0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(bias, monkeypatch):
+    import loraforge.packing as packing
+    from loraforge.packing import linear_cross_entropy
+
+    monkeypatch.setattr(packing, "_CHUNK_BYTES", 5 * 4 * 300)  # chunks of 5 rows
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(300, 16)
+    b = torch.randn(300) if bias else None
+    targets = torch.randint(0, 300, (23,))
+    targets[[0, 7, 8]] = -100
+    ref = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(hidden, weight, b), targets, reduction="sum"
+    )
+    (g_ref,) = torch.autograd.grad(ref * 3, hidden)
+    got = linear_cross_entropy(hidden, weight, targets, b)
+    (g,) = torch.autograd.grad(got * 3, hidden)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5 * g_ref.abs().max().item())
+    with pytest.raises(ValueError, match="lm_head must be frozen"):
+        linear_cross_entropy(hidden, weight.requires_grad_(), targets)
+
+
+@pytest.mark.integration
+def test_packed_training_with_eval_data_evaluates_the_same_with_and_without_chunked_loss(tmp_path):
+    """The chunked loss is scoped to the packed forward calls: the final evaluation (after
+    training) gets the same loss as with full logits, and the caller's model keeps its lm_head."""
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+    from loraforge.tiny import build_tiny_model
+
+    records = json.loads(sample_data_path().read_text(encoding="utf-8"))[:16]
+    (tmp_path / "d.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
+    evals = {}
+    for chunked in (True, False):
+        torch.manual_seed(0)
+        model = build_tiny_model(TOK)
+        recipe = demo_recipe(
+            base,
+            tmp_path / f"c{chunked}",
+            data=str(tmp_path / "d.json"),
+            packing="on",
+            pack_tokens=1024,
+            eval_fraction=0.25,
+            chunked_loss=chunked,
+            max_steps=2,
+            lora_dropout=0.0,
+            logging_steps=1,
+        )
+        res = train(recipe, model=model, tokenizer=TOK)
+        evals[chunked] = res.metrics["eval_loss"]
+        assert "forward" not in model.lm_head.__dict__  # the pass-through is gone
+        assert not model._forward_pre_hooks and not model._forward_hooks
+    assert evals[True] == pytest.approx(evals[False], rel=1e-5)

@@ -19,6 +19,7 @@ phase, recoveries) are printed at the end (``pytest -s``) and written to ``$LORA
 from __future__ import annotations
 
 import ast
+import dataclasses
 import errno
 import importlib
 import json
@@ -560,6 +561,31 @@ def test_inf_gradient_stops_before_the_optimizer_step(workdir):
     )
     _check_stopped_run(workdir / "inf-grad", 3)
     _figures.add("nonfinite_faults_caught")
+
+
+@integration
+@pytest.mark.parametrize("logging_steps", [1, 5])
+def test_deferred_check_names_the_step_and_saves_nothing_after_it(
+    workdir, monkeypatch, logging_steps
+):
+    """The GPU's deferred verdict (forced here on the CPU): read at the next optimizer step, or
+    at once before a log line; the error names step 3 and no checkpoint after step 2 exists."""
+    import functools
+
+    monkeypatch.setattr(
+        guards.NonFiniteGuard,
+        "__init__",
+        functools.partialmethod(guards.NonFiniteGuard.__init__, defer=True),
+    )
+    data, rows = _skip_data(workdir)
+    examples, pad_id = _example_ids(workdir, data)
+    spy = BatchSpy(pad_id=pad_id, inf_grad_at=3)
+    out = f"deferred-{logging_steps}"
+    recipe = dataclasses.replace(_nonfinite_recipe(workdir, out, data), logging_steps=logging_steps)
+    with pytest.raises(TrainingDivergedError, match=r"at step 3: non-finite gradient") as info:
+        train(recipe, callbacks=[spy.callback])
+    assert info.value.record_indices == _records_of(spy.batches[3], examples, rows)
+    _check_stopped_run(workdir / out, 3)
 
 
 def test_packed_and_padded_batches_are_split_into_examples():

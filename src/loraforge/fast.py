@@ -1,4 +1,4 @@
-"""The GPU fast path: variable-length attention, selective checkpointing, a token budget.
+"""The GPU fast path: variable-length attention, a token budget, checkpointing by memory.
 
 Each piece is chosen by measurement (see ``docs/benchmarks.md``) and can be turned off in the
 recipe:
@@ -8,10 +8,15 @@ recipe:
   ``cu_seq_lens``) with transformers' ``AttentionInterface``; ``"sdpa"`` and ``"eager"`` use the
   block-diagonal mask transformers builds from restarting ``position_ids`` (the CPU path);
   ``"flex_attention"`` uses transformers' flex-attention block mask.
+* the plan (:func:`plan_fast_path`): the packed row size (``pack_tokens``) and how many decoder
+  layers to checkpoint, from the memory left after the weights under ``max_memory_gib`` — no
+  checkpointing if a row of 2,048 tokens or more fits, else as few checkpointed layers as fit.
 * ``gradient_checkpointing="selective"``: each decoder layer is checkpointed, but the outputs of
-  its large matrix products and of attention are kept; only cheap element-wise work (norms, RoPE,
-  SwiGLU, dropout, the rank-r LoRA up-projection) is recomputed in the backward pass.
-* the packing budget (``pack_tokens``) is chosen from the memory left after the weights.
+  its large matrix products and of attention are kept; only cheap element-wise work is
+  recomputed (measured slower than whole layers here; never chosen by ``auto``).
+
+The memory-lean LoRA functions are in :mod:`loraforge.lora_ops`, the chunked loss in
+:mod:`loraforge.packing`.
 """
 
 from __future__ import annotations
@@ -185,19 +190,32 @@ def enable_selective_checkpointing(model: Any) -> None:
 
 # --------------------------------------------------------------------------- the plan
 
-# Activation bytes per token and decoder layer, in units of hidden_size, measured on an H100 with
-# Phi-4's shape (bf16, PEFT LoRA r=8 with dropout, varlen attention; docs/benchmarks.md):
-# no checkpointing ~72 x hidden; full checkpointing keeps each layer's input (2 x hidden) plus
-# one layer's working set while it is recomputed.
-_BYTES_NO_CKPT = 72
+# Activation bytes per token and decoder layer, in units of hidden_size (bf16, LoRA r=8 on every
+# linear layer, varlen attention, Liger norms). PEFT's LoRA forward keeps ~72 x hidden (measured on
+# an H100 with Phi-4's shape); the lean functions of ``lora_ops`` keep the two norm inputs (2+2),
+# the qkv input (2), attention's q/k/v/output (5), the MLP input (2) and its gate_up output (14).
+# A checkpointed layer keeps its input (2). The backward pass of one layer needs a working set
+# (~40 x hidden), and the loss ~14 bytes per vocabulary entry of each supervised position, unless
+# it is computed in chunks (``chunked_loss``).
+_BYTES_PEFT = 72
+_BYTES_LEAN = 28
 _BYTES_LAYER_INPUT = 2
+_BYTES_WORKING_SET = 40
+_BYTES_LOGIT = 14
+_CHUNKED_LOSS_BYTES = 3 * 128 * 2**20  # one chunk's logits, float32 and bf16 (packing.py)
 _RESERVE_GIB = 1.5
-_BUDGETS = (8192, 4096, 2048)
+_BUDGETS = (8192, 6144, 4096, 3072, 2048)
+_SMALLEST_FAST_ROW = 2048
 
 
 @dataclass(frozen=True, slots=True)
 class FastPlan:
-    """What the fast path chose for a run (logged, and saved in ``loraforge.json``)."""
+    """What the fast path chose for a run (logged, and saved in ``loraforge.json``).
+
+    ``gradient_checkpointing`` is ``"off"``, ``"full"``, ``"selective"`` or ``"partial"``; with
+    ``"partial"``, ``checkpoint_layers`` of the decoder layers are checkpointed and the rest keep
+    their activations.
+    """
 
     packing: bool
     pack_tokens: int | None
@@ -205,12 +223,16 @@ class FastPlan:
     gradient_checkpointing: str
     liger_kernels: bool
     reason: str
+    checkpoint_layers: int = 0
 
     def describe(self) -> str:
         pack = f"packing {self.pack_tokens} tokens/row" if self.packing else "no packing"
+        ckpt = self.gradient_checkpointing
+        if ckpt == "partial":
+            ckpt = f"{self.checkpoint_layers} layers"
         return (
             f"{pack}; attention {self.attention}; checkpointing "
-            f"{self.gradient_checkpointing}; liger {'on' if self.liger_kernels else 'off'}"
+            f"{ckpt}; liger {'on' if self.liger_kernels else 'off'}"
             f" ({self.reason})"
         )
 
@@ -224,8 +246,55 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
 
 
-def plan_fast_path(recipe: Any, model: Any, max_example_tokens: int) -> FastPlan:
-    """Resolve the recipe's ``auto`` settings for this model and machine."""
+@dataclass(frozen=True, slots=True)
+class _Memory:
+    """The planner's activation model: bytes for a micro-batch of ``tokens`` with ``k`` of the
+    ``layers`` decoder layers checkpointed."""
+
+    free: float
+    hidden: int
+    layers: int
+    vocab: int
+    per_layer: int
+    supervised: float
+    chunked_loss: bool = False
+
+    def needed(self, tokens: int, k: int) -> float:
+        h = self.hidden
+        loss = 0.0 if self.chunked_loss else self.supervised * self.vocab * _BYTES_LOGIT
+        per_token = (
+            (self.layers - k) * self.per_layer * h
+            + k * _BYTES_LAYER_INPUT * h
+            + (self.per_layer * h if k else 0)  # the layer being recomputed
+            + _BYTES_WORKING_SET * h
+            + loss
+        )
+        return tokens * per_token + (_CHUNKED_LOSS_BYTES if self.chunked_loss else 0)
+
+    def fewest_checkpointed(self, tokens: int) -> int | None:
+        """The fewest layers to checkpoint for ``tokens`` to fit, or None if none does."""
+        for k in range(self.layers + 1):
+            if self.needed(tokens, k) <= self.free:
+                return k
+        return None
+
+
+def plan_fast_path(
+    recipe: Any,
+    model: Any,
+    max_example_tokens: int,
+    supervised_fraction: float = 1.0,
+    chunkable_head: bool = True,
+) -> FastPlan:
+    """Resolve the recipe's ``auto`` settings for this model and machine.
+
+    On a GPU the planner sizes activations (``_Memory``) under ``max_memory_gib`` and prefers, in
+    order: no recomputation at the largest packed row that fits; the fewest checkpointed layers
+    (rows of 2,048 tokens, the smallest that keeps the matrix products efficient); full
+    checkpointing. ``supervised_fraction`` (of the training tokens) sizes the loss when packing
+    computes logits only at supervised positions; ``chunkable_head`` says whether the loss can
+    apply ``lm_head`` in chunks (``chunked_loss``) for this model.
+    """
     import torch
 
     from .errors import RecipeError
@@ -242,37 +311,49 @@ def plan_fast_path(recipe: Any, model: Any, max_example_tokens: int) -> FastPlan
         )
     ckpt = recipe.gradient_checkpointing
     budget = recipe.pack_tokens
+    layers_ckpt = 0
     reason = "as set in the recipe"
     if on_gpu and (ckpt == "auto" or (packing and budget is None)):
-        hidden = model.config.hidden_size
-        layers = model.config.num_hidden_layers
+        cfg = model.config
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         card = torch.cuda.get_device_properties(0).total_memory
         cap = card if recipe.max_memory_gib is None else min(card, recipe.max_memory_gib * 2**30)
-        free = cap - weights - _RESERVE_GIB * 2**30
-        per_tok_none = _BYTES_NO_CKPT * hidden * layers
-        per_tok_full = _BYTES_LAYER_INPUT * hidden * layers + _BYTES_NO_CKPT * hidden
+        mem = _Memory(
+            free=cap - weights - _RESERVE_GIB * 2**30,
+            hidden=cfg.hidden_size,
+            layers=cfg.num_hidden_layers,
+            vocab=getattr(cfg, "vocab_size", 0),
+            per_layer=_BYTES_LEAN if getattr(recipe, "fused_lora", True) else _BYTES_PEFT,
+            # unpacked batches have logits at every position
+            supervised=min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0,
+            chunked_loss=packing and chunkable_head and getattr(recipe, "chunked_loss", False),
+        )
         if not packing:  # the micro-batch is batch_size padded sequences
             candidates = [recipe.batch_size * max(recipe.max_length, max_example_tokens)]
         elif budget:
             candidates = [max(budget, max_example_tokens)]
         else:
             candidates = [b for b in _BUDGETS if b >= max_example_tokens] or [max_example_tokens]
-        smallest_fast = 2048 if packing and not recipe.pack_tokens else 1
-        chosen = None
-        if ckpt in ("auto", "off"):
-            fit = [b for b in candidates if b >= smallest_fast and b * per_tok_none <= free]
-            if fit:
-                chosen = (max(fit), "off")
-        if chosen is None and ckpt in ("auto", "full", "selective"):
-            fit = [b for b in candidates if b * per_tok_full <= free]
-            mode = "full" if ckpt == "auto" else ckpt
-            chosen = (max(fit) if fit else min(candidates), mode)
-        if chosen is None:
-            chosen = (min(candidates), ckpt)
-        budget, ckpt = chosen
+        fits = {t: mem.fewest_checkpointed(t) for t in candidates}
+        fitting = [t for t in candidates if fits[t] is not None]
+        if ckpt == "auto":
+            no_ckpt = [t for t in fitting if fits[t] == 0]
+            if no_ckpt and (max(no_ckpt) >= _SMALLEST_FAST_ROW or not packing or budget):
+                budget, layers_ckpt = max(no_ckpt), 0
+            elif fitting:
+                budget = min(fitting, key=lambda t: (fits[t], -t))
+                layers_ckpt = fits[budget] or 0
+            else:
+                budget, layers_ckpt = min(candidates), mem.layers
+        else:  # "off", "full" or "selective" were asked for: size the row for that
+            k = 0 if ckpt == "off" else mem.layers
+            ok = [t for t in candidates if mem.needed(t, k) <= mem.free]
+            budget = max(ok) if ok else min(candidates)
+            layers_ckpt = k
+        if ckpt == "auto":
+            ckpt = "off" if layers_ckpt == 0 else "full" if layers_ckpt >= mem.layers else "partial"
         reason = (
-            f"{free / 2**30:.1f} GiB for activations under a {cap / 2**30:.0f} GiB cap, "
+            f"{mem.free / 2**30:.1f} GiB for activations under a {cap / 2**30:.0f} GiB cap, "
             f"weights {weights / 2**30:.1f} GiB"
         )
     if ckpt == "auto":
@@ -280,7 +361,9 @@ def plan_fast_path(recipe: Any, model: Any, max_example_tokens: int) -> FastPlan
     if packing and budget is None:
         budget = max(4096, max_example_tokens)
     attention = choose_attention(recipe.attention, packing)
-    return FastPlan(packing, budget if packing else None, attention, ckpt, liger, reason)
+    return FastPlan(
+        packing, budget if packing else None, attention, ckpt, liger, reason, layers_ckpt
+    )
 
 
 def apply_liger(model: Any) -> None:
@@ -291,60 +374,3 @@ def apply_liger(model: Any) -> None:
     params = inspect.signature(_apply_liger_kernel_to_instance).parameters
     kwargs = {k: False for k in ("cross_entropy", "fused_linear_cross_entropy") if k in params}
     _apply_liger_kernel_to_instance(model=model, **kwargs)
-
-
-# --------------------------------------------------------------------------- LoRA forward
-
-
-def _lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """PEFT's vanilla LoRA forward, computed with fewer passes over the activations.
-
-    ``base(x) + B(A(dropout(x))) * s`` becomes ``addmm(base(x), A(dropout(x)) * s, B^T)``: the
-    scale is applied to the rank-r product instead of the full output, the add is fused into the
-    up-projection, and the input keeps its dtype (PEFT casts bf16 activations to the fp32 adapter
-    dtype first; under autocast the matmuls run in bf16 either way). Any case outside vanilla
-    single-adapter LoRA goes to PEFT's own forward.
-    """
-    import torch
-
-    active = self.active_adapters
-    if (
-        self.disable_adapters
-        or self.merged
-        or len(active) != 1
-        or kwargs
-        or args
-        or active[0] not in self.lora_A
-        or active[0] in getattr(self, "lora_variant", {})
-    ):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if not autocast and x.dtype != lora_a.dtype:  # PEFT would cast x: let it
-        return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    z = self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name]
-    if autocast:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        z, lora_b = z.to(dtype), lora_b.to(dtype)
-    out = torch.addmm(
-        result.reshape(-1, result.shape[-1]),
-        z.reshape(-1, z.shape[-1]).to(result.dtype),
-        lora_b.t().to(result.dtype),
-    )
-    return out.view(result.shape)
-
-
-def fuse_lora_forward(model: Any) -> int:
-    """Give every PEFT ``lora.Linear`` of ``model`` the leaner forward; returns how many."""
-    import types
-
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    n = 0
-    for module in model.modules():
-        if type(module) is LoraLinear:
-            module.forward = types.MethodType(_lora_forward, module)  # type: ignore[method-assign]
-            n += 1
-    return n

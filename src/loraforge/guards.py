@@ -318,7 +318,14 @@ def _row_key(ids: Sequence[int]) -> bytes:
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Stop training at the first non-finite loss or gradient, before the optimizer applies it.
+    """Stop training at the first non-finite loss or gradient, naming the step and its records.
+
+    On the CPU the check runs before the optimizer step, which never applies the bad update. On a
+    GPU, reading the flags at every step would make the GPU wait for the CPU between steps, so by
+    default (``defer=None``) the flags are copied to the host without waiting and read at the
+    next optimizer step, and at once before any checkpoint is saved, a line logged, an evaluation
+    run or the run ended: the bad step's update may reach the weights in memory, but no
+    checkpoint or final adapter holds it, and the error names the step that went wrong.
 
     Args:
         output_dir: where ``nonfinite_batch.json`` is written.
@@ -326,6 +333,7 @@ class NonFiniteGuard(TrainerCallback):
         report: the [`DataReport`][loraforge.DataReport] of the training data.
         check_gradients: also check gradients (leave on except with fp16 loss scaling, where
             overflowing gradients are expected and skipped by the grad scaler).
+        defer: read each step's verdict one step late (None: on a GPU).
     """
 
     def __init__(
@@ -335,12 +343,15 @@ class NonFiniteGuard(TrainerCallback):
         report: Any = None,
         *,
         check_gradients: bool = True,
+        defer: bool | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.train_dataset = train_dataset
         self.report = report
         self.check_gradients = check_gradients
+        self.defer = defer
         self._pending: list[tuple[Any, Any, Any, Any]] = []
+        self._deferred: tuple[Any, ...] | None = None
         self._params: list[Any] = []
         self._handle: Any = None
 
@@ -355,13 +366,17 @@ class NonFiniteGuard(TrainerCallback):
             self._handle = model.register_forward_hook(self._after_forward, with_kwargs=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._detach()
+        try:
+            self._check_deferred(args)
+        finally:
+            self._detach()
 
     def _detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         self._pending.clear()
+        self._deferred = None
 
     def record_loss(self, loss: Any) -> None:
         """Attach a loss computed outside the model (``compute_loss_func``) to the latest
@@ -389,6 +404,7 @@ class NonFiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         import torch
 
+        self._check_deferred(args)  # the previous step's flags: long computed by now
         pending, self._pending = self._pending, []
         losses = [p[0] for p in pending if p[0] is not None]
         if not losses and not self.check_gradients:
@@ -404,10 +420,54 @@ class NonFiniteGuard(TrainerCallback):
                 flags.append(grad_ok.reshape(1).to(device))
         if not flags:
             return
-        values = torch.cat(flags).tolist()
+        flag = torch.cat(flags)
+        step = state.global_step + 1
+        defer = flag.is_cuda if self.defer is None else self.defer
+        if not defer:
+            self._judge(step, flag.tolist(), losses, pending, args)
+            return
+        event = None
+        if flag.is_cuda:  # copy to the host without waiting; read at the next check
+            host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flag
+        self._deferred = (step, host, event, losses, pending)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # before anything is saved, logged or evaluated, and at the end: the last step's verdict
+        if (
+            control.should_save
+            or control.should_log
+            or control.should_evaluate
+            or control.should_training_stop
+        ):
+            self._check_deferred(args)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._check_deferred(args)  # an epoch-end evaluation or save comes next
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # a save asked for after this guard's on_step_end: stop before the checkpoint is marked
+        # complete (the guard runs before the callback that marks it)
+        self._check_deferred(args)
+
+    def _check_deferred(self, args: Any) -> None:
+        if self._deferred is None:
+            return
+        step, host, event, losses, pending = self._deferred
+        self._deferred = None
+        if event is not None:
+            event.synchronize()
+        self._judge(step, host.tolist(), losses, pending, args)
+
+    def _judge(
+        self, step: int, values: list[bool], losses: list[Any], pending: list[Any], args: Any
+    ) -> None:
         if all(values):
             return
-        step = state.global_step + 1
         loss_flags = values[: len(losses)]
         if not all(loss_flags):
             k = loss_flags.index(False)

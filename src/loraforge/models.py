@@ -228,10 +228,11 @@ def ensure_pad_token(tokenizer: Any, model: Any, end_of_turn: str) -> str | None
     )
 
 
-def enable_checkpointing(model: Any, context_fn: Any = None) -> None:
+def enable_checkpointing(model: Any, context_fn: Any = None, layers: int | None = None) -> None:
     """Non-reentrant activation checkpointing: works with LoRA without
     ``enable_input_require_grads`` (transformers >= 5.20 calls it ``activation_checkpointing``).
-    ``context_fn`` is passed to ``torch.utils.checkpoint`` (selective checkpointing)."""
+    ``context_fn`` is passed to ``torch.utils.checkpoint`` (selective checkpointing); ``layers``
+    checkpoints only the first ``layers`` decoder layers (the others keep their activations)."""
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if context_fn is not None:
         kwargs["context_fn"] = context_fn
@@ -240,3 +241,9 @@ def enable_checkpointing(model: Any, context_fn: Any = None) -> None:
         fn(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if layers is not None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for block in blocks[layers:]:
+            block.gradient_checkpointing = False

@@ -10,7 +10,10 @@ keeps them apart:
   example's first token, so the packed row has exactly the unpacked loss terms;
 * only positions whose next token is supervised go through ``lm_head`` (``logits_to_keep``), and
   the loss is the sum over supervised tokens divided by the number of supervised tokens of the whole
-  optimizer step — identical to the plain path (a test checks loss and LoRA gradients).
+  optimizer step — identical to the plain path (a test checks loss and LoRA gradients);
+* with ``chunked_loss`` the model hands back the hidden states at those positions and
+  :func:`linear_cross_entropy` applies ``lm_head`` a few hundred rows at a time, so the
+  ``(tokens, vocabulary)`` logits (~1 GB for a 2,048-token row of Phi-4) never exist at once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from typing import Any
 from .data import IGNORE_INDEX
 from .errors import DataError
 
-__all__ = ["PackedCollator", "PackedDataset", "pack_examples", "packed_loss"]
+__all__ = [
+    "PackedCollator",
+    "PackedDataset",
+    "linear_cross_entropy",
+    "pack_examples",
+    "packed_loss",
+]
 
 
 def pack_examples(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -150,11 +159,21 @@ def _keep_positions(labels: Any) -> Any:
     return torch.nonzero(nxt != IGNORE_INDEX).flatten()
 
 
-def packed_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+def packed_loss(
+    outputs: Any,
+    labels: Any,
+    num_items_in_batch: Any = None,
+    keep_positions: Any = None,
+    lm_head: Any = None,
+) -> Any:
     """Cross-entropy summed over supervised tokens, divided by the optimizer step's supervised-token
     count (``num_items_in_batch``); for ``transformers.Trainer(compute_loss_func=...)``.
 
-    Works with full logits ``(1, T, V)`` and with ``logits_to_keep`` logits ``(1, K, V)``.
+    Works with full logits ``(1, T, V)`` and with ``logits_to_keep`` logits ``(1, K, V)``; given
+    the ``logits_to_keep`` positions (``keep_positions``) it picks the targets with an index
+    instead of a boolean mask, which would make the GPU wait for the CPU. Given ``lm_head`` (a
+    frozen ``nn.Linear``), ``outputs.logits`` are the hidden states at the kept positions and the
+    loss is :func:`linear_cross_entropy`.
     """
     import torch.nn.functional as F
 
@@ -165,13 +184,87 @@ def packed_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> An
         flat_targets = nxt.reshape(-1)
     else:  # logits only at positions whose next token is supervised, in order
         flat_logits = logits.reshape(-1, logits.shape[-1])
-        flat_targets = nxt[nxt != IGNORE_INDEX]
-    total = F.cross_entropy(
-        flat_logits.float(),
-        flat_targets.to(flat_logits.device),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+        if keep_positions is not None and nxt.shape[0] == 1:
+            flat_targets = nxt[0].index_select(0, keep_positions.to(nxt.device))
+        else:
+            flat_targets = nxt[nxt != IGNORE_INDEX]
+    if lm_head is not None:
+        total = linear_cross_entropy(
+            flat_logits, lm_head.weight, flat_targets.to(flat_logits.device), lm_head.bias
+        )
+    else:
+        total = F.cross_entropy(
+            flat_logits.float(),
+            flat_targets.to(flat_logits.device),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
     if num_items_in_batch is None:
         num_items_in_batch = (flat_targets != IGNORE_INDEX).sum()
     return total / num_items_in_batch
+
+
+_CHUNK_BYTES = 128 * 2**20  # float32 logits per chunk
+
+
+def linear_cross_entropy(hidden: Any, weight: Any, targets: Any, bias: Any = None) -> Any:
+    """``F.cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")`` in chunks of rows.
+
+    Each chunk's logits are made in float32, reduced to its loss terms and turned at once into the
+    gradient for ``hidden``; only that gradient (``hidden``'s size) is kept for the backward pass.
+    ``weight`` and ``bias`` must be frozen (an ``lm_head`` under LoRA). Targets of ``-100`` are
+    ignored.
+    """
+    return _LinearCrossEntropy.apply(hidden, weight, targets, bias)
+
+
+def _make_linear_ce() -> Any:
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, bias: Any) -> Any:
+            if weight.requires_grad or (bias is not None and bias.requires_grad):
+                raise ValueError("linear_cross_entropy: lm_head must be frozen")
+            rows = max(1, _CHUNK_BYTES // (4 * weight.shape[0]))
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            need = ctx.needs_input_grad[0]
+            grad: Any = torch.empty_like(hidden) if need else None
+            for a in range(0, hidden.shape[0], rows):
+                h, t = hidden[a : a + rows].to(weight.dtype), targets[a : a + rows]
+                logits = (
+                    h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+                ).float()
+                valid = t != IGNORE_INDEX
+                safe = torch.where(valid, t, 0).unsqueeze(1)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe).squeeze(1)
+                total += torch.where(valid, lse - picked, 0.0).sum()
+                if need:
+                    probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                    probs.scatter_add_(1, safe, torch.full_like(picked, -1.0).unsqueeze(1))
+                    probs.mul_(valid.unsqueeze(1))
+                    grad[a : a + rows] = probs.to(weight.dtype) @ weight
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> Any:
+            (grad,) = ctx.saved_tensors
+            return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
+
+    return LinearCrossEntropy
+
+
+class _Lazy:
+    """Builds the autograd function on first use (keeps ``import loraforge`` free of torch)."""
+
+    fn: Any = None
+
+    def apply(self, *args: Any) -> Any:
+        if self.fn is None:
+            self.fn = _make_linear_ce()
+        return self.fn.apply(*args)
+
+
+_LinearCrossEntropy = _Lazy()

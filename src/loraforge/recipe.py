@@ -122,7 +122,14 @@ class LoraRecipe:
         "auto", "Attention kernel; 'auto' = PyTorch varlen flash attention when packing on a GPU."
     )
     fused_lora: bool = _f(
-        True, "Leaner LoRA forward (scale on the rank-r product, add fused into the matmul); exact."
+        True,
+        "Memory-lean LoRA functions: keep no dropped copies or masks (masks redrawn from a seed), "
+        "recompute the SwiGLU activation; same result as PEFT's forward.",
+    )
+    chunked_loss: bool = _f(
+        True,
+        "Packed path: lm_head and cross-entropy a few hundred rows at a time, never holding all "
+        "logits; same result.",
     )
     liger_kernels: Literal["auto", "on", "off"] = _f(
         "auto", "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE (GPU; 'auto' = when installed)."

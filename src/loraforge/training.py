@@ -10,12 +10,13 @@ The output folder's layout and its atomic saving live in [`loraforge.output`][lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,10 @@ from .fast import (
     FastPlan,
     apply_liger,
     enable_selective_checkpointing,
-    fuse_lora_forward,
     plan_fast_path,
     set_attention,
 )
-from .guards import disk_full_errors
+from .guards import NonFiniteGuard, disk_full_errors
 from .models import (
     enable_checkpointing,
     ensure_pad_token,
@@ -154,7 +154,7 @@ def _callbacks(
                 guards.mark_complete(ckpt, state.global_step)
 
     extra = [guards.NonFiniteGuard(out, train_ds, report), guards.DiskSpaceGuard()] if out else []
-    return [PlainLog(), MarkComplete(), *extra]
+    return [*extra, PlainLog(), MarkComplete()]  # the guards check before a save is marked
 
 
 # --------------------------------------------------------------------------- train
@@ -180,24 +180,167 @@ def _apply_plan(model: Any, plan: FastPlan) -> None:
     set_attention(model, plan.attention)
     if plan.gradient_checkpointing == "full":
         enable_checkpointing(model)
+    elif plan.gradient_checkpointing == "partial":
+        enable_checkpointing(model, layers=plan.checkpoint_layers)
     elif plan.gradient_checkpointing == "selective":
         enable_selective_checkpointing(model)
 
 
-def _guarded(loss_func: Any, callbacks: Sequence[Any]) -> Any:
-    """``loss_func`` that also hands each micro-batch's loss to the non-finite guard (with a
-    ``compute_loss_func`` the model computes no loss of its own for the guard to see)."""
-    from .guards import NonFiniteGuard
+class _PackedLoss:
+    """``compute_loss_func`` for packed batches, with the hooks it needs on the model.
 
-    guard = next((c for c in callbacks if isinstance(c, NonFiniteGuard)), None)
+    A forward pre-hook on the model sees each call's ``logits_to_keep`` (a tensor of positions
+    from the packed collator; ``generate`` passes an int and is left alone). For such a call it
+    hands the positions to the loss, which then picks the targets by index rather than by a mask
+    that would make the GPU wait, and, with a chunkable ``head``, makes ``head`` pass its input
+    through for the length of that one forward call: the "logits" are the hidden states at those
+    positions, and :func:`~loraforge.packing.linear_cross_entropy` applies ``head`` in chunks. Each
+    loss also goes to the non-finite guard (with a ``compute_loss_func`` the model computes no
+    loss of its own for the guard to see).
+    """
 
-    def compute(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-        loss = loss_func(outputs, labels, num_items_in_batch)
-        if guard is not None:
-            guard.record_loss(loss)
+    def __init__(self, guard: Any, head: Any) -> None:
+        self.guard, self.head = guard, head
+        self._keep: Any = None
+        self._hidden = False
+        self._swapped: tuple[bool, Any] | None = None
+
+    def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        keep, hidden = self._keep, self._hidden
+        self._keep, self._hidden = None, False
+        loss = packed_loss(
+            outputs,
+            labels,
+            num_items_in_batch,
+            keep_positions=keep,
+            lm_head=self.head if hidden else None,
+        )
+        if self.guard is not None:
+            self.guard.record_loss(loss)
         return loss
 
-    return compute
+    def _before(self, module: Any, args: Any, kwargs: Any) -> None:
+        import torch
+
+        keep = kwargs.get("logits_to_keep")
+        self._keep = keep if torch.is_tensor(keep) else None
+        self._hidden = self.head is not None and self._keep is not None
+        if self._hidden:
+            d = self.head.__dict__
+            self._swapped = ("forward" in d, d.get("forward"))
+            self.head.forward = _pass_through
+
+    def _after(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._swapped is not None:
+            had, previous = self._swapped
+            self._swapped = None
+            if had:
+                self.head.forward = previous
+            else:
+                del self.head.forward
+
+    @contextlib.contextmanager
+    def installed(self, model: Any) -> Iterator[None]:
+        handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._restore()
+
+
+def _pass_through(hidden: Any) -> Any:
+    return hidden
+
+
+def _chunkable_head(model: Any, *, require_frozen: bool = True) -> Any:
+    """The model's ``lm_head`` if the loss may apply it itself in chunks: a plain (frozen)
+    ``nn.Linear`` whose output the model uses as the logits unchanged."""
+    import torch
+
+    head = model.get_output_embeddings()
+    cfg = model.config
+    scaled = any(
+        getattr(cfg, k, None) not in (None, 1.0)
+        for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    frozen = head is not None and not any(p.requires_grad for p in head.parameters())
+    ok = type(head) is torch.nn.Linear and not scaled and (frozen or not require_frozen)
+    return head if ok else None
+
+
+@contextlib.contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """Move the objects alive before training out of the garbage collector's sight: its full
+    passes over the model's and datasets' objects otherwise land between GPU steps."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _lighter_steps(model: Any) -> Iterator[None]:
+    """Trim the Trainer's per-step CPU work, which a GPU waits for after each optimizer step:
+    ``model.train()`` walks every module with method calls although they are all training
+    already, and ``model.zero_grad()`` every parameter although only the adapter's have
+    gradients. Both are the model's own again afterwards."""
+    modules = list(model.modules())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    full_train = model.train
+
+    def train(mode: bool = True) -> Any:
+        if mode and all(m.training for m in modules):
+            return model
+        return full_train(mode)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        for p in trainable:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
+    model.train = train
+    model.zero_grad = zero_grad
+    try:
+        yield
+    finally:
+        del model.train
+        del model.zero_grad
+
+
+def _make_trainer(**kwargs: Any) -> Any:
+    """transformers' Trainer, counting FLOPs from a cached parameter count (its own
+    ``floating_point_ops`` walks every parameter at every step)."""
+    from transformers import Trainer
+
+    class _Trainer(Trainer):
+        _n_params: int | None = None
+
+        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+            ids = inputs.get("input_ids")
+            if ids is None:
+                return 0
+            if self._n_params is None:
+                count = getattr(self.model, "num_parameters", None)
+                self._n_params = int(count(exclude_embeddings=True)) if count else 0
+            return 6 * ids.numel() * self._n_params
+
+    return _Trainer(**kwargs)
 
 
 def _ids(ds: Any) -> Any:
@@ -230,7 +373,7 @@ def train(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     # 1. output folder and template
     out, checkpoint = _prepare_output_dir(recipe, resume)
@@ -295,7 +438,14 @@ def train(
     targets = resolve_target_modules(model, recipe.target_modules)
     model.config.use_cache = False
     longest = max(len(x) for x in train_ds["input_ids"])
-    plan = plan_fast_path(recipe, model, longest)
+    plan = plan_fast_path(
+        recipe,
+        model,
+        longest,
+        report.supervised_fraction or 1.0,
+        chunkable_head=_chunkable_head(model, require_frozen=False) is not None
+        and "lm_head" not in targets,
+    )
     logger.info("fast path: %s", plan.describe())
     _apply_plan(model, plan)
     model = get_peft_model(
@@ -310,6 +460,8 @@ def train(
         ),
     )
     if recipe.fused_lora:
+        from .lora_ops import fuse_lora_forward
+
         fuse_lora_forward(model)
     trainable, total = model.get_nb_trainable_parameters()
     counts = {
@@ -329,7 +481,7 @@ def train(
     # 4. trainer
     guard_callbacks = _callbacks(out, train_ds, report)
     collator: Any = _Collator(tokenizer.pad_token_id)
-    loss_func = None
+    loss_func: _PackedLoss | None = None
     batch_size = recipe.batch_size
     if plan.packing:
         assert plan.pack_tokens is not None
@@ -344,7 +496,9 @@ def train(
         if eval_ds is not None:
             eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
         collator = PackedCollator(tokenizer.pad_token_id)
-        loss_func = _guarded(packed_loss, guard_callbacks)
+        guard = next((c for c in guard_callbacks if isinstance(c, NonFiniteGuard)), None)
+        head = _chunkable_head(model) if recipe.chunked_loss else None
+        loss_func = _PackedLoss(guard, head)
         batch_size = 1
         per_row = len(train_ds.input_ids) / max(len(train_ds), 1)
         logger.warning(
@@ -388,8 +542,11 @@ def train(
         remove_unused_columns=False,
         dataloader_pin_memory=on_gpu,
         disable_tqdm=False,
+        # the non-finite guard stops the run instead; the filter reads the loss every step,
+        # which makes the GPU wait for the CPU
+        logging_nan_inf_filter=False,
     )
-    trainer = Trainer(
+    trainer = _make_trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -403,9 +560,17 @@ def train(
     recipe.to_yaml(out / "recipe.yaml")
     start = time.perf_counter()
     _quiet_progress(trainer)
-    with disk_full_errors(out / CHECKPOINTS, "saving a checkpoint to"):
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    runtime = time.perf_counter() - start
+    with contextlib.ExitStack() as hooks:
+        if loss_func is not None:
+            hooks.enter_context(loss_func.installed(model))
+        with (
+            disk_full_errors(out / CHECKPOINTS, "saving a checkpoint to"),
+            _lighter_steps(model),
+            _frozen_gc(),
+        ):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        runtime = time.perf_counter() - start
+        final_eval = trainer.evaluate() if eval_ds is not None else {}
 
     # 6. save
     history = list(trainer.state.log_history)
@@ -423,8 +588,7 @@ def train(
         "trainable_parameters": trainable,
         "lora_target_modules": counts,
     }
-    if eval_ds is not None:
-        metrics.update({k: v for k, v in trainer.evaluate().items()})
+    metrics.update(final_eval)
     _save_run(
         out, model, tokenizer, recipe, template, model_path, report, metrics, history, eval_report
     )
