@@ -213,6 +213,9 @@ def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path) -> dict:
         packing=True,
         packing_strategy="bfd",
         padding_free=True,
+        # train on the responses only, as the other setups do (TRL folds the completion_mask
+        # column into the labels only when asked; without this it trains on every token)
+        completion_only_loss=True,
         per_device_train_batch_size=1,
         gradient_accumulation_steps=1,
         gradient_checkpointing=True,
