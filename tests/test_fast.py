@@ -280,6 +280,7 @@ def test_liger_on_without_the_package_is_a_recipe_error(monkeypatch):
         )
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
 def test_lean_lora_hands_a_lora_bias_and_a_trained_base_back_to_peft():
     from peft import LoraConfig, get_peft_model
 
