@@ -48,6 +48,7 @@ from loraforge import (
     get_template,
     guards,
     load_for_inference,
+    nonfinite,
     train,
 )
 from loraforge.demo import demo_recipe, prepare_tiny_base
@@ -573,9 +574,9 @@ def test_deferred_check_names_the_step_and_saves_nothing_after_it(
     import functools
 
     monkeypatch.setattr(
-        guards.NonFiniteGuard,
+        nonfinite.NonFiniteGuard,
         "__init__",
-        functools.partialmethod(guards.NonFiniteGuard.__init__, defer=True),
+        functools.partialmethod(nonfinite.NonFiniteGuard.__init__, defer=True),
     )
     data, rows = _skip_data(workdir)
     examples, pad_id = _example_ids(workdir, data)
@@ -591,10 +592,10 @@ def test_deferred_check_names_the_step_and_saves_nothing_after_it(
 def test_packed_and_padded_batches_are_split_into_examples():
     ids = torch.tensor([[5, 6, 7, 8, 9, 1, 1]])
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1]])
-    rows, micro = guards._batch_rows([(None, ids, None, pos)])
+    rows, micro = nonfinite._batch_rows([(None, ids, None, pos)])
     assert rows == [[5, 6, 7], [8, 9], [1, 1]] and micro == [0, 0, 0]
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    rows, micro = guards._batch_rows([(None, torch.tensor([[3, 4, 0], [5, 6, 7]]), mask, None)])
+    rows, micro = nonfinite._batch_rows([(None, torch.tensor([[3, 4, 0], [5, 6, 7]]), mask, None)])
     assert rows == [[3, 4], [5, 6, 7]] and micro == [0, 0]
 
 

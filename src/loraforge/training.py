@@ -30,7 +30,7 @@ from .fast import (
     plan_fast_path,
     set_attention,
 )
-from .guards import NonFiniteGuard, disk_full_errors
+from .guards import disk_full_errors
 from .models import (
     enable_checkpointing,
     ensure_pad_token,
@@ -40,6 +40,7 @@ from .models import (
     resolve_model_path,
     resolve_target_modules,
 )
+from .nonfinite import NonFiniteGuard
 from .output import (
     CHECKPOINTS,
     _prepare_output_dir,
@@ -153,7 +154,7 @@ def _callbacks(
                     shutil.copyfile(recipe_file, ckpt / "recipe.yaml")
                 guards.mark_complete(ckpt, state.global_step)
 
-    extra = [guards.NonFiniteGuard(out, train_ds, report), guards.DiskSpaceGuard()] if out else []
+    extra = [NonFiniteGuard(out, train_ds, report), guards.DiskSpaceGuard()] if out else []
     return [*extra, PlainLog(), MarkComplete()]  # the guards check before a save is marked
 
 
