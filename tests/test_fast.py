@@ -324,3 +324,16 @@ def test_plan_counts_full_logits_when_the_loss_cannot_be_chunked(fake_gpu):
     chunked = plan_fast_path(_recipe(), _phi4_sized(), 384, 0.34)
     full = plan_fast_path(_recipe(), _phi4_sized(), 384, 0.34, chunkable_head=False)
     assert full.checkpoint_layers > chunked.checkpoint_layers
+
+
+def test_trainer_flop_count_is_transformers_count_from_a_cached_parameter_count(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from loraforge.training import _make_trainer
+
+    model = _lora(0.0)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    ours, theirs = _make_trainer(model=model, args=args), Trainer(model=model, args=args)
+    inputs = {"input_ids": torch.zeros(2, 37, dtype=torch.long)}
+    assert ours.floating_point_ops(inputs) == theirs.floating_point_ops(inputs) > 0
+    assert ours._n_params is not None  # counted once, then reused

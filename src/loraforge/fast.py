@@ -26,6 +26,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from .packing import _CHUNK_BYTES
+
 __all__ = [
     "VARLEN_ATTENTION",
     "FastPlan",
@@ -202,7 +204,7 @@ _BYTES_LEAN = 28
 _BYTES_LAYER_INPUT = 2
 _BYTES_WORKING_SET = 40
 _BYTES_LOGIT = 14
-_CHUNKED_LOSS_BYTES = 3 * 128 * 2**20  # one chunk's logits, float32 and bf16 (packing.py)
+_CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16 copy, the grad
 _RESERVE_GIB = 1.5
 _BUDGETS = (8192, 6144, 4096, 3072, 2048)
 _SMALLEST_FAST_ROW = 2048
@@ -323,10 +325,10 @@ def plan_fast_path(
             hidden=cfg.hidden_size,
             layers=cfg.num_hidden_layers,
             vocab=getattr(cfg, "vocab_size", 0),
-            per_layer=_BYTES_LEAN if getattr(recipe, "fused_lora", True) else _BYTES_PEFT,
+            per_layer=_BYTES_LEAN if recipe.fused_lora else _BYTES_PEFT,
             # unpacked batches have logits at every position
             supervised=min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0,
-            chunked_loss=packing and chunkable_head and getattr(recipe, "chunked_loss", False),
+            chunked_loss=packing and chunkable_head and recipe.chunked_loss,
         )
         if not packing:  # the micro-batch is batch_size padded sequences
             candidates = [recipe.batch_size * max(recipe.max_length, max_example_tokens)]

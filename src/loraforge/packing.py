@@ -19,6 +19,7 @@ keeps them apart:
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import random
 from collections.abc import Sequence
@@ -215,10 +216,12 @@ def linear_cross_entropy(hidden: Any, weight: Any, targets: Any, bias: Any = Non
     ``weight`` and ``bias`` must be frozen (an ``lm_head`` under LoRA). Targets of ``-100`` are
     ignored.
     """
-    return _LinearCrossEntropy.apply(hidden, weight, targets, bias)
+    return _linear_ce_function().apply(hidden, weight, targets, bias)
 
 
-def _make_linear_ce() -> Any:
+@functools.cache
+def _linear_ce_function() -> Any:
+    """The autograd function, built on first use (torch is imported lazily in this module)."""
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
@@ -254,17 +257,3 @@ def _make_linear_ce() -> Any:
             return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
 
     return LinearCrossEntropy
-
-
-class _Lazy:
-    """Builds the autograd function on first use (keeps ``import loraforge`` free of torch)."""
-
-    fn: Any = None
-
-    def apply(self, *args: Any) -> Any:
-        if self.fn is None:
-            self.fn = _make_linear_ce()
-        return self.fn.apply(*args)
-
-
-_LinearCrossEntropy = _Lazy()
