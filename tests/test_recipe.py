@@ -223,6 +223,7 @@ def test_yaml_lists_become_tuples_and_string_numbers_are_coerced(tmp_path):
         ("lora_r", 8.5, "lora_r: must be an integer (got 8.5)"),
         ("learning_rate", True, "learning_rate: expected a number, got True"),
         ("learning_rate", "nan", "learning_rate: must be a finite number (got nan)"),
+        ("lora_dropout", 7 * 10**400, "lora_dropout: expected a number, got 7"),
         (
             "overwrite_output_dir",
             "maybe",

@@ -268,7 +268,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ValueError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond float's range
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
     if hint is int or (int in args and origin is not Literal):
         if isinstance(value, str):
