@@ -250,6 +250,8 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
     from loraforge import LoraRecipe, train
 
     lf_train = sys.modules["loraforge.training"]
+    if os.environ.get("LORAFORGE_BLOCKING_COPIES"):  # A/B: what non-blocking batch copies give
+        lf_train._NON_BLOCKING_COPIES = False
 
     meter = Meter(warmup)
     original = packing.PackedCollator.__call__
@@ -277,72 +279,15 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
     model = build_model(assets)
     callbacks = [meter.callback()]
     if os.environ.get("LORAFORGE_PROFILE"):
-        callbacks.append(profiler_callback(warmup))
+        from profiling import profiler_callback
+
+        callbacks.append(profiler_callback(warmup, out=out))
     res = train(recipe, model=model, tokenizer=tok, callbacks=callbacks)
     result = meter.result()
-    result["fast_path"] = res.metrics["fast_path"]
+    result["fast_path"] = res.metrics["fast_path"] + (
+        "; blocking batch copies" if not lf_train._NON_BLOCKING_COPIES else ""
+    )
     return result
-
-
-def profiler_callback(start: int, steps: int = 2):
-    """Profile ``steps`` optimizer steps after ``start`` and print where the GPU time goes."""
-    import torch
-    from transformers import TrainerCallback
-
-    class Profile(TrainerCallback):
-        prof = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == start:
-                self.prof = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CUDA]
-                )
-                torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
-                self.prof.__enter__()
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.prof is not None and state.global_step == start + steps:
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - self.t0
-                self.prof.__exit__(None, None, None)
-                cats: dict[str, float] = {}
-                kernels: list[tuple[float, str, str]] = []
-                total = 0.0
-                for ev in self.prof.key_averages():
-                    t = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0))
-                    if not t or ev.key.startswith(("ProfilerStep", "aten::", "autograd")):
-                        continue
-                    k = ev.key.lower()
-                    if "flash" in k or "fmha" in k or "attn" in k:
-                        cat = "attention"
-                    elif any(
-                        x in k for x in ("gemm", "nvjet", "xmma", "cublas", "cutlass", "matmul")
-                    ):
-                        cat = "gemm"
-                    elif "triton" in k or (not k.startswith("void") and "kernel" in k):
-                        cat = "triton (liger)"
-                    elif "reduce" in k or "norm" in k:
-                        cat = "reductions"
-                    elif "elementwise" in k or "copy" in k or "cat" in k or "fill" in k:
-                        cat = "elementwise/copies"
-                    else:
-                        cat = "other"
-                    kernels.append((t, cat, ev.key[:90]))
-                    cats[cat] = cats.get(cat, 0.0) + t
-                    total += t
-                print(
-                    f"PROFILE GPU busy {total / 1e3:.1f} ms of {wall * 1e3:.1f} ms wall over "
-                    f"{steps} steps ({total / 1e3 / (wall * 1e3):.0%}; the profiler slows the CPU)"
-                )
-                print("PROFILE GPU time by kind over", steps, "steps:")
-                for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
-                    print(f"PROFILE   {cat:<18} {t / 1e3:9.1f} ms  {t / total:6.1%}")
-                for t, cat, name in sorted(kernels, reverse=True)[:20]:
-                    print(f"PROFILE {t / 1e3:9.1f} ms  {cat:<18} {name}")
-                self.prof = None
-
-    return Profile()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -439,7 +384,7 @@ def main() -> None:
             continue
         prof = [x for x in proc.stdout.splitlines() if x.startswith("PROFILE")]
         if prof:
-            print("\n".join(prof[:60]), flush=True)
+            print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])
         r["name"] = name
         r["mfu"] = r["tokens_per_s"] * 4 * n_mm / (peak * 1e12)
