@@ -11,7 +11,8 @@ import torch
 
 from loraforge import LoraRecipe, RecipeError, lora_ops
 from loraforge.fast import plan_fast_path
-from loraforge.lora_ops import _swiglu_backward, dropout_mask, fuse_lora_forward, swiglu
+from loraforge.kernels import swiglu_backward
+from loraforge.lora_ops import dropout_mask, fuse_lora_forward, lean_norms, swiglu
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()
@@ -57,6 +58,95 @@ def test_lean_lora_equals_peft_in_float32():
     mlps = [m for m in fused.modules() if hasattr(m, "_loraforge_unfused_forward")]
     assert len(mlps) == 2  # gate_up_proj -> SwiGLU -> down_proj run as one function
     _assert_same(plain, fused, torch.randint(0, 1000, (2, 40)))
+
+
+def _random_norm_weights(model) -> None:
+    """Norm weights away from 1 (and some negative), so ``output / weight`` is exercised."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                sign = torch.where(torch.rand(p.shape, generator=gen) < 0.2, -1.0, 1.0)
+                p.copy_(sign * (0.3 + 1.5 * torch.rand(p.shape, generator=gen)))
+
+
+def test_lean_norms_equal_the_model_norms_in_float32():
+    """Norms that keep their output instead of their input: same loss and LoRA gradients."""
+    plain = _lora(0.0)
+    _random_norm_weights(plain)
+    fused = copy.deepcopy(plain)
+    fuse_lora_forward(fused)
+    assert lean_norms(fused) == 5  # two per decoder layer and the final norm
+    _assert_same(plain, fused, torch.randint(0, 1000, (2, 40)))
+
+
+def test_lean_norm_gradient_equals_autograd_through_phi3_norm():
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    norm = Phi3RMSNorm(96, eps=1e-5)
+    _random_norm_weights(norm)
+    norm.weight.requires_grad_(False)
+    lean = copy.deepcopy(norm)
+    assert lean_norms(lean) == 1
+    x = (torch.randn(3, 50, 96) * 4).requires_grad_()
+    g = torch.randn(3, 50, 96)
+    ref = norm(x)
+    (dx_ref,) = torch.autograd.grad(ref, x, g)
+    out = lean(x)
+    (dx,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_norms_keep_the_output_the_next_layer_keeps_anyway():
+    """In a decoder layer each norm's output is the adapted projection's input, kept once, and
+    the norm's input is not kept: one hidden-sized tensor less per norm. Here that shows for the
+    second norm; the first one's input is the layer's input, which the count leaves out (in a
+    model it is the previous layer's output, then freed as well)."""
+    plain = _lora(0.1)
+    fuse_lora_forward(plain)
+    fused = copy.deepcopy(plain)
+    lean_norms(fused)
+    hidden, tokens = plain.config.hidden_size, 256
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+
+    def layer_of(model):
+        layer = _layers(model)[0]
+        rope = model.base_model.model.model.rotary_emb
+        emb = rope(x, pos)
+        return lambda h: layer(h, position_embeddings=emb, position_ids=pos)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.f = model, layer_of(model)
+
+        def forward(self, h):
+            out = self.f(h)
+            return out[0] if isinstance(out, tuple) else out
+
+    kept, ref = _saved_bytes(Wrap(fused), x), _saved_bytes(Wrap(plain), x)
+    assert ref - kept == tokens * hidden * 4, (kept, ref)
+
+
+def test_lean_norms_leave_zero_and_trained_weights_to_the_model():
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    zero = Phi3RMSNorm(8)
+    with torch.no_grad():
+        zero.weight[3] = 0.0
+    assert lean_norms(zero) == 0  # output / weight cannot recover that element
+    trained = Phi3RMSNorm(8)
+    assert lean_norms(trained) == 1
+    x = torch.randn(2, 8)
+    trained(x).sum().backward()  # requires_grad: the model's own forward, with a weight gradient
+    assert trained.weight.grad is not None
+    liger = type("LigerRMSNorm", (Phi3RMSNorm,), {})  # Liger's norm, as it patches Phi-3
+    gemma_like = liger(8)
+    gemma_like.offset = 1.0  # weight + 1: output / weight no longer recovers the input
+    assert lean_norms(gemma_like) == 0
+    assert lean_norms(liger(8)) == 1
 
 
 class _SeededDropout(torch.nn.Module):
@@ -180,7 +270,7 @@ def test_swiglu_backward_matches_autograd():
     gate, up = gu.chunk(2, dim=-1)
     (torch.nn.functional.silu(gate) * up * g).sum().backward()
     torch.testing.assert_close(swiglu(gu.detach()), torch.nn.functional.silu(gate) * up)
-    torch.testing.assert_close(_swiglu_backward(gu.detach(), g), gu.grad)
+    torch.testing.assert_close(swiglu_backward(gu.detach(), g), gu.grad)
 
 
 def test_fused_lora_forward_leaves_mixed_dtypes_to_peft():
@@ -219,10 +309,26 @@ class _Param:
         return 2
 
 
-def _phi4_sized():
-    """Phi-4's shape as far as the planner looks: config and 14.7 B bf16 parameters."""
+def _phi4_sized(norm_weight: float = 1.0):
+    """Phi-4's shape as far as the planner looks: config, 14.7 B bf16 parameters and the norms
+    (small stand-ins at Phi-4's 81 norm sites, all weights ``norm_weight``)."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
     cfg = SimpleNamespace(hidden_size=5120, num_hidden_layers=40, vocab_size=100352)
-    return SimpleNamespace(config=cfg, parameters=lambda: [_Param(14_659_507_200)])
+    norms = [("model.norm", Phi3RMSNorm(8))] + [
+        (f"model.layers.{i}.{site}", Phi3RMSNorm(8))
+        for i in range(40)
+        for site in ("input_layernorm", "post_attention_layernorm")
+    ]
+    for _, norm in norms:
+        norm.weight.data.fill_(norm_weight)
+        norm.to(torch.bfloat16).requires_grad_(False)
+    return SimpleNamespace(
+        config=cfg,
+        dtype=torch.bfloat16,
+        parameters=lambda: [_Param(14_659_507_200)],
+        named_modules=lambda: iter(norms),
+    )
 
 
 @pytest.fixture
@@ -238,22 +344,50 @@ def fake_gpu(monkeypatch):
     return card
 
 
-def test_plan_for_phi4_under_40_gib_checkpoints_a_few_layers_of_2048_token_rows(fake_gpu):
-    """Under the 40 GiB cap the lean LoRA path keeps most layers' activations: 2,048-token rows
-    with a few layers checkpointed; PEFT's forward would need many more; full checkpointing
-    when asked for packs the largest row that fits."""
+def test_plan_for_phi4_under_40_gib_keeps_all_activations_of_2048_token_rows(fake_gpu):
+    """Under the 40 GiB cap the lean path keeps every layer's activations for 2,048-token rows;
+    PEFT's forward needs many layers checkpointed; full checkpointing when asked for packs the
+    largest row that fits; a larger row gets a few layers checkpointed."""
     fake_gpu(80)
     plan = plan_fast_path(_recipe(), _phi4_sized(), 384, supervised_fraction=0.34)
-    assert (plan.packing, plan.pack_tokens, plan.gradient_checkpointing) == (True, 2048, "partial")
-    assert 0 < plan.checkpoint_layers < 20
+    assert (plan.packing, plan.pack_tokens, plan.gradient_checkpointing) == (True, 2048, "off")
     assert "under a 40 GiB cap" in plan.reason
-    assert f"checkpointing {plan.checkpoint_layers} layers" in plan.describe()
     peft = plan_fast_path(_recipe(fused_lora=False), _phi4_sized(), 384, supervised_fraction=0.34)
-    assert peft.checkpoint_layers > plan.checkpoint_layers
+    assert peft.gradient_checkpointing == "partial" and 10 < peft.checkpoint_layers < 40
     full = plan_fast_path(_recipe(gradient_checkpointing="full"), _phi4_sized(), 384, 0.34)
     assert (full.pack_tokens, full.gradient_checkpointing) == (8192, "full")
+    big = plan_fast_path(_recipe(pack_tokens=3072), _phi4_sized(), 384, 0.34)
+    assert (big.pack_tokens, big.gradient_checkpointing) == (3072, "partial")
+    assert 0 < big.checkpoint_layers < 20
+    assert f"checkpointing {big.checkpoint_layers} layers" in big.describe()
     roomy = plan_fast_path(_recipe(max_memory_gib=48), _phi4_sized(), 384, 0.34)
-    assert roomy.gradient_checkpointing == "off" and roomy.pack_tokens >= 2048
+    assert roomy.gradient_checkpointing == "off" and roomy.pack_tokens >= 3072
+
+
+def test_plan_counts_the_norm_inputs_the_lean_norms_cannot_drop(fake_gpu):
+    """Norms lean_norms leaves alone (here: zero weights) keep their inputs: the planner counts
+    them, and 2,048-token rows then need a few layers checkpointed under 40 GiB."""
+    from loraforge.fast import _lean_bytes
+
+    assert _lean_bytes(_phi4_sized()) == 25
+    assert _lean_bytes(_phi4_sized(norm_weight=0.0)) == pytest.approx(25 + 2 * 81 / 40)
+    fake_gpu(80)
+    plan = plan_fast_path(_recipe(), _phi4_sized(norm_weight=0.0), 384, supervised_fraction=0.34)
+    assert (plan.pack_tokens, plan.gradient_checkpointing) == (2048, "partial")
+
+
+def test_lean_norms_only_where_the_next_layer_keeps_the_output():
+    """q_norm/k_norm-like norms feed RoPE, which may overwrite their output in place: left alone.
+    The decoder layer's two norms and the final norm are taken."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    attn = torch.nn.Module()
+    attn.q_norm, attn.k_norm = Phi3RMSNorm(8), Phi3RMSNorm(8)
+    for norm in (attn.q_norm, attn.k_norm):
+        norm.weight.requires_grad_(False)
+    assert lean_norms(attn) == 0
+    model = _lora(0.0)
+    assert len(lora_ops.lean_norm_candidates(model)) == 5
 
 
 def test_plan_without_a_cap_uses_the_card_and_skips_checkpointing(fake_gpu):
@@ -321,9 +455,9 @@ def test_lighter_steps_still_puts_every_module_back_in_training_mode():
 
 def test_plan_counts_full_logits_when_the_loss_cannot_be_chunked(fake_gpu):
     fake_gpu(80)
-    chunked = plan_fast_path(_recipe(), _phi4_sized(), 384, 0.34)
-    full = plan_fast_path(_recipe(), _phi4_sized(), 384, 0.34, chunkable_head=False)
-    assert full.checkpoint_layers > chunked.checkpoint_layers
+    chunked = plan_fast_path(_recipe(), _phi4_sized(), 384, 1.0)
+    full = plan_fast_path(_recipe(), _phi4_sized(), 384, 1.0, chunkable_head=False)
+    assert full.checkpoint_layers > chunked.checkpoint_layers == 0
 
 
 def test_trainer_flop_count_is_transformers_count_from_a_cached_parameter_count(tmp_path):

@@ -84,7 +84,7 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
         register_varlen_attention,
         set_attention,
     )
-    from loraforge.lora_ops import fuse_lora_forward
+    from loraforge.lora_ops import fuse_lora_forward, lean_norms
     from loraforge.packing import PackedCollator, packed_loss
     from loraforge.tiny import build_tiny_tokenizer
 
@@ -98,6 +98,7 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
     plain, fast = _with_lora(base), _with_lora(fast_base)
     fast.load_state_dict(plain.state_dict())
     fuse_lora_forward(fast)
+    assert lean_norms(fast) == 5
     total = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
     loss_plain = 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)  # as Trainer(bf16=True) runs
@@ -138,9 +139,9 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
 
 
 def test_triton_kernels_match_torch_in_bf16():
-    from loraforge import lora_ops
+    from loraforge import kernels
 
-    assert lora_ops._triton() is not None, "triton kernels did not build"
+    assert kernels.triton_kernels() is not None, "triton kernels did not build"
     torch.manual_seed(0)
     gu = torch.randn(3000, 2 * 1792, device="cuda", dtype=torch.bfloat16) * 3
     g = torch.randn(3000, 1792, device="cuda", dtype=torch.bfloat16)
@@ -148,16 +149,36 @@ def test_triton_kernels_match_torch_in_bf16():
     gate, up = ref.chunk(2, dim=-1)
     out = torch.nn.functional.silu(gate) * up
     out.backward(g.float())
-    assert _rel(lora_ops.swiglu(gu), out) < 5e-3
-    assert _rel(lora_ops._swiglu_backward(gu, g), ref.grad) < 5e-3
-    # dropout: one pass, the same mask as dropout_mask, kept with probability 1 - p
-    mask = lora_ops.dropout_mask(gu, 0.1, seed=7)
+    assert _rel(kernels.swiglu(gu), out) < 5e-3
+    assert _rel(kernels.swiglu_backward(gu, g), ref.grad) < 5e-3
+    # dropout: one pass, the same mask as dropout_mask, kept with probability 1 - p; the mask's
+    # bits give it back exactly
+    mask = kernels.dropout_mask(gu, 0.1, seed=7)
     assert abs(mask.float().mean().item() - 0.9) < 2e-3
-    assert torch.equal(lora_ops.keep(gu, 0.1, seed=7), gu * mask)
-    assert not torch.equal(mask, lora_ops.dropout_mask(gu, 0.1, seed=8))
+    by_position = mask.flatten().view(-1, 8).float().mean(0)  # the 8 elements of one Philox draw
+    assert (by_position - 0.9).abs().max().item() < 5e-3, by_position
+    dropped, bits = kernels.drop(gu, 0.1, seed=7)
+    assert torch.equal(dropped, gu * mask)
+    assert bits is not None and bits.numel() == gu.numel() // 8
+    assert torch.equal(kernels.keep(g.repeat(1, 2), 0.1, 7, bits), g.repeat(1, 2) * mask)
+    assert torch.equal(kernels.keep(gu, 0.1, seed=7), gu * mask)  # drawn again from the seed
+    assert not torch.equal(mask, kernels.dropout_mask(gu, 0.1, seed=8))
     inplace = gu.clone()
-    lora_ops.keep(inplace, 0.1, seed=7, inplace=True)
+    kernels.keep(inplace, 0.1, 7, bits, inplace=True)
     assert torch.equal(inplace, gu * mask)
+    # RMSNorm: Phi-3's norm, and the input gradient from the output, against float32 autograd
+    # (not Phi3RMSNorm itself: once Liger has patched transformers, that name is Liger's norm,
+    # whose backward overwrites the incoming gradient in place)
+    w = torch.empty(5120, device="cuda").uniform_(0.2, 2.0).to(torch.bfloat16)
+    x = (torch.randn(2048, 5120, device="cuda") * 3).to(torch.bfloat16)
+    dy = torch.randn(2048, 5120, device="cuda", dtype=torch.bfloat16)
+    xr = x.float().requires_grad_()
+    y_ref = w.float() * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5))
+    y_ref.backward(dy.float())
+    y, rstd = kernels.rms_norm(x, w, 1e-5)
+    assert _rel(y, y_ref) < 5e-3
+    dx = kernels.rms_norm_backward_from_output(dy, y, w, rstd)
+    assert _rel(dx, xr.grad) < 1e-2
 
 
 def test_lean_lora_matches_peft_with_dropout_in_bf16(monkeypatch, capsys):

@@ -67,7 +67,37 @@ def _causal_kwargs() -> dict[str, Any]:
     else:  # pragma: no cover - unknown API
         raise RuntimeError("torch.nn.attention.varlen.varlen_attn: unknown causal argument")
     kw["_gqa"] = "enable_gqa" in params
+    kw["_native_gqa"] = not kw["_gqa"] and _grouped_heads_work(varlen_attn, kw)
     return kw
+
+
+def _grouped_heads_work(varlen_attn: Any, causal: dict[str, Any]) -> bool:
+    """Whether this ``varlen_attn`` takes fewer key/value heads than query heads as they are
+    (flash attention's grouped-query attention): tried once on a tiny input against repeated
+    heads, forward and backward. If not, the key/value heads are repeated."""
+    import torch
+
+    kw = {k: v for k, v in causal.items() if not k.startswith("_")}
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            torch.randn(12, h, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for h in (4, 2, 2)
+        )
+        cu = torch.tensor([0, 5, 12], device="cuda", dtype=torch.int32)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, q, k, v)]
+        grouped = varlen_attn(*leaves[:3], cu, cu, 7, 7, **kw)
+        rep = [leaves[3], *(t.repeat_interleave(2, dim=1) for t in leaves[4:])]
+        repeated = varlen_attn(*rep, cu, cu, 7, 7, **kw)
+        g = torch.randn(grouped.shape, device="cuda", dtype=grouped.dtype, generator=gen)
+        grads = torch.autograd.grad([grouped, repeated], leaves, [g, g])
+    except Exception:  # the kernel refuses grouped heads
+        return False
+    close = [
+        torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+        for a, b in [(grouped, repeated), *zip(grads[:3], grads[3:], strict=True)]
+    ]
+    return all(close)
 
 
 def _varlen_attention(
@@ -94,14 +124,15 @@ def _varlen_attention(
     if query.shape[0] != 1:
         raise RuntimeError("loraforge varlen attention expects one packed row per micro-batch")
     kw = dict(_CAUSAL)
-    gqa = kw.pop("_gqa")
-    q = query[0].transpose(0, 1).contiguous()
-    k = key[0].transpose(0, 1).contiguous()
-    v = value[0].transpose(0, 1).contiguous()
+    gqa, native_gqa = kw.pop("_gqa"), kw.pop("_native_gqa")
+    # squeeze, not [0]: the gradient of a view, not a zero-filled copy of the whole batch
+    q = query.squeeze(0).transpose(0, 1).contiguous()
+    k = key.squeeze(0).transpose(0, 1).contiguous()
+    v = value.squeeze(0).transpose(0, 1).contiguous()
     if k.shape[1] != q.shape[1]:
         if gqa:
             kw["enable_gqa"] = True
-        else:
+        elif not native_gqa:
             rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
@@ -193,14 +224,15 @@ def enable_selective_checkpointing(model: Any) -> None:
 # --------------------------------------------------------------------------- the plan
 
 # Activation bytes per token and decoder layer, in units of hidden_size (bf16, LoRA r=8 on every
-# linear layer, varlen attention, Liger norms). PEFT's LoRA forward keeps ~72 x hidden (measured on
-# an H100 with Phi-4's shape); the lean functions of ``lora_ops`` keep the two norm inputs (2+2),
-# the qkv input (2), attention's q/k/v/output (5), the MLP input (2) and its gate_up output (14).
-# A checkpointed layer keeps its input (2). The backward pass of one layer needs a working set
-# (~40 x hidden), and the loss ~14 bytes per vocabulary entry of each supervised position, unless
-# it is computed in chunks (``chunked_loss``).
+# linear layer, varlen attention). PEFT's LoRA forward keeps ~72 x hidden (measured on an H100 with
+# Phi-4's shape); the lean functions of ``lora_ops`` keep the qkv input (2, which is also the first
+# norm's output, kept by the lean norm instead of its input), attention's q/k/v/output (5), the MLP
+# input (2, the second norm's output), its gate_up output (14) and the dropout masks as bits (~0.8
+# for Phi-4's shapes): ~24, counted as 25. A checkpointed layer keeps its input (2). The backward
+# pass of one layer needs a working set (~40 x hidden), and the loss ~14 bytes per vocabulary entry
+# of each supervised position, unless it is computed in chunks (``chunked_loss``).
 _BYTES_PEFT = 72
-_BYTES_LEAN = 28
+_BYTES_LEAN = 25
 _BYTES_LAYER_INPUT = 2
 _BYTES_WORKING_SET = 40
 _BYTES_LOGIT = 14
@@ -257,7 +289,7 @@ class _Memory:
     hidden: int
     layers: int
     vocab: int
-    per_layer: int
+    per_layer: float
     supervised: float
     chunked_loss: bool = False
 
@@ -279,6 +311,19 @@ class _Memory:
             if self.needed(tokens, k) <= self.free:
                 return k
         return None
+
+
+def _lean_bytes(model: Any) -> float:
+    """Activation bytes a decoder layer keeps with the lean functions, per token and hidden unit:
+    ``_BYTES_LEAN``, plus the norm inputs (2 each) of the decoder norms ``lean_norms`` will not
+    take (another norm class, a zero weight, a dtype other than the model's)."""
+    from .lora_ops import lean_norm_candidates
+
+    layers = getattr(model.config, "num_hidden_layers", 0) or 1
+    dtype = getattr(model, "dtype", None)
+    taken = sum(1 for m in lean_norm_candidates(model) if dtype is None or m.weight.dtype == dtype)
+    missing = max(0, 2 * layers + 1 - taken)  # two a decoder layer and the final norm
+    return _BYTES_LEAN + 2 * missing / layers
 
 
 def plan_fast_path(
@@ -325,7 +370,7 @@ def plan_fast_path(
             hidden=cfg.hidden_size,
             layers=cfg.num_hidden_layers,
             vocab=getattr(cfg, "vocab_size", 0),
-            per_layer=_BYTES_LEAN if recipe.fused_lora else _BYTES_PEFT,
+            per_layer=_lean_bytes(model) if recipe.fused_lora else _BYTES_PEFT,
             # unpacked batches have logits at every position
             supervised=min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0,
             chunked_loss=packing and chunkable_head and recipe.chunked_loss,
@@ -370,7 +415,9 @@ def plan_fast_path(
 
 def apply_liger(model: Any) -> None:
     """Patch a loaded model instance with Liger-Kernel's fused RMSNorm, SwiGLU and RoPE (the loss
-    stays loraforge's, which computes logits only at supervised positions)."""
+    stays loraforge's, which computes logits only at supervised positions). With ``fused_lora``
+    the lean LoRA functions and norms of :mod:`loraforge.lora_ops` then take over the MLPs and norms
+    they apply to."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     params = inspect.signature(_apply_liger_kernel_to_instance).parameters

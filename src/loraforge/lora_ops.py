@@ -6,20 +6,24 @@ also keeps the activation that feeds ``down_proj``. For Phi-4 that is most of th
 of a decoder layer, and it is what forces gradient checkpointing (a second forward pass) on a
 48 GB card. The functions here compute the same thing and keep less:
 
-* :class:`LoraLinearFunction` keeps only the layer input and the rank-r product. The dropout mask
-  is drawn from a seed and drawn again in the backward pass (the seed comes from torch's CPU
-  generator, so ``torch.manual_seed`` makes runs repeatable and checkpoint recomputation sees the
-  same masks). Dropout's ``1/(1-p)`` and the LoRA scale are applied to the rank-r product, and the
-  adapter's contribution is added inside the up-projection's matrix product.
+* :class:`LoraLinearFunction` keeps the layer input, the rank-r product and the dropout mask: as
+  bits on the GPU (1/16 of a bf16 copy), elsewhere as its seed, drawn again in the backward pass.
+  The seed comes from torch's CPU generator, so ``torch.manual_seed`` makes runs repeatable and
+  checkpoint recomputation sees the same masks. Dropout's ``1/(1-p)`` and the LoRA scale are
+  applied to the rank-r product, and the adapter's contribution is added inside the
+  up-projection's matrix product.
 * :class:`LoraSwiGLUFunction` runs a whole ``gate_up_proj -> SiLU(gate) * up -> down_proj`` MLP
-  with LoRA on both projections and keeps only its input and the ``gate_up`` output; the SwiGLU
-  activation is recomputed in the backward pass (one element-wise kernel).
+  with LoRA on both projections and keeps only its input, the ``gate_up`` output and the masks; the
+  SwiGLU activation is recomputed in the backward pass (one element-wise kernel).
+* :class:`RMSNormFunction` keeps a norm's output (which the next layer keeps as its input anyway)
+  instead of its input.
 
-:func:`fuse_lora_forward` installs them on a PEFT model; anything outside plain single-adapter LoRA
-on ``nn.Linear`` (merged or disabled adapters, DoRA and other variants, mixed dtypes without
-autocast) falls back to PEFT's own forward. With ``lora_dropout=0`` the result equals PEFT's to
-rounding; with dropout the masks come from a different random stream than PEFT's ``nn.Dropout``,
-with the same distribution.
+:func:`fuse_lora_forward` installs the LoRA functions on a PEFT model; anything outside plain
+single-adapter LoRA on ``nn.Linear`` (merged or disabled adapters, DoRA and other variants, mixed
+dtypes without autocast) falls back to PEFT's own forward. :func:`lean_norms` installs the norm.
+With ``lora_dropout=0`` the result equals PEFT's to rounding; with dropout the masks come from a
+different random stream than PEFT's ``nn.Dropout``, with the same distribution (on the GPU, ``p``
+rounded to 1/65,536). The kernels are in :mod:`loraforge.kernels`.
 """
 
 from __future__ import annotations
@@ -30,16 +34,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .kernels import (
+    drop,
+    dropout_mask,
+    effective_p,
+    keep,
+    rms_norm,
+    rms_norm_backward_from_output,
+    swiglu,
+    swiglu_backward,
+)
+
 __all__ = [
     "LoraLinearFunction",
     "LoraSwiGLUFunction",
+    "RMSNormFunction",
     "dropout_mask",
     "fuse_lora_forward",
     "keep",
+    "lean_norm_candidates",
+    "lean_norms",
     "swiglu",
 ]
-
-_GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
 def _new_seed() -> int:
@@ -47,172 +63,23 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
-def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask (``True`` = kept, with probability ``1 - p``) for ``like``; a function of
-    ``seed`` (on a CUDA device with Triton, element ``4g + j`` is kept when the ``j``-th uniform
-    number of Philox's draw ``(seed, g)`` is ``>= p``; elsewhere torch's generator draws it)."""
-    if like.is_cuda and _triton() is not None:
-        return _triton_keep(torch.ones(like.shape, dtype=torch.int8, device=like.device), p, seed)
-    gen = _GENERATORS.get(like.device)
-    if gen is None:
-        gen = _GENERATORS[like.device] = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    mask = torch.empty(like.shape, dtype=torch.bool, device=like.device)
-    return mask.bernoulli_(1.0 - p, generator=gen)
-
-
-def keep(x: torch.Tensor, p: float, seed: int, *, inplace: bool = False) -> torch.Tensor:
-    """``x`` times its keep-mask :func:`dropout_mask` (unscaled), in one pass on a GPU."""
-    if x.is_cuda and _triton() is not None and x.is_contiguous():
-        return _triton_keep(x if inplace else torch.empty_like(x), p, seed, src=x)
-    mask = dropout_mask(x, p, seed)
-    return x.mul_(mask) if inplace else x * mask
-
-
-# --------------------------------------------------------------------------- SwiGLU
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
-    if gate_up.is_cuda and _triton() is not None:
-        return _triton_swiglu_forward(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient with respect to ``gate_up`` of ``swiglu(gate_up)``, given ``grad``."""
-    if gate_up.is_cuda and _triton() is not None:
-        return _triton_swiglu_backward(gate_up, grad)
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    g = grad.float()
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    d_gate = g * up * sig * (1 + gate * (1 - sig))
-    return torch.cat([d_gate, g * silu], dim=-1).to(gate_up.dtype)
-
-
-_TRITON: Any = False  # False = not looked up yet; None = unavailable
-
-
-def _triton() -> Any:
-    """The Triton kernels, built and tried once on a tiny tensor of the current CUDA device;
-    None (torch's own operations are used) when Triton is missing or cannot compile them."""
-    global _TRITON
-    if _TRITON is False:
-        try:
-            _TRITON = _build_triton_kernels()
-            probe = torch.ones(8, 2 * 64, device="cuda", dtype=torch.bfloat16)
-            _triton_swiglu_backward(probe, _triton_swiglu_forward(probe))
-            _triton_keep(probe.clone(), 0.5, 1, src=probe)
-        except Exception as exc:  # no triton, or it cannot compile here
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "Triton kernels unavailable (%s: %s); using torch's operations",
-                type(exc).__name__,
-                exc,
-            )
-            _TRITON = None
-    return _TRITON
-
-
-def _build_triton_kernels() -> Any:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def fwd(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = cols < n_cols
-        a = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=keep, other=0).to(tl.float32)
-        b = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=keep, other=0).to(tl.float32)
-        c = a * tl.sigmoid(a) * b
-        tl.store(out_ptr + row * n_cols + cols, c.to(out_ptr.dtype.element_ty), mask=keep)
-
-    @triton.jit
-    def bwd(gu_ptr, g_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = cols < n_cols
-        a = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=keep, other=0).to(tl.float32)
-        b = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=keep, other=0).to(tl.float32)
-        g = tl.load(g_ptr + row * n_cols + cols, mask=keep, other=0).to(tl.float32)
-        sig = tl.sigmoid(a)
-        da = g * b * sig * (1 + a * (1 - sig))
-        db = g * a * sig
-        dt = out_ptr.dtype.element_ty
-        tl.store(out_ptr + row * 2 * n_cols + cols, da.to(dt), mask=keep)
-        tl.store(out_ptr + row * 2 * n_cols + n_cols + cols, db.to(dt), mask=keep)
-
-    @triton.jit
-    def keep_kernel(src_ptr, out_ptr, n, p, seed, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        # one Philox draw gives four uniform numbers: element 4g + j uses number j of draw g
-        groups = tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-        u0, u1, u2, u3 = tl.rand4x(seed, groups)
-        j = tl.arange(0, 4)[None, :]
-        u = tl.where(
-            j == 0,
-            u0[:, None],
-            tl.where(j == 1, u1[:, None], tl.where(j == 2, u2[:, None], u3[:, None])),
-        )
-        offs = groups[:, None] * 4 + j
-        inside = offs < n
-        x = tl.load(src_ptr + offs, mask=inside, other=0)
-        tl.store(out_ptr + offs, tl.where(u >= p, x, tl.zeros_like(x)), mask=inside)
-
-    return types.SimpleNamespace(fwd=fwd, bwd=bwd, keep=keep_kernel, cdiv=triton.cdiv)
-
-
-_BLOCK = 1024
-
-
-def _triton_keep(
-    out: torch.Tensor, p: float, seed: int, src: torch.Tensor | None = None
-) -> torch.Tensor:
-    k = _TRITON
-    n = out.numel()
-    if n >= 2**31:
-        raise ValueError(f"dropout on {n} elements: more than the kernel's 2**31 offsets")
-    block = 4096
-    k.keep[(k.cdiv(n, block),)](
-        out if src is None else src, out, n, float(p), int(seed) & (2**63 - 1), BLOCK=block
-    )
-    return out.bool() if out.dtype == torch.int8 else out
-
-
-def _triton_swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
-    k = _TRITON
-    gu = gate_up.contiguous()
-    n = gu.shape[-1] // 2
-    rows = gu.numel() // (2 * n)
-    out = torch.empty((*gu.shape[:-1], n), dtype=gu.dtype, device=gu.device)
-    k.fwd[(rows, k.cdiv(n, _BLOCK))](gu, out, n, BLOCK=_BLOCK)
-    return out
-
-
-def _triton_swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    k = _TRITON
-    gu, g = gate_up.contiguous(), grad.contiguous()
-    n = gu.shape[-1] // 2
-    rows = gu.numel() // (2 * n)
-    out = torch.empty_like(gu)
-    k.bwd[(rows, k.cdiv(n, _BLOCK))](gu, g, out, n, BLOCK=_BLOCK)
-    return out
-
-
 # --------------------------------------------------------------------------- autograd
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """``x`` times its keep-mask (unscaled); ``x`` itself when ``p == 0``."""
-    return x if p <= 0.0 else keep(x, p, seed)
 
 
 def _lora_up(base: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """``base + z @ B^T`` written into ``base`` (a fresh product nobody else holds)."""
     return base.addmm_(z, lora_b.t())
+
+
+def _lora_down(
+    x: torch.Tensor, lora_a: torch.Tensor, scale: float, p: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(dropout(x) @ A^T) * coef`` with ``coef = scale / (1 - effective_p(p))`` (``p`` rounded
+    to 1/65,536 on the GPU kernel), the dropout mask's bits (GPU) and ``coef``; the dropped copy of
+    ``x`` is freed on return."""
+    coef = scale / (1.0 - effective_p(p, x))
+    dropped, bits = drop(x, p, seed)
+    return dropped.mm(lora_a.t()).mul_(coef), bits, coef
 
 
 def _lora_backward(
@@ -223,28 +90,28 @@ def _lora_backward(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     coef: float,
-    p: float,
-    seed: int,
+    mask: tuple[float, int, torch.Tensor | None],
     need: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``x W^T + ((x * mask) A^T * coef) B^T`` for x, A and B (2-D tensors)."""
+    """Gradients of ``x W^T + ((x * mask) A^T * coef) B^T`` for x, A and B (2-D tensors); the
+    mask is ``(p, seed, bits)``: read from ``bits`` or drawn again from ``seed``."""
     need_x, need_a, need_b = need
+    p, seed, bits = mask
     grad_b = grad.t().mm(zs) if need_b else None
     grad_x = grad_a = None
     if need_x or need_a:
         gz = grad.mm(lora_b).mul_(coef)
         if need_a:
-            grad_a = gz.t().mm(_dropped(x, p, seed))
+            grad_a = gz.t().mm(keep(x, p, seed, bits))
         if need_x:
-            back = gz.mm(lora_a)
-            if p > 0.0:
-                keep(back, p, seed, inplace=True)
+            back = keep(gz.mm(lora_a), p, seed, bits, inplace=True)
             grad_x = back.addmm_(grad, weight)
     return grad_x, grad_a, grad_b
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """``F.linear(x, W, bias) + B(A(dropout(x))) * scale``, keeping only ``x`` and ``A x``."""
+    """``F.linear(x, W, bias) + B(A(dropout(x))) * scale``, keeping ``x``, ``A x`` and (on the
+    GPU) the dropout mask as bits."""
 
     @staticmethod
     def forward(
@@ -260,21 +127,20 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        coef = scale / (1.0 - p)
-        zs = _dropped(x2, p, seed).mm(lora_a.t()).mul_(coef)
+        zs, bits, coef = _lora_down(x2, lora_a, scale, p, seed)
         out = _lora_up(F.linear(x2, weight, bias), zs, lora_b)
-        ctx.save_for_backward(x2, zs, weight, lora_a, lora_b)
+        ctx.save_for_backward(x2, zs, weight, lora_a, lora_b, bits)
         ctx.meta = (coef, p, seed, shape, bias is not None)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
-        x2, zs, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, zs, weight, lora_a, lora_b, bits = ctx.saved_tensors
         coef, p, seed, shape, has_bias = ctx.meta
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         need = ctx.needs_input_grad
         grad_x, grad_a, grad_b = _lora_backward(
-            grad, x2, zs, weight, lora_a, lora_b, coef, p, seed, (need[0], need[3], need[4])
+            grad, x2, zs, weight, lora_a, lora_b, coef, (p, seed, bits), (need[0], need[3], need[4])
         )
         grad_bias = grad.sum(0) if has_bias and need[2] else None
         if grad_x is not None:
@@ -283,8 +149,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 class LoraSwiGLUFunction(torch.autograd.Function):
-    """``down(swiglu(gate_up(x)))`` with LoRA on both projections, keeping ``x`` and the
-    ``gate_up`` output; the SwiGLU activation and the dropout masks are recomputed."""
+    """``down(swiglu(gate_up(x)))`` with LoRA on both projections, keeping ``x``, the ``gate_up``
+    output and (on the GPU) the dropout masks as bits; the SwiGLU activation is recomputed."""
 
     @staticmethod
     def forward(
@@ -302,36 +168,54 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         (s1, p1, seed1), (s2, p2, seed2) = lora1, lora2
-        c1, c2 = s1 / (1.0 - p1), s2 / (1.0 - p2)
-        z1 = _dropped(x2, p1, seed1).mm(a1.t()).mul_(c1)
+        z1, bits1, c1 = _lora_down(x2, a1, s1, p1, seed1)
         gate_up = _lora_up(F.linear(x2, w1), z1, b1)
         act = swiglu(gate_up)
-        z2 = _dropped(act, p2, seed2).mm(a2.t()).mul_(c2)
+        z2, bits2, c2 = _lora_down(act, a2, s2, p2, seed2)
         out = _lora_up(F.linear(act, w2), z2, b2)
-        ctx.save_for_backward(x2, gate_up, z1, z2, w1, a1, b1, w2, a2, b2)
+        ctx.save_for_backward(x2, gate_up, z1, z2, w1, a1, b1, w2, a2, b2, bits1, bits2)
         ctx.meta = (c1, p1, seed1, c2, p2, seed2, shape)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
-        x2, gate_up, z1, z2, w1, a1, b1, w2, a2, b2 = ctx.saved_tensors
+        x2, gate_up, z1, z2, w1, a1, b1, w2, a2, b2, bits1, bits2 = ctx.saved_tensors
         c1, p1, seed1, c2, p2, seed2, shape = ctx.meta
         need = ctx.needs_input_grad
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         act = swiglu(gate_up)
         d_act, grad_a2, grad_b2 = _lora_backward(
-            grad, act, z2, w2, a2, b2, c2, p2, seed2, (True, need[5], need[6])
+            grad, act, z2, w2, a2, b2, c2, (p2, seed2, bits2), (True, need[5], need[6])
         )
         del act
         assert d_act is not None
-        d_gate_up = _swiglu_backward(gate_up, d_act)
+        d_gate_up = swiglu_backward(gate_up, d_act)
         del d_act
         grad_x, grad_a1, grad_b1 = _lora_backward(
-            d_gate_up, x2, z1, w1, a1, b1, c1, p1, seed1, (need[0], need[2], need[3])
+            d_gate_up, x2, z1, w1, a1, b1, c1, (p1, seed1, bits1), (need[0], need[2], need[3])
         )
         if grad_x is not None:
             grad_x = grad_x.view(shape)
         return grad_x, None, grad_a1, grad_b1, None, grad_a2, grad_b2, None, None
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """The Llama/Phi-3 RMSNorm with a frozen weight, keeping its output and ``1/rms`` instead of
+    its input: the backward pass recovers the normalised input as ``output / weight``. Where the
+    layer that reads the output keeps it anyway (as its own input: a decoder layer's adapted
+    projections), the norm's input is not kept at all (2 bytes per hidden unit and token saved,
+    twice per decoder layer). The output must not be changed in place afterwards."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = rms_norm(x, weight, eps)
+        ctx.save_for_backward(y, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        y, weight, rstd = ctx.saved_tensors
+        return rms_norm_backward_from_output(grad, y, weight, rstd), None, None
 
 
 # --------------------------------------------------------------------------- installing
@@ -431,4 +315,69 @@ def fuse_lora_forward(model: Any) -> int:
         if type(module) is LoraLinear:
             module.forward = types.MethodType(_linear_forward, module)  # type: ignore[method-assign]
             n += 1
+    return n
+
+
+# Norms computing ``weight * (x / rms(x)).to(x.dtype)`` (statistics in float32, no offset);
+# Liger's norm computes that with offset 0 and the "llama" casting mode (its setting for these).
+_LLAMA_NORMS = frozenset(
+    {
+        "Phi3RMSNorm",
+        "LlamaRMSNorm",
+        "MistralRMSNorm",
+        "Qwen2RMSNorm",
+        "Qwen3RMSNorm",
+        "LigerRMSNorm",
+    }
+)
+
+
+def _norm_forward(self: Any, x: torch.Tensor) -> Any:
+    w = self.weight
+    if w.requires_grad or x.dtype != w.dtype:
+        return self._loraforge_plain_forward(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return RMSNormFunction.apply(x, w, float(self.variance_epsilon))
+
+
+# Where a norm's output is kept anyway by the layer that reads it: the decoder layer's two norms
+# (read by the adapted qkv projection and the MLP) and the final norm (read by lm_head). Not, for
+# example, Qwen3's q_norm/k_norm, whose output Liger's RoPE may overwrite in place.
+_LEAN_NORM_SITES = frozenset({"input_layernorm", "post_attention_layernorm", "norm"})
+
+
+def lean_norm_candidates(model: Any) -> list[Any]:
+    """The norms of ``model`` that :func:`lean_norms` would take: Llama-style RMSNorms (Liger's
+    too, with offset 0 and "llama" casting) at a decoder layer's two norm sites or the final norm,
+    with a frozen, non-zero 1-D weight that is not on the meta device."""
+    found = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if (
+            (name and name.rsplit(".", 1)[-1] not in _LEAN_NORM_SITES)
+            or type(module).__name__ not in _LLAMA_NORMS
+            or not isinstance(w, torch.Tensor)
+            or w.dim() != 1
+            or w.is_meta
+            or getattr(module, "variance_epsilon", None) is None
+            or getattr(module, "offset", 0.0) != 0.0
+            or getattr(module, "casting_mode", "llama") != "llama"
+            or bool((w == 0).any())  # output / weight recovers the input only where weight != 0
+        ):
+            continue
+        found.append(module)
+    return found
+
+
+def lean_norms(model: Any) -> int:
+    """Run the norms :func:`lean_norm_candidates` finds through :class:`RMSNormFunction`; returns
+    how many. At each call, a norm whose weight is trained, or whose input's dtype differs from its
+    weight's, uses its previous forward (Liger's, if patched). The zero check is made here, once:
+    a weight edited to hold a zero afterwards is not seen."""
+    n = 0
+    for module in lean_norm_candidates(model):
+        if not hasattr(module, "_loraforge_plain_forward"):
+            module._loraforge_plain_forward = module.forward
+        module.forward = types.MethodType(_norm_forward, module)
+        n += 1
     return n

@@ -54,6 +54,7 @@ from .templates import get_template
 __all__ = ["TrainResult", "pad_collate", "train"]
 
 logger = logging.getLogger(__name__)
+_NON_BLOCKING_COPIES = True  # the benchmark turns it off to measure what it is worth
 # transformers >= 5.20 renamed gradient to activation checkpointing; PEFT still asks by the old
 # name on every forward pass. The warning tells a loraforge user nothing they can act on.
 warnings.filterwarnings(
@@ -461,9 +462,10 @@ def train(
         ),
     )
     if recipe.fused_lora:
-        from .lora_ops import fuse_lora_forward
+        from .lora_ops import fuse_lora_forward, lean_norms
 
         fuse_lora_forward(model)
+        lean_norms(model)
     trainable, total = model.get_nb_trainable_parameters()
     counts = {
         t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))
@@ -542,6 +544,9 @@ def train(
         use_cpu=not on_gpu,
         remove_unused_columns=False,
         dataloader_pin_memory=on_gpu,
+        # batches go to the GPU from pinned memory without the CPU waiting for the GPU to finish
+        # the previous step (a blocking copy idles the GPU while the next step is prepared)
+        accelerator_config={"non_blocking": on_gpu and _NON_BLOCKING_COPIES},
         disable_tqdm=False,
         # the non-finite guard stops the run instead; the filter reads the loss every step,
         # which makes the GPU wait for the CPU

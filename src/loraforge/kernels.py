@@ -1,0 +1,355 @@
+"""Element-wise and row-wise kernels of the lean training path, with torch fallbacks.
+
+On a CUDA device with Triton each operation is one kernel; elsewhere (the CPU tests, a machine
+without Triton) the same function runs torch's operations. The kernels are built on first use and
+tried once on a tiny tensor; if that fails, a warning says so and torch's operations are used.
+
+* Dropout (:func:`drop`, :func:`dropout_mask`): on the GPU, element ``8g + j`` is kept when the
+  ``j``-th 16-bit number of Philox's draw ``(seed, g)`` is at least ``p`` rounded to 1/65,536
+  (:func:`effective_p`), and the keep-mask is returned packed into bits (one byte per eight
+  elements, 1/16 of a bf16 copy), so the backward pass reads the mask instead of drawing it again.
+  Elsewhere torch's generator draws a boolean mask from the seed, and the backward pass draws it
+  again from the same seed.
+* SwiGLU (:func:`swiglu`, :func:`swiglu_backward`) over a fused ``[gate | up]`` tensor.
+* RMSNorm whose backward pass reads its *output* (:func:`rms_norm`,
+  :func:`rms_norm_backward_from_output`): ``x / rms(x) = y / w``, so a norm followed by a layer that
+  keeps its input anyway needs to keep nothing of its own but one float per row.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "apply_mask_bits",
+    "drop",
+    "dropout_mask",
+    "effective_p",
+    "keep",
+    "rms_norm",
+    "rms_norm_backward_from_output",
+    "swiglu",
+    "swiglu_backward",
+    "triton_kernels",
+]
+
+logger = logging.getLogger(__name__)
+
+_LEVELS = 65536  # the GPU dropout compares 16-bit random numbers with round(p * 65536)
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+_TRITON: Any = False  # False = not looked up yet; None = unavailable
+
+
+def _on_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton_kernels() is not None
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def effective_p(p: float, x: torch.Tensor) -> float:
+    """The drop probability :func:`drop` realises for ``x``: ``p`` rounded to 1/65,536 on the
+    GPU kernel, ``p`` itself elsewhere (scale kept values by ``1 / (1 - effective_p)``)."""
+    if p <= 0.0 or not _on_triton(x):
+        return p
+    return round(p * _LEVELS) / _LEVELS
+
+
+def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The keep-mask of :func:`drop` for a tensor shaped like ``like`` (``True`` = kept, with
+    probability ``1 - effective_p(p)``); a function of ``seed`` and the device kind."""
+    if _on_triton(like):
+        ones = torch.ones(like.shape, dtype=torch.int8, device=like.device)
+        kept, _ = _triton_drop(ones, p, seed, out=ones)
+        return kept.bool()
+    gen = _GENERATORS.get(like.device)
+    if gen is None:
+        gen = _GENERATORS[like.device] = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    mask = torch.empty(like.shape, dtype=torch.bool, device=like.device)
+    return mask.bernoulli_(1.0 - p, generator=gen)
+
+
+def drop(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` times its keep-mask (unscaled), and the mask packed into bits where the GPU kernel
+    made it (``None`` elsewhere: :func:`keep` draws it again from ``seed``)."""
+    if p <= 0.0:
+        return x, None
+    if _on_triton(x):
+        return _triton_drop(x.contiguous(), p, seed)
+    return x * dropout_mask(x, p, seed), None
+
+
+def keep(
+    x: torch.Tensor,
+    p: float,
+    seed: int,
+    bits: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``x`` times the keep-mask of ``seed`` (unscaled): read from ``bits`` when :func:`drop`
+    returned them, else drawn again; one pass on a GPU."""
+    if p <= 0.0:
+        return x
+    if bits is not None:
+        return apply_mask_bits(x, bits, inplace=inplace)
+    if _on_triton(x) and x.is_contiguous():
+        return _triton_drop(x, p, seed, out=x if inplace else None)[0]
+    mask = dropout_mask(x, p, seed)
+    return x.mul_(mask) if inplace else x * mask
+
+
+def apply_mask_bits(x: torch.Tensor, bits: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``x`` with the elements whose bit is clear in ``bits`` (from :func:`drop`, elements in
+    row-major order) set to zero."""
+    if not _on_triton(x):
+        raise RuntimeError("apply_mask_bits: packed dropout masks exist only on the GPU kernel")
+    k, n = _TRITON, x.numel()
+    src = x.contiguous()
+    out = src if inplace and src is x else torch.empty_like(src)
+    k.apply_bits[(k.cdiv(n, 8 * _GROUPS),)](src, out, bits, n, GROUPS=_GROUPS)
+    if inplace and out is not x:
+        return x.copy_(out)
+    return out
+
+
+_GROUPS = 512  # eight-element groups per program of the dropout kernels
+
+
+def _triton_drop(
+    x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = _TRITON
+    n = x.numel()
+    if n >= 2**31:
+        raise ValueError(f"dropout on {n} elements: more than the kernel's 2**31 offsets")
+    out = torch.empty_like(x) if out is None else out
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+    threshold = min(round(p * _LEVELS), _LEVELS)
+    k.drop[(k.cdiv(n, 8 * _GROUPS),)](
+        x, out, bits, n, threshold, int(seed) & (2**63 - 1), GROUPS=_GROUPS
+    )
+    return out, bits
+
+
+# --------------------------------------------------------------------------- SwiGLU
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
+    if _on_triton(gate_up):
+        k = _TRITON
+        gu = gate_up.contiguous()
+        n = gu.shape[-1] // 2
+        out = torch.empty((*gu.shape[:-1], n), dtype=gu.dtype, device=gu.device)
+        k.swiglu_fwd[(gu.numel() // (2 * n), k.cdiv(n, _BLOCK))](gu, out, n, BLOCK=_BLOCK)
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with respect to ``gate_up`` of ``swiglu(gate_up)``, given ``grad``."""
+    if _on_triton(gate_up):
+        k = _TRITON
+        gu, g = gate_up.contiguous(), grad.contiguous()
+        n = gu.shape[-1] // 2
+        out = torch.empty_like(gu)
+        k.swiglu_bwd[(gu.numel() // (2 * n), k.cdiv(n, _BLOCK))](gu, g, out, n, BLOCK=_BLOCK)
+        return out
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    g = grad.float()
+    sig = torch.sigmoid(gate)
+    d_gate = g * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([d_gate, g * gate * sig], dim=-1).to(gate_up.dtype)
+
+
+_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight * (x / rms(x)).to(x.dtype)`` over the last dimension (the Llama/Phi-3 RMSNorm,
+    statistics in float32), and the float32 ``1 / rms`` of each row."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if _on_triton(x2) and x2.is_contiguous():
+        k = _TRITON
+        rows, n = x2.shape
+        y = torch.empty_like(x2)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        block = max(_next_pow2(n), 128)
+        k.rms_fwd[(rows,)](x2, weight, y, rstd, n, eps, BLOCK=block, num_warps=_warps(block))
+        return y.view(shape), rstd
+    xf = x2.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    y = weight * (xf * rstd[:, None]).to(x.dtype)
+    return y.view(shape), rstd
+
+
+def rms_norm_backward_from_output(
+    grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> torch.Tensor:
+    """The gradient with respect to the input of :func:`rms_norm`, from its output ``y``:
+    with ``xh = y / weight`` (the normalised input), ``dx = rstd * (g w - xh * mean(g w xh))``.
+    ``weight`` must have no zero."""
+    shape = y.shape
+    y2, g2 = y.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
+    if _on_triton(y2) and y2.is_contiguous():
+        k = _TRITON
+        g2 = g2.contiguous()
+        rows, n = y2.shape
+        dx = torch.empty_like(y2)
+        block = max(_next_pow2(n), 128)
+        k.rms_bwd[(rows,)](y2, g2, weight, rstd, dx, n, BLOCK=block, num_warps=_warps(block))
+        return dx.view(shape)
+    w = weight.float()
+    xh = y2.float() / w
+    gw = g2.float() * w
+    c = (gw * xh).mean(-1, keepdim=True)
+    return (rstd[:, None] * (gw - xh * c)).to(y.dtype).view(shape)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+# --------------------------------------------------------------------------- building
+
+
+def triton_kernels() -> Any:
+    """The Triton kernels, built and tried once on a tiny tensor of the current CUDA device;
+    ``None`` (torch's operations are used) when Triton is missing or cannot compile them."""
+    global _TRITON
+    if _TRITON is False:
+        try:
+            _TRITON = _build_triton_kernels()
+            probe = torch.ones(8, 2 * 64, device="cuda", dtype=torch.bfloat16)
+            swiglu_backward(probe, swiglu(probe))
+            _, bits = _triton_drop(probe, 0.5, 1)
+            apply_mask_bits(probe, bits)
+            y, rstd = rms_norm(probe, probe[0], 1e-6)
+            rms_norm_backward_from_output(y, y, probe[0], rstd)
+        except Exception as exc:  # no triton, or it cannot compile here
+            logger.warning(
+                "Triton kernels unavailable (%s: %s); using torch's operations",
+                type(exc).__name__,
+                exc,
+            )
+            _TRITON = None
+    return _TRITON
+
+
+def _build_triton_kernels() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def swiglu_fwd(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        a = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=inside, other=0).to(tl.float32)
+        b = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=inside, other=0).to(tl.float32)
+        c = a * tl.sigmoid(a) * b
+        tl.store(out_ptr + row * n_cols + cols, c.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def swiglu_bwd(gu_ptr, g_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        a = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=inside, other=0).to(tl.float32)
+        b = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=inside, other=0).to(tl.float32)
+        g = tl.load(g_ptr + row * n_cols + cols, mask=inside, other=0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        da = g * b * sig * (1 + a * (1 - sig))
+        db = g * a * sig
+        dt = out_ptr.dtype.element_ty
+        tl.store(out_ptr + row * 2 * n_cols + cols, da.to(dt), mask=inside)
+        tl.store(out_ptr + row * 2 * n_cols + n_cols + cols, db.to(dt), mask=inside)
+
+    @triton.jit
+    def drop_kernel(src_ptr, out_ptr, bits_ptr, n, threshold, seed, GROUPS: tl.constexpr):  # type: ignore[no-untyped-def]
+        # one Philox draw, 128 bits, decides eight elements: element 8g + j is kept when the j-th
+        # 16-bit half of draw (seed, g) is >= threshold; byte g of bits holds their keep-bits
+        groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+        # 32-bit offsets: with 64-bit ones, Triton before 3.4 runs 64-bit Philox (64-bit words)
+        r0, r1, r2, r3 = tl.randint4x(seed, groups.to(tl.int32))
+        j = tl.arange(0, 8)[None, :]
+        word = tl.where(
+            j < 2,
+            r0[:, None],
+            tl.where(j < 4, r1[:, None], tl.where(j < 6, r2[:, None], r3[:, None])),
+        )
+        half = tl.where(j % 2 == 0, word & 0xFFFF, (word >> 16) & 0xFFFF).to(tl.int32)
+        offs = groups[:, None] * 8 + j
+        inside = offs < n
+        kept = (half >= threshold) & inside
+        x = tl.load(src_ptr + offs, mask=inside, other=0)
+        tl.store(out_ptr + offs, tl.where(kept, x, tl.zeros_like(x)), mask=inside)
+        byte = tl.sum(kept.to(tl.int32) << j, axis=1)
+        tl.store(bits_ptr + groups, byte.to(tl.uint8), mask=groups * 8 < n)
+
+    @triton.jit
+    def apply_bits(src_ptr, out_ptr, bits_ptr, n, GROUPS: tl.constexpr):  # type: ignore[no-untyped-def]
+        groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+        byte = tl.load(bits_ptr + groups, mask=groups * 8 < n, other=0).to(tl.int32)
+        j = tl.arange(0, 8)[None, :]
+        kept = ((byte[:, None] >> j) & 1) != 0
+        offs = groups[:, None] * 8 + j
+        inside = offs < n
+        x = tl.load(src_ptr + offs, mask=inside, other=0)
+        tl.store(out_ptr + offs, tl.where(kept, x, tl.zeros_like(x)), mask=inside)
+
+    @triton.jit
+    def rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=inside, other=0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        dt = y_ptr.dtype.element_ty
+        xh = (x * rstd).to(dt).to(tl.float32)  # the input's dtype before the weight, as Llama
+        w = tl.load(w_ptr + cols, mask=inside, other=0).to(tl.float32)
+        tl.store(y_ptr + row * n_cols + cols, (xh * w).to(dt), mask=inside)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def rms_bwd(y_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        y = tl.load(y_ptr + row * n_cols + cols, mask=inside, other=0).to(tl.float32)
+        g = tl.load(g_ptr + row * n_cols + cols, mask=inside, other=0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=inside, other=1).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xh = tl.where(inside, y / w, 0.0)
+        gw = g * w
+        c = tl.sum(gw * xh, axis=0) / n_cols
+        dx = rstd * (gw - xh * c)
+        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+    return types.SimpleNamespace(
+        swiglu_fwd=swiglu_fwd,
+        swiglu_bwd=swiglu_bwd,
+        drop=drop_kernel,
+        apply_bits=apply_bits,
+        rms_fwd=rms_fwd,
+        rms_bwd=rms_bwd,
+        cdiv=triton.cdiv,
+    )
