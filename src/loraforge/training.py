@@ -46,7 +46,7 @@ from .output import (
     _prepare_output_dir,
     _save_run,
 )
-from .packing import PackedCollator, PackedDataset, packed_loss
+from .packing import PackedCollator, PackedDataset, _chunkable_head, _PackedLoss
 from .recipe import LoraRecipe
 from .records import check_records
 from .templates import get_template
@@ -186,96 +186,6 @@ def _apply_plan(model: Any, plan: FastPlan) -> None:
         enable_checkpointing(model, layers=plan.checkpoint_layers)
     elif plan.gradient_checkpointing == "selective":
         enable_selective_checkpointing(model)
-
-
-class _PackedLoss:
-    """``compute_loss_func`` for packed batches, with the hooks it needs on the model.
-
-    A forward pre-hook on the model sees each call's ``logits_to_keep`` (a tensor of positions
-    from the packed collator; ``generate`` passes an int and is left alone). For such a call it
-    hands the positions to the loss, which then picks the targets by index rather than by a mask
-    that would make the GPU wait, and, with a chunkable ``head``, makes ``head`` pass its input
-    through for the length of that one forward call: the "logits" are the hidden states at those
-    positions, and :func:`~loraforge.packing.linear_cross_entropy` applies ``head`` in chunks. Each
-    loss also goes to the non-finite guard (with a ``compute_loss_func`` the model computes no
-    loss of its own for the guard to see).
-    """
-
-    def __init__(self, guard: Any, head: Any) -> None:
-        self.guard, self.head = guard, head
-        self._keep: Any = None
-        self._hidden = False
-        self._swapped: tuple[bool, Any] | None = None
-
-    def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-        keep, hidden = self._keep, self._hidden
-        self._keep, self._hidden = None, False
-        loss = packed_loss(
-            outputs,
-            labels,
-            num_items_in_batch,
-            keep_positions=keep,
-            lm_head=self.head if hidden else None,
-        )
-        if self.guard is not None:
-            self.guard.record_loss(loss)
-        return loss
-
-    def _before(self, module: Any, args: Any, kwargs: Any) -> None:
-        import torch
-
-        keep = kwargs.get("logits_to_keep")
-        self._keep = keep if torch.is_tensor(keep) else None
-        self._hidden = self.head is not None and self._keep is not None
-        if self._hidden:
-            d = self.head.__dict__
-            self._swapped = ("forward" in d, d.get("forward"))
-            self.head.forward = _pass_through
-
-    def _after(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._swapped is not None:
-            had, previous = self._swapped
-            self._swapped = None
-            if had:
-                self.head.forward = previous
-            else:
-                del self.head.forward
-
-    @contextlib.contextmanager
-    def installed(self, model: Any) -> Iterator[None]:
-        handles = [
-            model.register_forward_pre_hook(self._before, with_kwargs=True),
-            model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            self._restore()
-
-
-def _pass_through(hidden: Any) -> Any:
-    return hidden
-
-
-def _chunkable_head(model: Any, *, require_frozen: bool = True) -> Any:
-    """The model's ``lm_head`` if the loss may apply it itself in chunks: a plain (frozen)
-    ``nn.Linear`` whose output the model uses as the logits unchanged."""
-    import torch
-
-    head = model.get_output_embeddings()
-    cfg = model.config
-    scaled = any(
-        getattr(cfg, k, None) not in (None, 1.0)
-        for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-    )
-    frozen = head is not None and not any(p.requires_grad for p in head.parameters())
-    ok = type(head) is torch.nn.Linear and not scaled and (frozen or not require_frozen)
-    return head if ok else None
 
 
 @contextlib.contextmanager
