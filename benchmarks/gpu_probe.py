@@ -51,7 +51,7 @@ def matmul_params(model) -> int:
 def check_varlen():
     import torch.nn.functional as F
 
-    from loraforge.fast import _varlen_attention, register_varlen_attention
+    from loraforge.fast.plan import _varlen_attention, register_varlen_attention
 
     register_varlen_attention()
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def check_varlen():
 
 
 def bins_from(tokens, budget: int, n_bins: int):
-    from loraforge.packing import PackedCollator, PackedDataset
+    from loraforge.fast.packing import PackedCollator, PackedDataset
 
     if isinstance(tokens, list):  # [{"input_ids": ..., "labels": ...}, ...]
         tokens = {k: [t[k] for t in tokens] for k in ("input_ids", "labels")}
@@ -99,9 +99,9 @@ def bins_from(tokens, budget: int, n_bins: int):
 
 
 def run_variant(model, batches, attn: str, ckpt: str, steps: int, n_mm: int):
-    from loraforge.fast import enable_selective_checkpointing, set_attention
+    from loraforge.fast.packing import packed_loss
+    from loraforge.fast.plan import enable_selective_checkpointing, set_attention
     from loraforge.models import enable_checkpointing
-    from loraforge.packing import packed_loss
 
     set_attention(model, attn)
     base = model.get_base_model()
@@ -182,8 +182,8 @@ def main() -> None:
             target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         ),
     )
-    from loraforge.fast import apply_liger, liger_available
-    from loraforge.lora_ops import fuse_lora_forward
+    from loraforge.fast.lora_ops import fuse_lora_forward
+    from loraforge.fast.plan import apply_liger, liger_available
 
     if liger_available():
         apply_liger(model.get_base_model())

@@ -246,10 +246,10 @@ def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path) -> dict:
 
 def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides) -> dict:
     """loraforge's default recipe (tutorial LoRA hyper-parameters on all linear layers)."""
-    import loraforge.packing as packing
+    import loraforge.fast.packing as packing
     from loraforge import LoraRecipe, train
 
-    lf_train = sys.modules["loraforge.training"]
+    lf_train = sys.modules["loraforge.training.trainer"]
     if os.environ.get("LORAFORGE_BLOCKING_COPIES"):  # A/B: what non-blocking batch copies give
         lf_train._NON_BLOCKING_COPIES = False
 

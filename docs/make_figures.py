@@ -26,7 +26,7 @@ from matplotlib import font_manager
 from matplotlib.patches import Patch, Rectangle
 
 from loraforge import SFTDatasetBuilder
-from loraforge.data import IGNORE_INDEX, to_messages
+from loraforge.data.builder import IGNORE_INDEX, to_messages
 from loraforge.demo import DEMO_SYSTEM_PROMPT, run_demo
 from loraforge.tiny import build_tiny_tokenizer, sample_data_path
 

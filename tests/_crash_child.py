@@ -50,7 +50,7 @@ from transformers import TrainerCallback
 
 from loraforge.demo import demo_recipe
 
-lf_train = importlib.import_module("loraforge.training")
+lf_train = importlib.import_module("loraforge.training.trainer")
 
 
 def journal(spec: dict[str, Any], event: str) -> None:

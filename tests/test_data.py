@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from loraforge import DataError, DataReport, DroppedRecord, SFTDatasetBuilder
-from loraforge.data import IGNORE_INDEX, load_records, to_messages
+from loraforge.data.builder import IGNORE_INDEX, load_records, to_messages
 from loraforge.errors import UnknownTemplateError
 
 SYSTEM = "你是甄嬛"
@@ -913,7 +913,7 @@ def test_chunk_size_does_not_change_the_result(tiny_tokenizer, chunk_size):
 
 
 def test_history_with_an_empty_assistant_answer_is_rejected_like_other_formats():
-    from loraforge.data import to_messages
+    from loraforge.data.builder import to_messages
 
     rec = {"instruction": "q", "output": "a", "history": [["hi", "  "]]}
     with pytest.raises(DataError, match=r"field 'history\[0\]\[1\]': assistant answer is empty"):

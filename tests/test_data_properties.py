@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraforge import DataError, SegmentTokenizer, SFTDatasetBuilder, get_template
-from loraforge.data import IGNORE_INDEX, to_messages
+from loraforge.data.builder import IGNORE_INDEX, to_messages
 from loraforge.tiny import build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loraforge import LoraRecipe, RecipeError, lora_ops
-from loraforge.fast import plan_fast_path
-from loraforge.kernels import swiglu_backward
-from loraforge.lora_ops import dropout_mask, fuse_lora_forward, lean_norms, swiglu
+from loraforge import LoraRecipe, RecipeError
+from loraforge.fast import lora_ops
+from loraforge.fast.kernels import swiglu_backward
+from loraforge.fast.lora_ops import dropout_mask, fuse_lora_forward, lean_norms, swiglu
+from loraforge.fast.plan import plan_fast_path
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()
@@ -367,7 +368,7 @@ def test_plan_for_phi4_under_40_gib_keeps_all_activations_of_2048_token_rows(fak
 def test_plan_counts_the_norm_inputs_the_lean_norms_cannot_drop(fake_gpu):
     """Norms lean_norms leaves alone (here: zero weights) keep their inputs: the planner counts
     them, and 2,048-token rows then need a few layers checkpointed under 40 GiB."""
-    from loraforge.fast import _lean_bytes
+    from loraforge.fast.plan import _lean_bytes
 
     assert _lean_bytes(_phi4_sized()) == 25
     assert _lean_bytes(_phi4_sized(norm_weight=0.0)) == pytest.approx(25 + 2 * 81 / 40)
@@ -407,7 +408,7 @@ def test_plan_without_packing_sizes_the_padded_batch(fake_gpu):
 
 
 def test_liger_on_without_the_package_is_a_recipe_error(monkeypatch):
-    monkeypatch.setattr("loraforge.fast.liger_available", lambda: False)
+    monkeypatch.setattr("loraforge.fast.plan.liger_available", lambda: False)
     with pytest.raises(RecipeError, match=r"liger_kernels: 'on' needs the liger-kernel package"):
         plan_fast_path(
             LoraRecipe(model="m", data="d", liger_kernels="on"), build_tiny_model(TOK), 100
@@ -440,7 +441,7 @@ def test_lean_lora_hands_a_lora_bias_and_a_trained_base_back_to_peft():
 
 
 def test_lighter_steps_still_puts_every_module_back_in_training_mode():
-    from loraforge.training import _lighter_steps
+    from loraforge.training.trainer import _lighter_steps
 
     model = _lora(0.1)
     with _lighter_steps(model):
@@ -463,7 +464,7 @@ def test_plan_counts_full_logits_when_the_loss_cannot_be_chunked(fake_gpu):
 def test_trainer_flop_count_is_transformers_count_from_a_cached_parameter_count(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from loraforge.training import _make_trainer
+    from loraforge.training.trainer import _make_trainer
 
     model = _lora(0.0)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")

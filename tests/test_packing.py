@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraforge import DataError, train
-from loraforge.packing import PackedCollator, PackedDataset, pack_examples, packed_loss
+from loraforge.fast.packing import PackedCollator, PackedDataset, pack_examples, packed_loss
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
 
 TOK = build_tiny_tokenizer()
@@ -93,7 +93,7 @@ def test_packed_loss_and_grads_equal_unpacked(mode, monkeypatch):
     """The packed loss equals the unpacked one with full logits, with supervised-only logits
     (targets picked by a mask or by the ``logits_to_keep`` index), and with the chunked
     ``lm_head`` + cross-entropy (chunks of 7 rows here)."""
-    import loraforge.packing as packing
+    import loraforge.fast.packing as packing
 
     monkeypatch.setattr(packing, "_CHUNK_BYTES", 7 * 4 * len(TOK))
     logits_only = mode != "all_logits"
@@ -222,8 +222,8 @@ def test_packed_dataset_reports_fill():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(bias, monkeypatch):
-    import loraforge.packing as packing
-    from loraforge.packing import linear_cross_entropy
+    import loraforge.fast.packing as packing
+    from loraforge.fast.packing import linear_cross_entropy
 
     monkeypatch.setattr(packing, "_CHUNK_BYTES", 5 * 4 * 300)  # chunks of 5 rows
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import pytest
 from conftest import SYSTEM_PROMPT
 
 from loraforge import SFTDatasetBuilder, check_template
-from loraforge.data import IGNORE_INDEX
+from loraforge.data.builder import IGNORE_INDEX
 
 pytestmark = pytest.mark.shared
 

@@ -25,9 +25,9 @@ from loraforge import (
     get_template,
     list_templates,
     register_template,
-    templates,
 )
-from loraforge.templates import ENTRY_POINT_GROUP, Phi4Template, template_id
+from loraforge.data import templates
+from loraforge.data.templates import ENTRY_POINT_GROUP, Phi4Template, template_id
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "custom_template"
@@ -155,7 +155,10 @@ def test_get_template_accepts_class_and_instance():
     assert type(get_template(Phi4Template)) is Phi4Template
     tpl = Phi4Template()
     assert get_template(tpl) is tpl
-    assert template_id(tpl) == {"class_path": "loraforge.templates:Phi4Template", "name": "phi-4"}
+    assert template_id(tpl) == {
+        "class_path": "loraforge.data.templates:Phi4Template",
+        "name": "phi-4",
+    }
 
 
 def test_get_template_rejects_other_types():
@@ -171,7 +174,7 @@ def test_duplicate_name_raises():
 
     message = (
         "a template named 'phi-4' is already registered "
-        "(built-in: loraforge.templates:Phi4Template); choose another name"
+        "(built-in: loraforge.data.templates:Phi4Template); choose another name"
     )
     with pytest.raises(TemplateError, match=f"^{re.escape(message)}$"):
         register_template(AnotherPhi4)
@@ -453,7 +456,7 @@ print(json.dumps({
     "render": tpl.render(conv),
     "prompt": tpl.render(conv[:-1], add_generation_prompt=True),
     "trainable": [s.text for s in tpl.segments(conv) if s.trainable],
-    "id": loraforge.templates.template_id(tpl),
+    "id": loraforge.data.templates.template_id(tpl),
 }))
 """
 

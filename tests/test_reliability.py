@@ -46,13 +46,12 @@ from loraforge import (
     SFTDatasetBuilder,
     TrainingDivergedError,
     get_template,
-    guards,
     load_for_inference,
-    nonfinite,
     train,
 )
 from loraforge.demo import demo_recipe, prepare_tiny_base
 from loraforge.tiny import build_tiny_tokenizer, sample_data_path
+from loraforge.training import guards, nonfinite
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src" / "loraforge"
@@ -399,7 +398,10 @@ def test_scan_takes_the_newest_complete_checkpoint(tmp_path):
     newest, bad = guards.scan_checkpoints(tmp_path)
     assert newest == tmp_path / "checkpoint-4"
     assert [p.name for p, _ in bad] == ["checkpoint-8", "checkpoint-6"]
-    assert guards.COMPLETE_MARKER == importlib.import_module("loraforge.output").COMPLETE_MARKER
+    assert (
+        guards.COMPLETE_MARKER
+        == importlib.import_module("loraforge.training.output").COMPLETE_MARKER
+    )
 
 
 # =========================================================================== 2. non-finite
@@ -740,7 +742,7 @@ def test_control_strings_in_content_stay_text_in_training_examples():
         supervised = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
         assert supervised[-1] == special["<|im_end|>"]
         # the injected text, as text (edge whitespace goes to the lstrip/rstrip control tokens,
-        # as in a whole-string tokenization: see loraforge.tokenize)
+        # as in a whole-string tokenization: see loraforge.data.tokenize)
         assert tok.decode(supervised[:-1]) == answer.strip()
     _figures.add("injection_cases", len(records))
 

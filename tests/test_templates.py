@@ -283,7 +283,7 @@ def test_check_template_reports_difference_deep_in_long_text():
 
 def test_check_template_quiet_without_chat_template(caplog):
     tok = make_tokenizer(None)
-    with caplog.at_level(logging.INFO, logger="loraforge.templates"):
+    with caplog.at_level(logging.INFO, logger="loraforge.data.templates"):
         assert check_template("phi-4", tok) is None
     assert "tokenizer has no chat_template; nothing to check phi-4 against" in caplog.text
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from loraforge import SegmentTokenizer, get_template
-from loraforge.templates import ROLES
+from loraforge.data.templates import ROLES
 from loraforge.tiny import build_tiny_tokenizer
 
 # Built once per module: Hypothesis refuses function-scoped fixtures.

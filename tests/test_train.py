@@ -108,7 +108,7 @@ def test_plain_peft_reload_gives_same_logits(trained, workdir):
 def test_merged_model_matches_base_plus_adapter(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.templates import Phi4Template
+    from loraforge.data.templates import Phi4Template
 
     chat = load_for_inference(trained.output_dir, device="cpu")
     ids = torch.tensor([chat.prompt_ids(RECORDS[1]["instruction"])])

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LoraForgeError, RecipeError
+from loraforge.errors import LoraForgeError, RecipeError
 
 __all__ = ["main"]
 
@@ -39,13 +39,13 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    from .recipe import LoraRecipe
+    from loraforge.recipe import LoraRecipe
 
     return LoraRecipe.from_yaml(args.recipe, _overrides(args.set or []))
 
 
 def cmd_templates(args: argparse.Namespace) -> int:
-    from .templates import get_template, list_templates
+    from loraforge.data.templates import get_template, list_templates
 
     rows = list_templates()
     width = max(len(n) for n in rows)
@@ -55,8 +55,8 @@ def cmd_templates(args: argparse.Namespace) -> int:
 
 
 def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .data import SFTDatasetBuilder
-    from .models import load_tokenizer, resolve_model_path
+    from loraforge.data.builder import SFTDatasetBuilder
+    from loraforge.models import load_tokenizer, resolve_model_path
 
     flags = {
         "--data": args.data,
@@ -88,8 +88,8 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
         )
         builder = SFTDatasetBuilder.from_recipe(tokenizer, r)
         return builder, r.data
-    from .demo import DEMO_SYSTEM_PROMPT
-    from .tiny import build_tiny_tokenizer, sample_data_path
+    from loraforge.demo import DEMO_SYSTEM_PROMPT
+    from loraforge.tiny import build_tiny_tokenizer, sample_data_path
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else build_tiny_tokenizer()
     builder = SFTDatasetBuilder(
@@ -132,7 +132,7 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    from .templates import get_template
+    from loraforge.data.templates import get_template
 
     get_template(recipe.template)
     problems = []
@@ -145,7 +145,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             problems.append(f"{key}: file {path!r} does not exist")
     if problems:
         raise RecipeError(problems, source=args.recipe)
-    from .records import check_records
+    from loraforge.data.records import check_records
 
     counts = []
     for path in (p for p in (recipe.data, recipe.eval_data) if p):
@@ -163,7 +163,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import train
+    from loraforge.training.trainer import train
 
     result = train(_recipe(args), resume=args.resume)
     m = result.metrics
@@ -200,7 +200,7 @@ def _chat_loop(chat: Any, system: str | None) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .inference import load_for_inference
+    from loraforge.inference import load_for_inference
 
     chat = load_for_inference(args.path, base_model=args.base_model, merge=args.merge)
     if args.prompt is not None:
@@ -211,7 +211,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .inference import load_for_inference
+    from loraforge.inference import load_for_inference
 
     out = load_for_inference(args.path, base_model=args.base_model).merge_and_save(args.out)
     print(f"merged model written to {out}")
@@ -219,7 +219,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from loraforge.demo import run_demo
 
     result = run_demo(args.output)
     m = result.train.metrics

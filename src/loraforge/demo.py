@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inference import load_for_inference
-from .recipe import LoraRecipe
-from .tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
-from .training import TrainResult, train
+from loraforge.inference import load_for_inference
+from loraforge.recipe import LoraRecipe
+from loraforge.tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
+from loraforge.training.trainer import TrainResult, train
 
 __all__ = ["DEMO_SYSTEM_PROMPT", "DemoResult", "demo_recipe", "prepare_tiny_base", "run_demo"]
 

@@ -16,10 +16,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, UnknownTemplateError
-from .models import load_model, load_tokenizer, pick_dtype, resolve_model_path, token_id
-from .templates import PromptTemplate, get_template
-from .tokenize import SegmentTokenizer
+from loraforge.data.templates import PromptTemplate, get_template
+from loraforge.data.tokenize import SegmentTokenizer
+from loraforge.errors import ModelError, UnknownTemplateError
+from loraforge.models import load_model, load_tokenizer, pick_dtype, resolve_model_path, token_id
 
 __all__ = ["ChatModel", "load_for_inference"]
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import TargetModulesError
+from loraforge.errors import TargetModulesError
 
 __all__ = ["linear_module_names", "resolve_target_modules"]
 
@@ -114,7 +114,7 @@ def resolve_model_path(
     """
     from pathlib import Path
 
-    from .errors import ModelError
+    from loraforge.errors import ModelError
 
     local = Path(model).expanduser()
     if source == "local" or (
@@ -158,7 +158,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     """Load a (fast) tokenizer from a local folder."""
     from transformers import AutoTokenizer
 
-    from .errors import ModelError
+    from loraforge.errors import ModelError
 
     if trust_remote_code:
         logger.warning("trust_remote_code is on: code shipped with %s will run", path)
@@ -174,7 +174,7 @@ def load_model(
     """Load a causal LM from a local folder in ``dtype`` (on ``device`` when given)."""
     from transformers import AutoModelForCausalLM
 
-    from .errors import ModelError
+    from loraforge.errors import ModelError
 
     model: Any
     try:

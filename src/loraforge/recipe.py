@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .errors import RecipeError
+from loraforge.errors import RecipeError
 
 __all__ = ["LoraRecipe"]
 
@@ -233,7 +233,7 @@ class LoraRecipe:
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The recipe as YAML with ``loraforge_version``; written to ``path`` when given."""
-        from . import __version__
+        from loraforge import __version__
 
         text = yaml.safe_dump(
             {"loraforge_version": __version__, **self.to_dict()},

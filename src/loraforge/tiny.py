@@ -55,7 +55,7 @@ def build_tiny_tokenizer(
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .templates import Phi4Template
+    from loraforge.data.templates import Phi4Template
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -21,17 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import IGNORE_INDEX, DataReport, SFTDatasetBuilder
-from .errors import DataError
-from .fast import (
+from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
+from loraforge.data.records import check_records
+from loraforge.data.templates import get_template
+from loraforge.errors import DataError
+from loraforge.fast.packing import PackedCollator, PackedDataset, _chunkable_head, _PackedLoss
+from loraforge.fast.plan import (
     FastPlan,
     apply_liger,
     enable_selective_checkpointing,
     plan_fast_path,
     set_attention,
 )
-from .guards import disk_full_errors
-from .models import (
+from loraforge.models import (
     enable_checkpointing,
     ensure_pad_token,
     load_model,
@@ -40,16 +42,14 @@ from .models import (
     resolve_model_path,
     resolve_target_modules,
 )
-from .nonfinite import NonFiniteGuard
-from .output import (
+from loraforge.recipe import LoraRecipe
+from loraforge.training.guards import disk_full_errors
+from loraforge.training.nonfinite import NonFiniteGuard
+from loraforge.training.output import (
     CHECKPOINTS,
     _prepare_output_dir,
     _save_run,
 )
-from .packing import PackedCollator, PackedDataset, _chunkable_head, _PackedLoss
-from .recipe import LoraRecipe
-from .records import check_records
-from .templates import get_template
 
 __all__ = ["TrainResult", "pad_collate", "train"]
 
@@ -117,8 +117,8 @@ def _callbacks(
 ) -> list[Any]:
     from transformers import TrainerCallback
 
-    from . import guards
-    from .errors import TrainingDivergedError
+    from loraforge.errors import TrainingDivergedError
+    from loraforge.training import guards
 
     class PlainLog(TrainerCallback):
         """A plain log line every logging_steps, and the run's start and end."""
@@ -314,7 +314,10 @@ def train(
     assert builder.report is not None
     report = builder.report
     logger.info("data:\n%s", report.format_text())
-    from .guards import SKIPPED_FILE, write_skipped_records  # every dropped record, with why
+    from loraforge.training.guards import (  # every dropped record, with why
+        SKIPPED_FILE,
+        write_skipped_records,
+    )
 
     write_skipped_records(out / SKIPPED_FILE, report.dropped)
     eval_ds, eval_report = None, None
@@ -372,7 +375,7 @@ def train(
         ),
     )
     if recipe.fused_lora:
-        from .lora_ops import fuse_lora_forward, lean_norms
+        from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
 
         fuse_lora_forward(model)
         lean_norms(model)

@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .errors import DataError, TemplateError
-from .records import (
+from loraforge.data.records import (
     RecordFormat,
     _parse_records,
     _Record,
@@ -25,8 +24,9 @@ from .records import (
     load_records,
     to_messages,
 )
-from .templates import PromptTemplate, Segment, get_template
-from .tokenize import SegmentTokenizer
+from loraforge.data.templates import PromptTemplate, Segment, get_template
+from loraforge.data.tokenize import SegmentTokenizer
+from loraforge.errors import DataError, TemplateError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -248,8 +248,8 @@ class SFTDatasetBuilder:
         return Example(ids, labels, truncated, prompt, response)
 
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Example:
-        """Tokenize one conversation into an [`Example`][loraforge.data.Example] (truncated to
-        ``max_length``, not checked for supervision)."""
+        """Tokenize one conversation into an [`Example`][loraforge.data.builder.Example]
+        (truncated to ``max_length``, not checked for supervision)."""
         segs = self.template.segments(messages)
         return self._assemble(segs, self.segment_tokenizer.encode(segs))
 

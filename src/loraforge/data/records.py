@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import DataError
+from loraforge.errors import DataError
 
 __all__ = ["RecordFormat", "check_records", "detect_format", "load_records", "to_messages"]
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kernels import (
+from loraforge.fast.kernels import (
     drop,
     dropout_mask,
     effective_p,

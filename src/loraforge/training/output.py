@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .data import DataReport
-from .errors import OutputDirError
-from .recipe import LoraRecipe
-from .templates import template_id
+from loraforge.data.builder import DataReport
+from loraforge.data.templates import template_id
+from loraforge.errors import OutputDirError
+from loraforge.recipe import LoraRecipe
 
 __all__ = ["CHECKPOINTS", "COMPLETE_MARKER", "RUN_FILE"]
 
@@ -44,8 +44,8 @@ def _prepare_output_dir(recipe: LoraRecipe, resume: bool) -> tuple[Path, Path | 
         raise OutputDirError(f"output_dir: {str(out)!r} exists and is not a folder")
     occupied = out.is_dir() and any(out.iterdir())
     if resume:
-        from .errors import RecipeError
-        from .guards import scan_checkpoints
+        from loraforge.errors import RecipeError
+        from loraforge.training.guards import scan_checkpoints
 
         # complete = manifest present and every file matching it (see loraforge.guards)
         ckpt, incomplete = scan_checkpoints(out / CHECKPOINTS)
@@ -134,7 +134,7 @@ def _atomic_write(dst_dir: Path, files: dict[str, Any]) -> None:
     [`DiskFullError`][loraforge.DiskFullError] and removes the staging folder). The run file is
     removed first and moved in last, so a folder whose move was cut short never looks finished.
     """
-    from .guards import disk_full_errors, fsync_dir
+    from loraforge.training.guards import disk_full_errors, fsync_dir
 
     for old in dst_dir.glob(".staging-*"):  # left by a process that was killed
         shutil.rmtree(old, ignore_errors=True)
@@ -177,8 +177,8 @@ def _save_run(
     import torch
     import transformers
 
-    from . import __version__
-    from .guards import SKIPPED_FILE, json_text
+    from loraforge import __version__
+    from loraforge.training.guards import SKIPPED_FILE, json_text
 
     data = report.to_dict()
     for d in data["dropped"]:  # the raw records are in skipped.jsonl

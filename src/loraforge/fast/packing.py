@@ -26,8 +26,8 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .data import IGNORE_INDEX
-from .errors import DataError
+from loraforge.data.builder import IGNORE_INDEX
+from loraforge.errors import DataError
 
 __all__ = [
     "PackedCollator",

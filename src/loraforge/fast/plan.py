@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .packing import _CHUNK_BYTES
+from loraforge.fast.packing import _CHUNK_BYTES
 
 __all__ = [
     "VARLEN_ATTENTION",
@@ -162,7 +162,7 @@ def choose_attention(requested: str, packing: bool) -> str:
         return "sdpa"
     if requested == "varlen":
         if not varlen_attention_available():
-            from .errors import RecipeError
+            from loraforge.errors import RecipeError
 
             raise RecipeError(
                 [
@@ -171,7 +171,7 @@ def choose_attention(requested: str, packing: bool) -> str:
                 ]
             )
         if not packing:
-            from .errors import RecipeError
+            from loraforge.errors import RecipeError
 
             raise RecipeError(["attention: 'varlen' works on packed batches; set packing: on"])
         return register_varlen_attention()
@@ -216,7 +216,7 @@ def selective_checkpoint_context() -> Any:
 
 def enable_selective_checkpointing(model: Any) -> None:
     """Selective activation checkpointing on every decoder layer (non-reentrant)."""
-    from .models import enable_checkpointing
+    from loraforge.models import enable_checkpointing
 
     enable_checkpointing(model, context_fn=selective_checkpoint_context)
 
@@ -317,7 +317,7 @@ def _lean_bytes(model: Any) -> float:
     """Activation bytes a decoder layer keeps with the lean functions, per token and hidden unit:
     ``_BYTES_LEAN``, plus the norm inputs (2 each) of the decoder norms ``lean_norms`` will not
     take (another norm class, a zero weight, a dtype other than the model's)."""
-    from .lora_ops import lean_norm_candidates
+    from loraforge.fast.lora_ops import lean_norm_candidates
 
     layers = getattr(model.config, "num_hidden_layers", 0) or 1
     dtype = getattr(model, "dtype", None)
@@ -344,7 +344,7 @@ def plan_fast_path(
     """
     import torch
 
-    from .errors import RecipeError
+    from loraforge.errors import RecipeError
 
     on_gpu = torch.cuda.is_available()
     packing = recipe.packing == "on" or (recipe.packing == "auto" and on_gpu)

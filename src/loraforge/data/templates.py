@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, ClassVar, TypeVar
 
-from .errors import TemplateError, TemplateMismatchError, UnknownTemplateError
+from loraforge.errors import TemplateError, TemplateMismatchError, UnknownTemplateError
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ModelError
-from .templates import Segment
+from loraforge.data.templates import Segment
+from loraforge.errors import ModelError
 
 __all__ = ["SegmentTokenizer"]
 

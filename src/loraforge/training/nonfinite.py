@@ -29,8 +29,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .errors import TrainingDivergedError
-from .guards import NONFINITE_FILE, _write_atomic, json_text, scan_checkpoints
+from loraforge.errors import TrainingDivergedError
+from loraforge.training.guards import NONFINITE_FILE, _write_atomic, json_text, scan_checkpoints
 
 __all__ = ["NonFiniteGuard"]
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .errors import DiskFullError
+from loraforge.errors import DiskFullError
 
 __all__ = [
     "COMPLETE_MARKER",
