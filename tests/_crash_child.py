@@ -171,14 +171,14 @@ def _install(spec: dict[str, Any]) -> None:
 
     transformers.trainer.rotate_checkpoints = rotate_checkpoints
 
-    prepare = lf_train._prepare_output_dir
+    start_point = lf_train._start_point
 
-    def _prepare_output_dir(recipe: Any, resume: bool) -> Any:
-        out, ckpt = prepare(recipe, resume)
-        journal(spec, f"resume-from {ckpt.name if ckpt else 'none'}")
-        return out, ckpt
+    def _start_point(*args: Any, **kw: Any) -> Any:
+        start = start_point(*args, **kw)
+        journal(spec, f"resume-from {start.checkpoint.name if start.checkpoint else 'none'}")
+        return start
 
-    lf_train._prepare_output_dir = _prepare_output_dir
+    lf_train._start_point = _start_point
 
     save_run = lf_train._save_run
 

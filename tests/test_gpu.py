@@ -79,7 +79,8 @@ def _rel(a, b):
 
 def test_fast_path_matches_plain_path_in_bf16(capsys):
     from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
-    from loraforge.fast.packing import PackedCollator, packed_loss
+    from loraforge.fast.losses import detached_head, packed_loss
+    from loraforge.fast.packing import PackedCollator
     from loraforge.fast.plan import (
         apply_liger,
         liger_available,
@@ -115,15 +116,10 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
     labels = batch.pop("labels").cuda()
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
     head = fast.get_output_embeddings()
-    head.forward = lambda hidden: hidden  # as train() runs it: lm_head applied by the chunked loss
-    with autocast:
-        loss_fast = packed_loss(
-            fast(**batch),
-            labels,
-            torch.tensor(total, device="cuda"),
-            keep_positions=batch["logits_to_keep"],
-            lm_head=head,
-        )
+    with autocast:  # as train() runs it: lm_head detached, applied by the chunked loss
+        with detached_head(fast):
+            out = fast(**batch)
+        loss_fast = packed_loss(out, labels, torch.tensor(total, device="cuda"), lm_head=head)
     loss_fast.backward()
     grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
     errs = [_rel(p.grad, grads[n]) for n, p in fast.named_parameters() if p.requires_grad]

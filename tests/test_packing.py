@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraforge import DataError, train
-from loraforge.fast.packing import PackedCollator, PackedDataset, pack_examples, packed_loss
+from loraforge.fast.losses import detached_head, packed_loss
+from loraforge.fast.packing import PackedCollator, PackedDataset, pack_examples
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
 
 TOK = build_tiny_tokenizer()
@@ -88,14 +89,16 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("mode", ["all_logits", "logits_only", "keep_index", "chunked"])
+@pytest.mark.parametrize("mode", ["all_logits", "logits_only", "chunked"])
 def test_packed_loss_and_grads_equal_unpacked(mode, monkeypatch):
     """The packed loss equals the unpacked one with full logits, with supervised-only logits
-    (targets picked by a mask or by the ``logits_to_keep`` index), and with the chunked
-    ``lm_head`` + cross-entropy (chunks of 7 rows here)."""
-    import loraforge.fast.packing as packing
+    (``logits_to_keep``; targets paired by a stable sort, no mask), and with the chunked
+    ``lm_head`` + cross-entropy (chunks of 7 rows here, the head detached as train() does)."""
+    import contextlib
 
-    monkeypatch.setattr(packing, "_CHUNK_BYTES", 7 * 4 * len(TOK))
+    import loraforge.fast.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 7 * 4 * len(TOK))
     logits_only = mode != "all_logits"
     examples = _examples(6)
     model = _lora_model()
@@ -117,24 +120,17 @@ def test_packed_loss_and_grads_equal_unpacked(mode, monkeypatch):
     coll = PackedCollator(TOK.pad_token_id, supervised_logits_only=logits_only)
     packed = 0.0
     head = model.get_output_embeddings()
-    if mode == "chunked":
-        head.forward = lambda hidden: hidden  # as train() does: the loss applies lm_head
     for part in (examples[:4], examples[4:]):
         batch = coll([part])
         labels = batch.pop("labels")
-        keep = batch.get("logits_to_keep") if mode in ("keep_index", "chunked") else None
-        out = model(**{k: v for k, v in batch.items() if not k.startswith(("cu_", "max_"))})
-        loss = packed_loss(
-            out,
-            labels,
-            torch.tensor(total),
-            keep_positions=keep,
-            lm_head=head if mode == "chunked" else None,
-        )
+        inputs = {k: v for k, v in batch.items() if not k.startswith(("cu_", "max_"))}
+        chunked = mode == "chunked"
+        with detached_head(model) if chunked else contextlib.nullcontext():
+            out = model(**inputs)
+        loss = packed_loss(out, labels, torch.tensor(total), lm_head=head if chunked else None)
         loss.backward()
         packed += loss.item()
-    if mode == "chunked":
-        del head.forward
+    assert model.get_output_embeddings() is head  # restored
     g_packed = _grads(model)
     assert packed == pytest.approx(plain, rel=1e-5)
     for n in g_plain:
@@ -222,10 +218,10 @@ def test_packed_dataset_reports_fill():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(bias, monkeypatch):
-    import loraforge.fast.packing as packing
-    from loraforge.fast.packing import linear_cross_entropy
+    import loraforge.fast.losses as losses
+    from loraforge.fast.losses import linear_cross_entropy
 
-    monkeypatch.setattr(packing, "_CHUNK_BYTES", 5 * 4 * 300)  # chunks of 5 rows
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 5 * 4 * 300)  # chunks of 5 rows
     torch.manual_seed(0)
     hidden = torch.randn(23, 16, requires_grad=True)
     weight = torch.randn(300, 16)

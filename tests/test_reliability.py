@@ -91,14 +91,16 @@ def listing(folder: Path) -> dict[str, int]:
 # =========================================================================== 1. kill -9
 
 CHAIN = dict(
-    max_steps=8,
+    max_steps=8,  # not a whole number of epochs (3 steps each): the resume must stop at 8
     save_steps=2,
     save_total_limit=2,
     lora_dropout=0.1,  # the RNG state must be restored too
-    batch_size=2,
+    batch_size=3,
     lora_r=8,
     logging_steps=1,
     num_epochs=3,
+    lr_scheduler="constant",  # a step too many would change the adapter, not only the schedule
+    warmup_ratio=0.0,
 )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,6 @@ from loraforge.models import load_model, load_tokenizer, pick_dtype, resolve_mod
 __all__ = ["ChatModel", "load_for_inference"]
 
 logger = logging.getLogger(__name__)
-# transformers >= 5.20 renamed gradient to activation checkpointing; PEFT still asks by the old
-# name on every forward pass. The warning tells a loraforge user nothing they can act on.
-warnings.filterwarnings(
-    "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
-)
 
 Messages = str | Sequence[Mapping[str, str]]
 

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from loraforge.fast.packing import _CHUNK_BYTES
+from loraforge.fast.losses import CHUNK_BYTES as _CHUNK_BYTES
 
 __all__ = [
     "VARLEN_ATTENTION",

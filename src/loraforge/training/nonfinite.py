@@ -1,19 +1,18 @@
 """Stop training at the first non-finite loss or gradient, naming the step and its records.
 
-[`NonFiniteGuard`][loraforge.nonfinite.NonFiniteGuard] checks each micro-batch's loss and the
-gradients at every optimizer step and raises
+[`NonFiniteGuard`][loraforge.training.nonfinite.NonFiniteGuard] checks each micro-batch's loss
+and the gradients at every optimizer step and raises
 [`TrainingDivergedError`][loraforge.TrainingDivergedError] naming the step, after writing the
 offending batch's record indices to ``nonfinite_batch.json``. On the CPU the check runs before
 the optimizer step; on a GPU it is read one step late (so the GPU never waits for it) and at once
 before any checkpoint, log line or evaluation, so no checkpoint or final adapter holds a
 non-finite update.
 
-How a batch is traced back to records: the guard keeps a reference to the ``input_ids`` of each
-micro-batch since the last optimizer step (a forward hook; nothing is copied). Only when a
-check fails does it hash each unpadded row and look the hash up among the training dataset's
-rows; a dataset row is mapped to its source record through the data report (the builder emits
-records in order, minus the dropped ones) and, after an ``eval_fraction`` split, through the
-split's index mapping. Identical examples cannot be told apart: all their indices are listed.
+How a batch is traced back to records: the trainer hands the guard each training micro-batch
+and its loss (a reference to the ``input_ids``; nothing is copied). Only when a check fails does
+the guard hash each unpadded row and look the hash up among the training examples, each of which
+carries the index of the record it was built from. Identical examples cannot be told apart: all
+their indices are listed.
 """
 
 from __future__ import annotations
@@ -51,10 +50,17 @@ class NonFiniteGuard(TrainerCallback):
     run or the run ended: the bad step's update may reach the weights in memory, but no
     checkpoint or final adapter holds it, and the error names the step that went wrong.
 
+    The trainer hands it each training micro-batch and its loss
+    ([`record`][loraforge.training.nonfinite.NonFiniteGuard.record]); the guard holds no hook on
+    the model.
+
     Args:
         output_dir: where ``nonfinite_batch.json`` is written.
-        train_dataset: the dataset given to the Trainer (to trace rows back to records).
-        report: the [`DataReport`][loraforge.DataReport] of the training data.
+        examples: the training examples' ``input_ids``, in dataset order (to trace a batch's rows
+            back to examples).
+        record_indices: for each example, the index of the record it was built from (counted
+            from 0 in the data file).
+        source: the data file's name, for the error message.
         check_gradients: also check gradients (leave on except with fp16 loss scaling, where
             overflowing gradients are expected and skipped by the grad scaler).
         defer: read each step's verdict one step late (None: on a GPU).
@@ -63,21 +69,22 @@ class NonFiniteGuard(TrainerCallback):
     def __init__(
         self,
         output_dir: str | Path,
-        train_dataset: Any = None,
-        report: Any = None,
+        examples: Sequence[Sequence[int]] = (),
+        record_indices: Sequence[int] = (),
+        source: str | None = None,
         *,
         check_gradients: bool = True,
         defer: bool | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.train_dataset = train_dataset
-        self.report = report
+        self.examples = examples
+        self.record_indices = record_indices
+        self.source = source
         self.check_gradients = check_gradients
         self.defer = defer
         self._pending: list[tuple[Any, Any, Any, Any]] = []
         self._deferred: tuple[Any, ...] | None = None
         self._params: list[Any] = []
-        self._handle: Any = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -85,43 +92,30 @@ class NonFiniteGuard(TrainerCallback):
         if getattr(args, "fp16", False) and self.check_gradients:
             logger.info("fp16 loss scaling: non-finite gradients are left to the grad scaler")
             self.check_gradients = False
-        if model is not None and self._handle is None:
+        if model is not None:
             self._params = [p for p in model.parameters() if p.requires_grad]
-            self._handle = model.register_forward_hook(self._after_forward, with_kwargs=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         try:
             self._check_deferred(args)
         finally:
-            self._detach()
+            self._reset()
 
-    def _detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def _reset(self) -> None:
         self._pending.clear()
         self._deferred = None
 
-    def record_loss(self, loss: Any) -> None:
-        """Attach a loss computed outside the model (``compute_loss_func``) to the latest
-        micro-batch, so a non-finite loss is caught as a loss on every path."""
+    def record(self, loss: Any, inputs: Mapping[str, Any]) -> None:
+        """Note a training micro-batch (its ``input_ids``, ``attention_mask``, ``position_ids``)
+        and its loss; they are checked at the next optimizer step."""
         import torch
 
-        if self._pending and torch.is_tensor(loss):
-            self._pending[-1] = (loss.detach(), *self._pending[-1][1:])
-
-    def _after_forward(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        import torch
-
-        if not module.training or not torch.is_grad_enabled():
-            return  # evaluation, generation
-        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         self._pending.append(
             (
                 loss.detach() if torch.is_tensor(loss) else None,
-                kwargs.get("input_ids", args[0] if args else None),
-                kwargs.get("attention_mask"),
-                kwargs.get("position_ids"),
+                inputs.get("input_ids"),
+                inputs.get("attention_mask"),
+                inputs.get("position_ids"),
             )
         )
 
@@ -233,7 +227,7 @@ class NonFiniteGuard(TrainerCallback):
             "step": step,
             "kind": kind,
             "value": repr(value),
-            "source": getattr(self.report, "source", None),
+            "source": self.source,
             "record_indices": indices,
             "note": note,
             "rows": [
@@ -248,7 +242,7 @@ class NonFiniteGuard(TrainerCallback):
             _write_atomic(batch_file, json_text(info, indent=2))
         except OSError:
             written = False
-        self._detach()
+        self._reset()
         kept = (
             f"the last complete checkpoint is {checkpoint}"
             if checkpoint
@@ -269,39 +263,18 @@ class NonFiniteGuard(TrainerCallback):
 
     def _trace(self, rows: list[list[int]]) -> tuple[list[list[int]], str]:
         """Map unpadded batch rows to source record indices (all candidates for duplicates)."""
-        if self.train_dataset is None or not rows:
-            return [[] for _ in rows], "no training dataset given to the guard"
+        if not self.examples or not rows:
+            return [[] for _ in rows], "no training examples given to the guard"
+        if len(self.record_indices) != len(self.examples):
+            return [[] for _ in rows], "no record index for the training examples"
         want: dict[bytes, list[int]] = {}
         for n, r in enumerate(rows):
             want.setdefault(_row_key(r), []).append(n)
-        # a packed dataset keeps its examples (and the dataset they came from) unpacked
-        packed = isinstance(getattr(self.train_dataset, "input_ids", None), list)
-        examples = self.train_dataset.input_ids if packed else self.train_dataset["input_ids"]
-        base = self.train_dataset.dataset if packed else self.train_dataset
-        positions: list[list[int]] = [[] for _ in rows]
-        for pos, ids in enumerate(examples):
+        out: list[list[int]] = [[] for _ in rows]
+        for pos, ids in enumerate(self.examples):
             for n in want.get(_row_key(ids), ()):
-                positions[n].append(pos)
-        # dataset position -> row of the dataset the builder emitted (a split keeps a mapping)
-        mapping = getattr(base, "_indices", None)
-        try:
-            original = mapping.column(0).to_pylist() if mapping is not None else None
-        except Exception:  # a datasets version without an arrow indices table
-            return [[] for _ in rows], "the dataset's row order could not be traced"
-        # emitted row -> record index: the builder emits records in order, minus dropped ones
-        records: list[int] | None = None
-        if self.report is not None:
-            dropped = {d.index for d in self.report.dropped}
-            records = [i for i in range(self.report.records_read) if i not in dropped]
-            if len(records) != self.report.built:
-                records = None
-        if records is None:
-            return [[] for _ in rows], "no data report to map rows to records"
-        out = []
-        for pos_list in positions:
-            rows_emitted = [original[p] if original is not None else p for p in pos_list]
-            out.append(sorted(records[r] for r in rows_emitted if 0 <= r < len(records)))
-        return out, "record_indices count records of the data file from 0"
+                out[n].append(int(self.record_indices[pos]))
+        return [sorted(m) for m in out], "record_indices count records of the data file from 0"
 
 
 def _batch_rows(pending: list[Any]) -> tuple[list[list[int]], list[int]]:

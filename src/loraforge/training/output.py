@@ -236,12 +236,13 @@ def _save_run(
 
 
 def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    # a Figure of its own with the Agg canvas: no pyplot, no backend switch for the caller
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     train_pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_pts = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if train_pts:
@@ -255,4 +256,3 @@ def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)

@@ -1,31 +1,42 @@
 """`train(recipe)`: a LoRA fine-tune from a recipe to a self-describing output folder.
 
-The function reads top to bottom as the steps of a run: prepare the output folder, load the
-tokenizer and model, apply LoRA, build the data, build the ``transformers.Trainer``, train, save.
-The Trainer is composed, not subclassed; loraforge adds a padding collator, callbacks for plain
-log lines and complete-checkpoint markers, and the saving of its artifacts.
+[`train`][loraforge.train] reads top to bottom as the steps of a run, each a function of its own
+with a typed input and output:
 
-The output folder's layout and its atomic saving live in [`loraforge.output`][loraforge.output].
+1. open the run folder (checked, locked; a finished run is not trained again);
+2. check every data record, before anything is downloaded;
+3. load the tokenizer and build the examples;
+4. load the base model and prepare it (padding token, LoRA targets);
+5. plan the fast path (a pure function of the model's shape, the recipe and the memory budget);
+6. apply the plan and LoRA;
+7. lay out the optimizer steps (packed rows or padded batches) and say what one step holds;
+8. find where a resumed run starts (same data, never past the last step);
+9. build the ``transformers.Trainer``;
+10. fit;
+11. save the adapter and the run's files.
+
+The Trainer is composed, with one subclass in [`loraforge.training.loop`][loraforge.training.loop];
+the output folder's layout and its atomic saving live in
+[`loraforge.training.output`][loraforge.training.output].
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from loraforge.data.records import check_records
-from loraforge.data.templates import get_template
+from loraforge.data.templates import PromptTemplate, get_template
 from loraforge.errors import DataError
-from loraforge.fast.packing import PackedCollator, PackedDataset, _chunkable_head, _PackedLoss
+from loraforge.fast.losses import PackedLoss, head_is_detachable
+from loraforge.fast.packing import PackedCollator, PackedDataset
 from loraforge.fast.plan import (
     FastPlan,
     apply_liger,
@@ -43,23 +54,32 @@ from loraforge.models import (
     resolve_target_modules,
 )
 from loraforge.recipe import LoraRecipe
-from loraforge.training.guards import disk_full_errors
+from loraforge.training.guards import SKIPPED_FILE, DiskSpaceGuard, disk_full_errors
+from loraforge.training.guards import write_skipped_records as _write_skipped
+from loraforge.training.loop import (
+    MarkComplete,
+    PlainLog,
+    build_hf_trainer,
+    frozen_gc,
+    lighter_steps,
+    quiet_progress,
+)
 from loraforge.training.nonfinite import NonFiniteGuard
-from loraforge.training.output import (
-    CHECKPOINTS,
-    _prepare_output_dir,
-    _save_run,
+from loraforge.training.output import CHECKPOINTS, _prepare_output_dir, _save_run
+from loraforge.training.resume import (
+    ResumePoint,
+    data_fingerprint,
+    load_checkpoint_adapter,
+    resume_point,
 )
 
-__all__ = ["TrainResult", "pad_collate", "train"]
+__all__ = ["StepLayout", "TrainResult", "pad_collate", "train"]
 
 logger = logging.getLogger(__name__)
 _NON_BLOCKING_COPIES = True  # the benchmark turns it off to measure what it is worth
 # transformers >= 5.20 renamed gradient to activation checkpointing; PEFT still asks by the old
-# name on every forward pass. The warning tells a loraforge user nothing they can act on.
-warnings.filterwarnings(
-    "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
-)
+# name on every forward pass. Filtered around the fit only (warnings.catch_warnings).
+_PEFT_RENAME_WARNING = r".*is_gradient_checkpointing.*deprecated"
 
 
 @dataclass(slots=True)
@@ -70,7 +90,8 @@ class TrainResult:
         output_dir: the output folder (for
             [`load_for_inference`][loraforge.load_for_inference]).
         metrics: final metrics (``train_loss``, ``first_loss``, ``last_loss``, ``eval_loss`` when
-            evaluated, ``steps``, ``runtime_s``, ``train_tokens``...).
+            evaluated, ``steps``, ``runtime_s``, ``train_tokens``, ``step`` — what one optimizer
+            step held...).
         data_report: the dataset builder's report for the training data.
         log_history: the Trainer's log entries.
     """
@@ -79,6 +100,77 @@ class TrainResult:
     metrics: dict[str, Any]
     data_report: DataReport
     log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- step types
+
+
+@dataclass(frozen=True, slots=True)
+class TrainData:
+    """The examples of a run (step 3)."""
+
+    train: Any  # a datasets.Dataset with input_ids, attention_mask, labels, record_index
+    eval: Any | None
+    report: DataReport
+    eval_report: DataReport | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepLayout:
+    """What one optimizer step holds on this run (logged, and saved in ``loraforge.json``).
+
+    Attributes:
+        packed: micro-batches are packed rows of whole examples (else padded batches).
+        micro_batch: ``"<= N tokens (packed row)"`` or ``"B examples (padded)"``.
+        micro_batches_per_step: ``grad_accum``.
+        examples_per_step: mean examples in one optimizer step.
+        tokens_per_step: mean real (unpadded) tokens in one optimizer step.
+        supervised_tokens_per_step: mean supervised tokens in one optimizer step.
+        steps_per_epoch: optimizer steps in one pass over the data.
+        total_steps: optimizer steps of the run (the learning-rate schedule's length).
+        warmup_steps: steps of learning-rate warm-up.
+    """
+
+    packed: bool
+    micro_batch: str
+    micro_batches_per_step: int
+    examples_per_step: float
+    tokens_per_step: float
+    supervised_tokens_per_step: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def describe(self) -> str:
+        return (
+            f"one optimizer step = {self.micro_batches_per_step} x {self.micro_batch}: "
+            f"{self.examples_per_step:.1f} examples, {self.tokens_per_step:,.0f} tokens, "
+            f"{self.supervised_tokens_per_step:,.0f} supervised tokens on average; "
+            f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all "
+            f"(learning-rate schedule over {self.total_steps} steps, {self.warmup_steps} warm-up)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Batches:
+    """The datasets and collator the Trainer iterates (step 7)."""
+
+    train: Any
+    eval: Any | None
+    collator: Any
+    layout: StepLayout
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """What fitting produced (step 10)."""
+
+    train_loss: float | None
+    history: list[dict[str, Any]]
+    steps: int
+    epochs: float | None
+    runtime_s: float
+    final_eval: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- collator
@@ -101,168 +193,22 @@ def pad_collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[s
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class _Collator:
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+@dataclass(frozen=True, slots=True)
+class _PadCollator:
+    pad_token_id: int
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return pad_collate(features, self.pad_token_id)
 
 
-# --------------------------------------------------------------------------- callbacks
-
-
-def _callbacks(
-    out: Path | None = None, train_ds: Any = None, report: DataReport | None = None
-) -> list[Any]:
-    from transformers import TrainerCallback
-
-    from loraforge.errors import TrainingDivergedError
-    from loraforge.training import guards
-
-    class PlainLog(TrainerCallback):
-        """A plain log line every logging_steps, and the run's start and end."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if not logs:
-                return
-            parts = [f"step {state.global_step}/{state.max_steps}"]
-            for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
-                if key in logs:
-                    v = logs[key]
-                    parts.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
-            logger.info(" | ".join(parts))
-
-    class MarkComplete(TrainerCallback):
-        """Mark a checkpoint complete once the Trainer has written all of it: copy the run's
-        recipe into it, fsync it and write its manifest (see `loraforge.guards`)."""
-
-        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if not ckpt.is_dir() or not state.is_world_process_zero:
-                return
-            model = kw.get("model")
-            if model is not None and not guards.parameters_finite(model):
-                raise TrainingDivergedError(
-                    f"training diverged: non-finite weights at step {state.global_step}; "
-                    f"{ckpt} is left unmarked and will not be resumed",
-                    step=state.global_step,
-                    kind="parameter",
-                )
-            recipe_file = Path(args.output_dir).parent / "recipe.yaml"
-            with guards.disk_full_errors(ckpt, "marking the checkpoint"):
-                if recipe_file.is_file():
-                    shutil.copyfile(recipe_file, ckpt / "recipe.yaml")
-                guards.mark_complete(ckpt, state.global_step)
-
-    extra = [NonFiniteGuard(out, train_ds, report), guards.DiskSpaceGuard()] if out else []
-    return [*extra, PlainLog(), MarkComplete()]  # the guards check before a save is marked
-
-
 # --------------------------------------------------------------------------- train
-
-
-def _quiet_progress(trainer: Any) -> None:
-    """Keep the Trainer's progress bar but not its printed log dicts (loraforge logs each line)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class Progress(ProgressCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            return None
-
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(Progress())
-    trainer.pop_callback(PrinterCallback)
-
-
-def _apply_plan(model: Any, plan: FastPlan) -> None:
-    """Kernels, attention and checkpointing on the base model, before LoRA wraps it."""
-    if plan.liger_kernels:
-        apply_liger(model)
-    set_attention(model, plan.attention)
-    if plan.gradient_checkpointing == "full":
-        enable_checkpointing(model)
-    elif plan.gradient_checkpointing == "partial":
-        enable_checkpointing(model, layers=plan.checkpoint_layers)
-    elif plan.gradient_checkpointing == "selective":
-        enable_selective_checkpointing(model)
-
-
-@contextlib.contextmanager
-def _frozen_gc() -> Iterator[None]:
-    """Move the objects alive before training out of the garbage collector's sight: its full
-    passes over the model's and datasets' objects otherwise land between GPU steps."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-@contextlib.contextmanager
-def _lighter_steps(model: Any) -> Iterator[None]:
-    """Trim the Trainer's per-step CPU work, which a GPU waits for after each optimizer step:
-    ``model.train()`` walks every module with method calls although they are all training
-    already, and ``model.zero_grad()`` every parameter although only the adapter's have
-    gradients. Both are the model's own again afterwards."""
-    modules = list(model.modules())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    full_train = model.train
-
-    def train(mode: bool = True) -> Any:
-        if mode and all(m.training for m in modules):
-            return model
-        return full_train(mode)
-
-    def zero_grad(set_to_none: bool = True) -> None:
-        for p in trainable:
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad.detach_().zero_()
-
-    model.train = train
-    model.zero_grad = zero_grad
-    try:
-        yield
-    finally:
-        del model.train
-        del model.zero_grad
-
-
-def _make_trainer(**kwargs: Any) -> Any:
-    """transformers' Trainer, counting FLOPs from a cached parameter count (its own
-    ``floating_point_ops`` walks every parameter at every step)."""
-    from transformers import Trainer
-
-    class _Trainer(Trainer):
-        _n_params: int | None = None
-
-        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-            ids = inputs.get("input_ids")
-            if ids is None:
-                return 0
-            if self._n_params is None:
-                count = getattr(self.model, "num_parameters", None)
-                self._n_params = int(count(exclude_embeddings=True)) if count else 0
-            return 6 * ids.numel() * self._n_params
-
-    return _Trainer(**kwargs)
-
-
-def _ids(ds: Any) -> Any:
-    return ds.input_ids if isinstance(ds, PackedDataset) else ds["input_ids"]
 
 
 def train(
     recipe: LoraRecipe,
     *,
     resume: bool = False,
+    allow_changed_data: bool = False,
     callbacks: Sequence[Any] = (),
     model: Any = None,
     tokenizer: Any = None,
@@ -272,6 +218,8 @@ def train(
     Args:
         recipe: the run's settings.
         resume: continue from the last complete checkpoint in ``recipe.output_dir``.
+        allow_changed_data: resume although the data files' content changed since the
+            checkpoint was saved (refused by default).
         callbacks: extra ``transformers.TrainerCallback`` objects.
         model: an already loaded base model to fine-tune instead of loading ``recipe.model``
             (``recipe.model`` is still recorded as its name).
@@ -283,16 +231,49 @@ def train(
     Raises:
         LoraForgeError: any bad setting, model, data or output folder, before a training step.
     """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
-    # 1. output folder and template
-    out, checkpoint = _prepare_output_dir(recipe, resume)
+    out, checkpoint = _prepare_output_dir(recipe, resume)  # 1
     template = get_template(recipe.template)
     set_seed(recipe.seed)
+    check_data(recipe)  # 2
+    model_path = None if model is not None and tokenizer is not None else _model_path(recipe)
+    if tokenizer is None:
+        assert model_path is not None
+        tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
+    data = build_data(recipe, tokenizer, out)  # 3
+    model = model if model is not None else load_base_model(recipe, model_path)  # 4
+    targets = prepare_base_model(model, tokenizer, template, recipe)
+    plan = plan_run(recipe, model, data, targets)  # 5
+    model = apply_plan_and_lora(recipe, model, plan, targets)  # 6
+    batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
+    fingerprint = data_fingerprint(recipe)
+    start = _start_point(out, checkpoint, batches.layout, fingerprint, allow_changed_data)  # 8
+    detach = plan.packing and recipe.chunked_loss and _head_detachable(model, data)
+    trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, callbacks)  # 9
+    fit = run_fit(trainer, model, batches, start)  # 10
+    metrics = _metrics(fit, batches, plan, model, targets)
+    _save_run(  # 11
+        out,
+        model,
+        tokenizer,
+        recipe,
+        template,
+        model_path,
+        data.report,
+        metrics,
+        fit.history,
+        data.eval_report,
+    )
+    logger.info("saved adapter and run files to %s", out)
+    return TrainResult(out, metrics, data.report, fit.history)
 
-    # 2. data records (before any download: bad data fails fast), tokenizer, examples
+
+# --------------------------------------------------------------------------- 2-4: data, model
+
+
+def check_data(recipe: LoraRecipe) -> None:
+    """Read and check every record of the training and evaluation data (no tokenizer needed)."""
     for path in (recipe.data, recipe.eval_data):
         if path:
             check_records(
@@ -301,32 +282,40 @@ def train(
                 input_separator=recipe.input_separator,
                 on_bad_record=recipe.on_bad_record,
             )
-    model_path: str | None = None  # None: the caller passed the model and tokenizer objects
-    if model is None or tokenizer is None:
-        model_path = resolve_model_path(
-            recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
-        )
-    if tokenizer is None:
-        assert model_path is not None
-        tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
-    builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
-    train_ds = builder.build(recipe.data)
-    assert builder.report is not None
-    report = builder.report
-    logger.info("data:\n%s", report.format_text())
-    from loraforge.training.guards import (  # every dropped record, with why
-        SKIPPED_FILE,
-        write_skipped_records,
+
+
+def _model_path(recipe: LoraRecipe) -> str:
+    return resolve_model_path(
+        recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
     )
 
-    write_skipped_records(out / SKIPPED_FILE, report.dropped)
+
+def _with_record_index(ds: Any, report: DataReport) -> Any:
+    """Give each example the index of the record it was built from (the builder emits the
+    records in order, minus the dropped ones)."""
+    dropped = {d.index for d in report.dropped}
+    index = [i for i in range(report.records_read) if i not in dropped]
+    if len(index) != len(ds):  # the builder's report disagrees with its output: trace nothing
+        index = [-1] * len(ds)
+    return ds.add_column("record_index", index)
+
+
+def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
+    """Tokenize, mask and truncate the data; write the dropped records to ``skipped.jsonl``
+    (and ``eval_skipped.jsonl``); hold out ``eval_fraction`` of the examples if asked."""
+    builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
+    train_ds = builder.build(recipe.data)
+    report = builder.report
+    assert report is not None
+    logger.info("data:\n%s", report.format_text())
+    _write_skipped(out / SKIPPED_FILE, report.dropped)
+    train_ds = _with_record_index(train_ds, report)
     eval_ds, eval_report = None, None
     if recipe.eval_data:
         eval_ds = builder.build(recipe.eval_data)
         eval_report = builder.report
-        eval_dropped = eval_report.dropped if eval_report else []
-        write_skipped_records(out / f"eval_{SKIPPED_FILE}", eval_dropped)
-        builder.report = report
+        assert eval_report is not None
+        _write_skipped(out / f"eval_{SKIPPED_FILE}", eval_report.dropped)
     elif recipe.eval_fraction > 0:
         n_eval = math.ceil(len(train_ds) * recipe.eval_fraction)
         if not 1 <= n_eval < len(train_ds):
@@ -338,38 +327,74 @@ def train(
             )
         split = train_ds.train_test_split(test_size=n_eval, seed=recipe.seed)
         train_ds, eval_ds = split["train"], split["test"]
+    return TrainData(train_ds, eval_ds, report, eval_report)
 
-    # 3. model, padding, LoRA
-    dtype = pick_dtype(recipe.dtype)
-    if model is None:
-        assert model_path is not None
-        model = load_model(model_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-    dtype = next(model.parameters()).dtype
+
+def load_base_model(recipe: LoraRecipe, model_path: str | None) -> Any:
+    """Load the base model in the recipe's dtype (onto the GPU when there is one)."""
+    import torch
+
+    assert model_path is not None
+    model = load_model(
+        model_path, dtype=pick_dtype(recipe.dtype), trust_remote_code=recipe.trust_remote_code
+    )
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def prepare_base_model(
+    model: Any, tokenizer: Any, template: PromptTemplate, recipe: LoraRecipe
+) -> list[str]:
+    """Give the tokenizer a padding token that is no stop token, switch the cache off, and
+    resolve the LoRA target modules against the model; returns the targets."""
     note = ensure_pad_token(tokenizer, model, template.end_of_turn)
     if note:
         logger.warning(note)
-    targets = resolve_target_modules(model, recipe.target_modules)
     model.config.use_cache = False
-    longest = max(len(x) for x in train_ds["input_ids"])
+    return resolve_target_modules(model, recipe.target_modules)
+
+
+# --------------------------------------------------------------------------- 5-6: plan, LoRA
+
+
+def plan_run(recipe: LoraRecipe, model: Any, data: TrainData, targets: Sequence[str]) -> FastPlan:
+    """The fast path's plan for this model, data and machine (logged)."""
+    import torch
+
+    head = model.get_output_embeddings()
     plan = plan_fast_path(
         recipe,
         model,
-        longest,
-        report.supervised_fraction or 1.0,
-        chunkable_head=_chunkable_head(model, require_frozen=False) is not None
-        and "lm_head" not in targets,
+        max(len(x) for x in data.train["input_ids"]),
+        data.report.supervised_fraction or 1.0,
+        chunkable_head=type(head) is torch.nn.Linear and "lm_head" not in targets,
     )
     logger.info("fast path: %s", plan.describe())
-    _apply_plan(model, plan)
+    return plan
+
+
+def apply_plan_and_lora(
+    recipe: LoraRecipe, model: Any, plan: FastPlan, targets: Sequence[str]
+) -> Any:
+    """Kernels, attention and checkpointing on the base model, then LoRA and the lean functions;
+    returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    if plan.liger_kernels:
+        apply_liger(model)
+    set_attention(model, plan.attention)
+    if plan.gradient_checkpointing == "full":
+        enable_checkpointing(model)
+    elif plan.gradient_checkpointing == "partial":
+        enable_checkpointing(model, layers=plan.checkpoint_layers)
+    elif plan.gradient_checkpointing == "selective":
+        enable_selective_checkpointing(model)
     model = get_peft_model(
         model,
         LoraConfig(
             r=recipe.lora_r,
             lora_alpha=recipe.lora_alpha,
             lora_dropout=recipe.lora_dropout,
-            target_modules=targets,
+            target_modules=list(targets),
             bias="none",
             task_type="CAUSAL_LM",
         ),
@@ -380,28 +405,48 @@ def train(
         fuse_lora_forward(model)
         lean_norms(model)
     trainable, total = model.get_nb_trainable_parameters()
-    counts = {
-        t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))
-        for t in targets
-    }
     logger.info(
         "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
         recipe.lora_r,
         recipe.lora_alpha,
-        ", ".join(f"{t} x{c}" for t, c in counts.items()),
+        ", ".join(f"{t} x{c}" for t, c in _lora_counts(model, targets).items()),
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
     )
+    return model
 
-    # 4. trainer
-    guard_callbacks = _callbacks(out, train_ds, report)
-    collator: Any = _Collator(tokenizer.pad_token_id)
-    loss_func: _PackedLoss | None = None
-    batch_size = recipe.batch_size
+
+def _lora_counts(model: Any, targets: Sequence[str]) -> dict[str, int]:
+    names = [n for n, _ in model.named_modules()]
+    return {t: sum(1 for n in names if n.endswith("." + t + ".lora_A")) for t in targets}
+
+
+def _head_detachable(model: Any, data: TrainData) -> bool:
+    """Whether the loss may apply ``lm_head`` in chunks: checked on the real model."""
+    import torch
+
+    sample = data.train[0]["input_ids"][:16]
+    device = next(model.parameters()).device
+    ok, why = head_is_detachable(model, torch.tensor([sample], device=device))
+    logger.info("chunked loss: %s", "on" if ok else f"off ({why})")
+    return ok
+
+
+# --------------------------------------------------------------------------- 7-8: steps, resume
+
+
+def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: int) -> Batches:
+    """Packed rows or padded batches, and what one optimizer step holds (logged)."""
+    train_ds, eval_ds = data.train, data.eval
     if plan.packing:
         assert plan.pack_tokens is not None
         train_ds = PackedDataset(train_ds, plan.pack_tokens, seed=recipe.seed)
+        if eval_ds is not None:
+            eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
+        collator: Any = PackedCollator(pad_id)
+        micro = f"<= {plan.pack_tokens} tokens (packed row)"
+        micro_batches = len(train_ds)
         logger.info(
             "packed %d examples into %d rows of <= %d tokens (%.0f%% full)",
             len(train_ds.input_ids),
@@ -409,38 +454,98 @@ def train(
             plan.pack_tokens,
             100 * train_ds.fill,
         )
-        if eval_ds is not None:
-            eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
-        collator = PackedCollator(tokenizer.pad_token_id)
-        guard = next((c for c in guard_callbacks if isinstance(c, NonFiniteGuard)), None)
-        head = _chunkable_head(model) if recipe.chunked_loss else None
-        loss_func = _PackedLoss(guard, head)
-        batch_size = 1
-        per_row = len(train_ds.input_ids) / max(len(train_ds), 1)
-        logger.warning(
-            "packing: batch_size=%d is not used; each optimizer step is grad_accum=%d packed "
-            "row(s) of <= %d tokens (about %.0f examples per row). Set packing: off for "
-            "fixed-size batches.",
-            recipe.batch_size,
-            recipe.grad_accum,
-            plan.pack_tokens,
-            per_row,
-        )
-    steps_per_epoch = math.ceil(len(train_ds) / (batch_size * recipe.grad_accum))
-    total_steps = (
+    else:
+        collator = _PadCollator(pad_id)
+        micro = f"{recipe.batch_size} examples (padded)"
+        micro_batches = math.ceil(len(train_ds) / recipe.batch_size)
+    steps_per_epoch = max(math.ceil(micro_batches / recipe.grad_accum), 1)
+    total = (
         recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
     )
+    ids = data.train["input_ids"]
+    labels = data.train["labels"]
+    n = len(ids)
+    tokens = sum(len(x) for x in ids)
+    supervised = sum(sum(1 for t in x[1:] if t != IGNORE_INDEX) for x in labels)
+    examples_per_step = n / steps_per_epoch
+    layout = StepLayout(
+        packed=plan.packing,
+        micro_batch=micro,
+        micro_batches_per_step=recipe.grad_accum,
+        examples_per_step=examples_per_step,
+        tokens_per_step=tokens / n * examples_per_step,
+        supervised_tokens_per_step=supervised / n * examples_per_step,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=math.ceil(recipe.warmup_ratio * total),
+    )
+    logger.info("steps: %s", layout.describe())
+    return Batches(train_ds, eval_ds, collator, layout)
+
+
+def _start_point(
+    out: Path,
+    checkpoint: Path | None,
+    layout: StepLayout,
+    fingerprint: dict[str, Any],
+    allow_changed_data: bool,
+) -> ResumePoint:
+    if checkpoint is None:  # not resuming, or nothing to resume from
+        return ResumePoint(None)
+    start = resume_point(
+        out / CHECKPOINTS,
+        layout.total_steps,
+        fingerprint,
+        allow_changed_data=allow_changed_data,
+    )
+    if start.finished:
+        logger.info(
+            "resume: %s is at the run's last step (%d); nothing left to train, saving it",
+            start.checkpoint,
+            start.step,
+        )
+    elif start.checkpoint is not None:
+        logger.info("resuming from %s (step %d)", start.checkpoint, start.step)
+    return start
+
+
+# --------------------------------------------------------------------------- 9-10: trainer, fit
+
+
+def build_trainer(
+    recipe: LoraRecipe,
+    out: Path,
+    model: Any,
+    batches: Batches,
+    detach_head: bool,
+    fingerprint: dict[str, Any],
+    callbacks: Sequence[Any],
+) -> Any:
+    """The ``transformers.Trainer`` with loraforge's guards, loss and arguments."""
+    import torch
+    from transformers import TrainingArguments
+
     on_gpu = torch.cuda.is_available()
+    dtype = next(model.parameters()).dtype
+    guard = NonFiniteGuard(
+        out,
+        examples=batches.train.input_ids
+        if isinstance(batches.train, PackedDataset)
+        else batches.train["input_ids"],
+        record_indices=_record_indices(batches.train),
+        source=recipe.data,
+    )
+    layout = batches.layout
+    loss = PackedLoss(model.get_output_embeddings() if detach_head else None)
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
+        per_device_train_batch_size=1 if layout.packed else recipe.batch_size,
+        per_device_eval_batch_size=1 if layout.packed else recipe.batch_size,
         gradient_accumulation_steps=recipe.grad_accum,
-        num_train_epochs=recipe.num_epochs,
-        max_steps=recipe.max_steps,
+        max_steps=layout.total_steps,  # one definition of the run's length: the layout's
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=math.ceil(recipe.warmup_ratio * total_steps),
+        warmup_steps=layout.warmup_steps,
         optim=recipe.optimizer,
         weight_decay=recipe.weight_decay,
         max_grad_norm=recipe.max_grad_norm,
@@ -449,7 +554,7 @@ def train(
         save_strategy="steps",
         save_steps=recipe.save_steps,
         save_total_limit=recipe.save_total_limit,
-        eval_strategy="no" if eval_ds is None else ("steps" if recipe.eval_steps else "epoch"),
+        eval_strategy="no" if batches.eval is None else ("steps" if recipe.eval_steps else "epoch"),
         eval_steps=recipe.eval_steps,
         report_to=list(recipe.report_to) or "none",
         bf16=dtype == torch.bfloat16 and on_gpu,
@@ -465,51 +570,93 @@ def train(
         # which makes the GPU wait for the CPU
         logging_nan_inf_filter=False,
     )
-    trainer = _make_trainer(
+    recipe.to_yaml(out / "recipe.yaml")
+    trainer = build_hf_trainer(
+        guard=guard,
+        detach_head=detach_head,
         model=model,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        compute_loss_func=loss_func,
-        callbacks=[*guard_callbacks, *callbacks],
+        train_dataset=batches.train,
+        eval_dataset=batches.eval,
+        data_collator=batches.collator,
+        compute_loss_func=loss if layout.packed else None,
+        # the guards check before a save is marked complete
+        callbacks=[
+            guard,
+            DiskSpaceGuard(),
+            PlainLog(),
+            MarkComplete(out / "recipe.yaml", fingerprint),
+            *callbacks,
+        ],
+    )
+    quiet_progress(trainer)
+    return trainer
+
+
+def _record_indices(ds: Any) -> list[int]:
+    if isinstance(ds, PackedDataset):
+        return list(ds.dataset["record_index"])
+    return list(ds["record_index"])
+
+
+def run_fit(trainer: Any, model: Any, batches: Batches, start: ResumePoint) -> Fit:
+    """Train (from ``start``), then evaluate once more if there is evaluation data."""
+    began = time.perf_counter()
+    train_loss: float | None = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PEFT_RENAME_WARNING, category=FutureWarning)
+        if start.finished:
+            assert start.checkpoint is not None
+            history = load_checkpoint_adapter(model, start.checkpoint)
+            trainer.state.global_step = start.step
+            trainer.state.log_history = history
+            losses = [h["loss"] for h in history if "loss" in h]
+            train_loss = sum(losses) / len(losses) if losses else None
+        else:
+            checkpoints = trainer.args.output_dir
+            with (
+                disk_full_errors(checkpoints, "saving a checkpoint to"),
+                lighter_steps(model),
+                frozen_gc(),
+            ):
+                resume_from = str(start.checkpoint) if start.checkpoint else None
+                result = trainer.train(resume_from_checkpoint=resume_from)
+            train_loss = result.training_loss
+        runtime = time.perf_counter() - began
+        final_eval = trainer.evaluate() if batches.eval is not None else {}
+    return Fit(
+        train_loss=train_loss,
+        history=list(trainer.state.log_history),
+        steps=trainer.state.global_step,
+        epochs=trainer.state.epoch,
+        runtime_s=round(runtime, 3),
+        final_eval=final_eval,
     )
 
-    # 5. train
-    recipe.to_yaml(out / "recipe.yaml")
-    start = time.perf_counter()
-    _quiet_progress(trainer)
-    with contextlib.ExitStack() as hooks:
-        if loss_func is not None:
-            hooks.enter_context(loss_func.installed(model))
-        with (
-            disk_full_errors(out / CHECKPOINTS, "saving a checkpoint to"),
-            _lighter_steps(model),
-            _frozen_gc(),
-        ):
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        runtime = time.perf_counter() - start
-        final_eval = trainer.evaluate() if eval_ds is not None else {}
 
-    # 6. save
-    history = list(trainer.state.log_history)
-    losses = [h["loss"] for h in history if "loss" in h]
+# --------------------------------------------------------------------------- 11: save
+
+
+def _metrics(
+    fit: Fit, batches: Batches, plan: FastPlan, model: Any, targets: Sequence[str]
+) -> dict[str, Any]:
+    losses = [h["loss"] for h in fit.history if "loss" in h]
+    ids = batches.train.input_ids if isinstance(batches.train, PackedDataset) else None
+    ids = ids if ids is not None else batches.train["input_ids"]
+    trainable, _ = model.get_nb_trainable_parameters()
     metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
+        "train_loss": fit.train_loss,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "runtime_s": round(runtime, 3),
-        "train_examples": len(builder_ids := _ids(train_ds)),
-        "train_tokens_per_epoch": int(sum(len(x) for x in builder_ids)),
+        "steps": fit.steps,
+        "epochs": fit.epochs,
+        "runtime_s": fit.runtime_s,
+        "train_examples": len(ids),
+        "train_tokens_per_epoch": int(sum(len(x) for x in ids)),
         "fast_path": plan.describe(),
+        "step": asdict(batches.layout),
         "trainable_parameters": trainable,
-        "lora_target_modules": counts,
+        "lora_target_modules": _lora_counts(model, targets),
     }
-    metrics.update(final_eval)
-    _save_run(
-        out, model, tokenizer, recipe, template, model_path, report, metrics, history, eval_report
-    )
-    logger.info("saved adapter and run files to %s", out)
-    return TrainResult(out, metrics, report, history)
+    metrics.update(fit.final_eval)
+    return metrics

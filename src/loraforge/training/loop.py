@@ -1,0 +1,204 @@
+"""transformers' Trainer as loraforge runs it: one subclass, its callbacks, and the step trims.
+
+* [`build_hf_trainer`][loraforge.training.loop.build_hf_trainer]: a ``transformers.Trainer`` whose
+  ``compute_loss`` hands each training micro-batch and its loss to the non-finite guard and, on
+  the packed path with a detachable head, runs the forward with the head detached so the loss
+  applies it in chunks; and whose ``floating_point_ops`` counts from a cached parameter count.
+  Everything the subclass uses is given to it when it is built; nothing is found by searching.
+* [`PlainLog`][loraforge.training.loop.PlainLog] and
+  [`MarkComplete`][loraforge.training.loop.MarkComplete]: a plain log line per logging step, and
+  the manifest that marks a checkpoint complete (with the run's recipe and data fingerprint).
+* [`lighter_steps`][loraforge.training.loop.lighter_steps] and
+  [`frozen_gc`][loraforge.training.loop.frozen_gc]: the per-step CPU work a GPU waits for, trimmed
+  on this model instance only and for the length of the fit; both restore what they change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from loraforge.errors import TrainingDivergedError
+from loraforge.fast.losses import detached_head
+from loraforge.training import guards
+from loraforge.training.nonfinite import NonFiniteGuard
+
+__all__ = [
+    "DATA_FINGERPRINT_FILE",
+    "MarkComplete",
+    "PlainLog",
+    "build_hf_trainer",
+    "frozen_gc",
+    "lighter_steps",
+    "quiet_progress",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_FINGERPRINT_FILE = "loraforge_data.json"
+"""Written into each checkpoint: the content hash of the data it was trained on."""
+
+
+class _LoraForgeTrainer(Trainer):
+    """``transformers.Trainer`` with two hooks overridden (see the module's docstring)."""
+
+    def __init__(
+        self, *args: Any, guard: NonFiniteGuard | None = None, detach_head: bool = False, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self._guard = guard
+        self._detach_head = detach_head
+        self._n_params: int | None = None
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        import torch
+
+        with detached_head(self.model) if self._detach_head else contextlib.nullcontext():
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        if self._guard is not None and model.training and torch.is_grad_enabled():
+            self._guard.record(loss, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        ids = inputs.get("input_ids")
+        if ids is None:
+            return 0
+        if self._n_params is None:  # the base class walks every parameter at every step
+            count = getattr(self.model, "num_parameters", None)
+            self._n_params = int(count(exclude_embeddings=True)) if count else 0
+        return 6 * ids.numel() * self._n_params
+
+
+def build_hf_trainer(
+    *, guard: NonFiniteGuard | None = None, detach_head: bool = False, **kwargs: Any
+) -> Trainer:
+    """A ``transformers.Trainer`` (``kwargs`` as its constructor takes them) that feeds ``guard``
+    and, with ``detach_head``, lets a [`PackedLoss`][loraforge.fast.losses.PackedLoss] holding
+    the real head apply it in chunks."""
+    return _LoraForgeTrainer(guard=guard, detach_head=detach_head, **kwargs)
+
+
+class PlainLog(TrainerCallback):
+    """A plain log line every ``logging_steps``."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if not logs:
+            return
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                v = logs[key]
+                parts.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
+        logger.info(" | ".join(parts))
+
+
+class MarkComplete(TrainerCallback):
+    """Mark a checkpoint complete once the Trainer has written all of it: copy the run's recipe
+    and the data fingerprint into it, fsync it and write its manifest
+    (see [`loraforge.training.guards`][loraforge.training.guards])."""
+
+    def __init__(self, recipe_file: Path, data_fingerprint: Mapping[str, Any]) -> None:
+        self.recipe_file = recipe_file
+        self.data_fingerprint = dict(data_fingerprint)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir() or not state.is_world_process_zero:
+            return
+        model = kw.get("model")
+        if model is not None and not guards.parameters_finite(model):
+            raise TrainingDivergedError(
+                f"training diverged: non-finite weights at step {state.global_step}; "
+                f"{ckpt} is left unmarked and will not be resumed",
+                step=state.global_step,
+                kind="parameter",
+            )
+        with guards.disk_full_errors(ckpt, "marking the checkpoint"):
+            if self.recipe_file.is_file():
+                shutil.copyfile(self.recipe_file, ckpt / "recipe.yaml")
+            (ckpt / DATA_FINGERPRINT_FILE).write_text(
+                json.dumps(self.data_fingerprint, indent=1), encoding="utf-8"
+            )
+            guards.mark_complete(ckpt, state.global_step)
+
+
+def quiet_progress(trainer: Any) -> None:
+    """Keep the Trainer's progress bar but not its printed log dicts (loraforge logs each line)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class Progress(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            return None
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Progress())
+    trainer.pop_callback(PrinterCallback)
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Move the objects alive before training out of the garbage collector's sight: its full
+    passes over the model's and datasets' objects otherwise land between GPU steps.
+
+    Only when nothing is frozen already (``gc.unfreeze`` cannot tell the caller's frozen objects
+    from ours); the collector's state is as before on every exit path.
+    """
+    import gc
+
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def lighter_steps(model: Any) -> Iterator[None]:
+    """Trim the Trainer's per-step CPU work, which a GPU waits for after each optimizer step:
+    ``model.train()`` walks every module with method calls although they are all training
+    already, and ``model.zero_grad()`` every parameter although only the adapter's have
+    gradients. Set on this model instance only; both are the model's own again afterwards."""
+    modules = list(model.modules())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    full_train = model.train
+
+    def train(mode: bool = True) -> Any:
+        if mode and all(m.training for m in modules):
+            return model
+        return full_train(mode)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        for p in trainable:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
+    model.train = train
+    model.zero_grad = zero_grad
+    try:
+        yield
+    finally:
+        del model.train
+        del model.zero_grad

@@ -1,0 +1,153 @@
+"""Resume that trains exactly what was asked: the checkpoint to start from, and the same data.
+
+* [`data_fingerprint`][loraforge.training.resume.data_fingerprint]: the content hash of the
+  training (and evaluation) data, stored with every checkpoint and in the run file.
+* [`resume_point`][loraforge.training.resume.resume_point]: the newest complete checkpoint at or
+  before the step the recipe trains to; a checkpoint *at* that step means training is already
+  done and only the final save is left (transformers' Trainer would otherwise train one step
+  more); a resume whose data changed is refused unless allowed.
+* [`load_checkpoint_adapter`][loraforge.training.resume.load_checkpoint_adapter]: the adapter
+  weights and log history of such a finished checkpoint, for the final save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraforge.errors import OutputDirError
+from loraforge.training.guards import check_checkpoint
+
+__all__ = ["ResumePoint", "data_fingerprint", "load_checkpoint_adapter", "resume_point"]
+
+logger = logging.getLogger(__name__)
+
+_FINGERPRINT_FILE = "loraforge_data.json"  # the name MarkComplete writes (training.loop)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(recipe: Any) -> dict[str, dict[str, Any]]:
+    """``{"data": {"path", "bytes", "sha256"}, "eval_data": ...}`` for the recipe's data files."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in ("data", "eval_data"):
+        value = getattr(recipe, key, None)
+        if value:
+            path = Path(value)
+            out[key] = {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a resumed run starts.
+
+    Attributes:
+        checkpoint: the checkpoint to load, or ``None`` to start from the beginning.
+        step: its step (0 without one).
+        finished: the checkpoint is at the run's last step: nothing is left to train.
+    """
+
+    checkpoint: Path | None
+    step: int = 0
+    finished: bool = False
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            tail = p.name.rsplit("-", 1)[-1]
+            if p.is_dir() and p.name.startswith("checkpoint-") and tail.isdigit():
+                found.append((int(tail), p))
+    return sorted((s, p) for s, p in found if check_checkpoint(p) is None)
+
+
+def resume_point(
+    checkpoints: Path,
+    total_steps: int,
+    fingerprint: Mapping[str, Any],
+    *,
+    allow_changed_data: bool = False,
+) -> ResumePoint:
+    """The complete checkpoint under ``checkpoints`` to resume a run of ``total_steps`` from.
+
+    Raises:
+        OutputDirError: every complete checkpoint is past ``total_steps`` (a lowered
+            ``max_steps``), or the data changed since the checkpoint was saved and
+            ``allow_changed_data`` is false.
+    """
+    complete = _complete_checkpoints(checkpoints)
+    if not complete:
+        return ResumePoint(None)
+    usable = [(s, p) for s, p in complete if s <= total_steps]
+    if not usable:
+        step = complete[-1][0]
+        raise OutputDirError(
+            f"resume: the newest complete checkpoint ({complete[-1][1]}) is at step {step}, past "
+            f"the {total_steps} steps this recipe trains (max_steps / num_epochs lowered?). "
+            f"Resume with max_steps >= {step}, or start a new output_dir"
+        )
+    if len(usable) < len(complete):
+        logger.warning(
+            "resume: checkpoints past step %d (%s) are kept but not used: the recipe trains %d "
+            "steps",
+            total_steps,
+            ", ".join(p.name for s, p in complete if s > total_steps),
+            total_steps,
+        )
+    step, ckpt = usable[-1]
+    _check_data(ckpt, fingerprint, allow_changed_data)
+    return ResumePoint(ckpt, step, finished=step == total_steps)
+
+
+def _check_data(ckpt: Path, fingerprint: Mapping[str, Any], allow: bool) -> None:
+    saved_file = ckpt / _FINGERPRINT_FILE
+    if not saved_file.is_file():
+        logger.warning("resume: %s records no data fingerprint (older loraforge)", ckpt)
+        return
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    changed = [
+        key
+        for key in sorted(set(saved) | set(fingerprint))
+        if (saved.get(key) or {}).get("sha256") != (fingerprint.get(key) or {}).get("sha256")
+    ]
+    if not changed:
+        return
+    names = ", ".join(
+        f"{key} ({(fingerprint.get(key) or saved.get(key) or {}).get('path')})" for key in changed
+    )
+    if allow:
+        logger.warning("resume: %s changed since %s was saved; resuming as allowed", names, ckpt)
+        return
+    raise OutputDirError(
+        f"resume: {names} changed since {ckpt} was saved (its content hash differs); resuming "
+        "would train the rest of the run on other data. Restore the file, start a new "
+        "output_dir, or allow it (train(..., allow_changed_data=True) / "
+        "loraforge train --resume --allow-changed-data)"
+    )
+
+
+def load_checkpoint_adapter(model: Any, ckpt: Path) -> list[dict[str, Any]]:
+    """Load a checkpoint's adapter weights into the PEFT ``model``; returns its log history."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = ckpt / "adapter_model.safetensors"
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise OutputDirError(f"resume: {weights} holds weights the model lacks: {unexpected[:5]}")
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    return list(state.get("log_history", []))

@@ -1,0 +1,82 @@
+"""loraforge changes nothing outside the model instance it was given.
+
+Run in a fresh interpreter, so that what is compared is the process as a user's script or
+notebook has it: transformers' modeling module, the warning filters, matplotlib's backend, the
+garbage collector, torch's global switches.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = textwrap.dedent(
+    """
+    import gc, json, sys, warnings
+    import matplotlib
+    matplotlib.use("svg")  # the caller's choice, which loraforge must keep
+    import torch
+    import transformers
+    from transformers.models.phi3 import modeling_phi3
+
+    def snapshot():
+        return {
+            "phi3": {k: id(v) for k, v in vars(modeling_phi3).items() if not k.startswith("__")},
+            "phi3_classes": {
+                k: {a: id(b) for a, b in vars(v).items()}
+                for k, v in vars(modeling_phi3).items()
+                if isinstance(v, type) and v.__module__ == modeling_phi3.__name__
+            },
+            "filters": [repr(f) for f in warnings.filters],
+            "backend": matplotlib.get_backend(),
+            "gc_enabled": gc.isenabled(),
+            "gc_frozen": gc.get_freeze_count() > 0,
+            "grad": torch.is_grad_enabled(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "threads": torch.get_num_threads(),
+            "default_dtype": str(torch.get_default_dtype()),
+            "attention": sorted(transformers.AttentionInterface._global_mapping),
+        }
+
+    before = snapshot()
+    import loraforge
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+    base = prepare_tiny_base(sys.argv[1] + "/base", hidden_size=32)
+    recipe = demo_recipe(base, sys.argv[1] + "/out", num_epochs=2, packing=sys.argv[2])
+    result = loraforge.train(recipe)
+    chat = loraforge.load_for_inference(result.output_dir, device="cpu")
+    chat.chat("hi", max_new_tokens=4)
+    after = snapshot()
+    print(json.dumps({"before": before, "after": after}))
+    """
+)
+
+
+@pytest.mark.parametrize("packing", ["off", "on"])
+def test_train_and_chat_leave_the_process_as_they_found_it(tmp_path: Path, packing: str):
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path), packing],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    before, after = seen["before"], seen["after"]
+    # transformers caches a class-level probe result on first use (``*_cached_value``): its own
+    # doing, which a model built without loraforge does too
+    for name, attrs in after["phi3_classes"].items():
+        for attr in [a for a in attrs if a not in before["phi3_classes"][name]]:
+            assert attr.endswith("_cached_value"), (name, attr)
+            del attrs[attr]
+    for key in before:
+        assert after[key] == before[key], key
+    assert after["backend"] == "svg"
+    assert (tmp_path / "out" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
