@@ -12,6 +12,9 @@ SHARED = Path(os.environ.get("LORAFORGE_SHARED", REPO.parent / "shared"))
 PHI4_DIR = SHARED / "phi4"
 HUANHUAN = SHARED / "data" / "huanhuan.json"
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
+# A subprocess that trains or builds takes ~10 s on a quiet 2-core machine; on one loaded many
+# times over it can take 20 times as long. The limit only catches a hang: generous on purpose.
+SUBPROCESS_TIMEOUT = 1800
 
 
 @pytest.fixture(scope="session")

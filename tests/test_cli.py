@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import SUBPROCESS_TIMEOUT
 
 from loraforge.cli import main
 from loraforge.demo import demo_recipe, prepare_tiny_base
@@ -93,7 +94,7 @@ def test_demo_command_in_a_subprocess(tmp_path):
         [sys.executable, "-m", "loraforge.cli", "demo", "--output", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[matches]" in proc.stdout

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,7 @@ def test_train_and_chat_leave_the_process_as_they_found_it(tmp_path: Path, packi
         [sys.executable, "-c", SCRIPT, str(tmp_path), packing],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 
 import loraforge
 
@@ -40,7 +41,7 @@ def test_mkdocs_build_strict(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -78,7 +79,7 @@ def test_quickstart_block_runs(page, index, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
         env=env,
     )
     assert done.returncode == 0, f"{page} block {index} failed:\n{done.stderr[-4000:]}"

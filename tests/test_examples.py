@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 
 from loraforge import LoraRecipe, load_for_inference
 from loraforge.cli import main
@@ -82,13 +83,13 @@ def test_train_and_chat_scripts(tiny):
     cmd = [sys.executable, str(EXAMPLE / "train.py"), str(RECIPE)]
     for pair in overrides(base, data, out):
         cmd += ["--set", pair]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: 40 steps" in done.stdout
     prompts = [RECORDS[0]["instruction"], RECORDS[3]["instruction"]]
     cmd = [sys.executable, str(EXAMPLE / "chat.py"), str(out), "--max-new-tokens", "64"]
     for p in prompts:
         cmd += ["--prompt", p]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[3]["output"]]

@@ -14,8 +14,6 @@ would feed record 1522 (a 434-token prompt) to the trainer with every label -100
 from __future__ import annotations
 
 import json
-import os
-import time
 
 import pytest
 from conftest import SYSTEM_PROMPT
@@ -116,23 +114,3 @@ def test_every_record_matches_the_tutorial(built, phi4_tokenizer, huanhuan_path)
         if i not in zero and len(tutorial_untruncated(phi4_tokenizer, r)[0]) > MAX_LENGTH
     ]
     assert report.truncated == cut
-
-
-def test_build_is_fast(phi4_tokenizer, huanhuan_path):
-    """A whole build of huanhuan.json (tokenizer loaded, builder made) takes < 2 s (4 s on CI).
-
-    Best of up to three builds, so that one scheduling hiccup on a loaded machine does not fail
-    the test; a genuinely slow build fails all three.
-    """
-    import datasets  # noqa: F401  (imported before timing: the import is not the build)
-
-    limit = 4.0 if os.environ.get("CI") else 2.0
-    times = []
-    for _ in range(3):
-        builder = make_builder(phi4_tokenizer)
-        start = time.perf_counter()
-        builder.build(huanhuan_path)
-        times.append(time.perf_counter() - start)
-        if times[-1] < limit:
-            break
-    assert min(times) < limit, f"building huanhuan.json took {times} s (limit {limit} s)"

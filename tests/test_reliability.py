@@ -36,6 +36,7 @@ from typing import Any
 import _figures
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT
 from safetensors.torch import load_file
 
 from loraforge import (
@@ -125,7 +126,7 @@ class Children:
         kill_after: float | None = None,
         slow: dict[str, float] | None = None,
         recipe: dict[str, Any] | None = None,
-        timeout: float = 240,
+        timeout: float = SUBPROCESS_TIMEOUT,
     ) -> tuple[int | None, list[str], bool]:
         """Run one child; returns (exit code, journal events, killed from outside)."""
         self.launches += 1
