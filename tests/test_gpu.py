@@ -135,7 +135,7 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
 
 
 def test_triton_kernels_match_torch_in_bf16():
-    from loraforge import kernels
+    from loraforge.fast import kernels
 
     assert kernels.triton_kernels() is not None, "triton kernels did not build"
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_lean_lora_matches_peft_with_dropout_in_bf16(monkeypatch, capsys):
     forward drawing the same masks, under autocast as the Trainer runs."""
     import itertools
 
-    from loraforge import lora_ops
+    from loraforge.fast import lora_ops
     from loraforge.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
