@@ -440,35 +440,8 @@ def test_lean_lora_hands_a_lora_bias_and_a_trained_base_back_to_peft():
     assert lora_ops._plain_lora(proj) is None  # a trained base weight needs its gradient
 
 
-def test_lighter_steps_still_puts_every_module_back_in_training_mode():
-    from loraforge.training.trainer import _lighter_steps
-
-    model = _lora(0.1)
-    with _lighter_steps(model):
-        model.train()
-        _layers(model)[1].mlp.eval()  # e.g. a callback switched one part off
-        model.train()
-        assert all(m.training for m in model.modules())
-        model.eval()
-        assert not any(m.training for m in model.modules())
-    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
-
-
 def test_plan_counts_full_logits_when_the_loss_cannot_be_chunked(fake_gpu):
     fake_gpu(80)
     chunked = plan_fast_path(_recipe(), _phi4_sized(), 384, 1.0)
     full = plan_fast_path(_recipe(), _phi4_sized(), 384, 1.0, chunkable_head=False)
     assert full.checkpoint_layers > chunked.checkpoint_layers == 0
-
-
-def test_trainer_flop_count_is_transformers_count_from_a_cached_parameter_count(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    from loraforge.training.trainer import _make_trainer
-
-    model = _lora(0.0)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    ours, theirs = _make_trainer(model=model, args=args), Trainer(model=model, args=args)
-    inputs = {"input_ids": torch.zeros(2, 37, dtype=torch.long)}
-    assert ours.floating_point_ops(inputs) == theirs.floating_point_ops(inputs) > 0
-    assert ours._n_params is not None  # counted once, then reused

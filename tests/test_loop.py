@@ -1,0 +1,162 @@
+"""The Trainer as loraforge runs it: its one subclass, the step trims, the detached head, and
+what a run says one optimizer step holds."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.demo import demo_recipe, prepare_tiny_base
+from loraforge.fast.losses import detached_head, head_is_detachable
+from loraforge.tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
+from loraforge.training.loop import build_hf_trainer, frozen_gc, lighter_steps
+
+TOK = build_tiny_tokenizer()
+TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def _lora(dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = build_tiny_model(TOK, hidden_size=32, num_layers=2, intermediate_size=64)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
+    return get_peft_model(model, config)
+
+
+def test_lighter_steps_still_puts_every_module_back_in_training_mode():
+    model = _lora(0.1)
+    layers = model.get_base_model().model.layers
+    with lighter_steps(model):
+        model.train()
+        layers[1].mlp.eval()  # e.g. a callback switched one part off
+        model.train()
+        assert all(m.training for m in model.modules())
+        model.eval()
+        assert not any(m.training for m in model.modules())
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
+
+
+def test_lighter_zero_grad_clears_only_what_the_adapter_has():
+    model = _lora()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with lighter_steps(model):
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_gc_restores_the_collector_and_leaves_a_callers_freeze_alone():
+    assert gc.get_freeze_count() == 0
+    with frozen_gc():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    with pytest.raises(RuntimeError), frozen_gc():
+        raise RuntimeError("a failing fit")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() == frozen  # not unfrozen behind the caller's back
+    finally:
+        gc.unfreeze()
+
+
+def test_trainer_flop_count_is_transformers_count_from_a_cached_parameter_count(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _lora()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    ours, theirs = build_hf_trainer(model=model, args=args), Trainer(model=model, args=args)
+    inputs = {"input_ids": torch.zeros(2, 37, dtype=torch.long)}
+    assert ours.floating_point_ops(inputs) == theirs.floating_point_ops(inputs) > 0
+    assert ours._n_params is not None  # counted once, then reused
+
+
+def test_detached_head_passes_hidden_states_and_restores_the_head():
+    model = _lora()
+    head = model.get_output_embeddings()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    keep = torch.tensor([1, 3])
+    with torch.no_grad():
+        logits = model(input_ids=ids, logits_to_keep=keep).logits
+        with detached_head(model) as real:
+            hidden = model(input_ids=ids, logits_to_keep=keep).logits
+        assert real is head and model.get_output_embeddings() is head
+    assert hidden.shape[-1] == model.config.hidden_size
+    torch.testing.assert_close(head(hidden), logits)
+
+
+def test_head_is_detachable_only_when_the_logits_are_the_heads_output():
+    model = _lora()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ok, why = head_is_detachable(model, ids)
+    assert ok, why
+    assert model.training  # the check's eval mode is undone
+    inner = model.get_base_model()
+    plain_forward = inner.forward
+
+    def capped(*args, **kwargs):  # a model that soft-caps its logits after the head (Gemma 2)
+        out = plain_forward(*args, **kwargs)
+        out.logits = 0.5 * torch.tanh(out.logits / 0.5)
+        return out
+
+    inner.forward = capped
+    ok, why = head_is_detachable(model, ids)
+    assert not ok and "differ from lm_head(hidden)" in why
+    del inner.forward
+    trained_head = _lora()
+    trained_head.get_output_embeddings().weight.requires_grad_(True)
+    ok, why = head_is_detachable(trained_head, ids)
+    assert not ok and "not a frozen nn.Linear" in why
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    return prepare_tiny_base(root / "base", hidden_size=32), root
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("packing", ["off", "on"])
+def test_the_run_says_what_one_optimizer_step_holds(tiny_base, packing, caplog):
+    from loraforge import train
+
+    base, root = tiny_base
+    records = json.loads(sample_data_path().read_text(encoding="utf-8"))
+    recipe = demo_recipe(
+        base,
+        root / f"out-{packing}",
+        num_epochs=1,
+        batch_size=3 if packing == "off" else 1,
+        grad_accum=2,
+        packing=packing,
+        pack_tokens=256 if packing == "on" else None,
+    )
+    with caplog.at_level("INFO", logger="loraforge"):
+        result = train(recipe)
+    step = json.loads(Path(result.output_dir, "loraforge.json").read_text("utf-8"))["metrics"][
+        "step"
+    ]
+    assert step == result.metrics["step"]
+    n = result.metrics["train_examples"]
+    assert n == len(records)
+    assert step["packed"] is (packing == "on")
+    assert step["micro_batches_per_step"] == 2
+    assert step["total_steps"] == step["steps_per_epoch"] == result.metrics["steps"]
+    assert step["examples_per_step"] == pytest.approx(n / step["steps_per_epoch"])
+    if packing == "off":
+        assert step["micro_batch"] == "3 examples (padded)"
+        assert step["steps_per_epoch"] == -(-n // 6)
+    else:
+        assert step["micro_batch"] == "<= 256 tokens (packed row)"
+        assert step["examples_per_step"] > 2  # each of the 2 rows holds several examples
+    assert step["tokens_per_step"] > step["supervised_tokens_per_step"] > 0
+    assert "one optimizer step = 2 x" in caplog.text
