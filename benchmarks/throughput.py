@@ -260,7 +260,7 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
         return meter.wrap(lambda b: original(self, b))(batch)
 
     packing.PackedCollator.__call__ = counted
-    lf_train._Collator.__call__ = lambda self, f: meter.wrap(
+    lf_train._PadCollator.__call__ = lambda self, f: meter.wrap(
         lambda b: lf_train.pad_collate(b, self.pad_token_id)
     )(f)
     recipe = LoraRecipe(
