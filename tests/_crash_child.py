@@ -171,22 +171,23 @@ def _install(spec: dict[str, Any]) -> None:
 
     transformers.trainer.rotate_checkpoints = rotate_checkpoints
 
-    prepare = lf_train._prepare_output_dir
+    run_folder = importlib.import_module("loraforge.training.output").RunFolder
+    enter = run_folder.__enter__
 
-    def _prepare_output_dir(recipe: Any, resume: bool) -> Any:
-        out, ckpt = prepare(recipe, resume)
-        journal(spec, f"resume-from {ckpt.name if ckpt else 'none'}")
-        return out, ckpt
+    def __enter__(self: Any) -> Any:
+        run = enter(self)
+        journal(spec, f"resume-from {run.checkpoint.name if run.checkpoint else 'none'}")
+        return run
 
-    lf_train._prepare_output_dir = _prepare_output_dir
+    run_folder.__enter__ = __enter__
 
-    save_run = lf_train._save_run
+    save_run = lf_train.save_run
 
     def _save_run(*args: Any, **kw: Any) -> None:
         journal(spec, "final-save")
         save_run(*args, **kw)
 
-    lf_train._save_run = _save_run
+    lf_train.save_run = _save_run
 
     class Journal(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

@@ -45,11 +45,7 @@ from loraforge.models import (
 from loraforge.recipe import LoraRecipe
 from loraforge.training.guards import disk_full_errors
 from loraforge.training.nonfinite import NonFiniteGuard
-from loraforge.training.output import (
-    CHECKPOINTS,
-    _prepare_output_dir,
-    _save_run,
-)
+from loraforge.training.output import CHECKPOINTS, open_run_folder, save_run
 
 __all__ = ["TrainResult", "pad_collate", "train"]
 
@@ -287,229 +283,245 @@ def train(
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments, set_seed
 
-    # 1. output folder and template
-    out, checkpoint = _prepare_output_dir(recipe, resume)
-    template = get_template(recipe.template)
-    set_seed(recipe.seed)
+    # 1. output folder (validated and locked for the whole run) and template
+    with open_run_folder(recipe, resume=resume) as run:
+        if run.finished is not None:  # resume of a run that finished with these settings
+            return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
+        out, checkpoint = run.path, run.checkpoint
+        template = get_template(recipe.template)
+        set_seed(recipe.seed)
 
-    # 2. data records (before any download: bad data fails fast), tokenizer, examples
-    for path in (recipe.data, recipe.eval_data):
-        if path:
-            check_records(
-                path,
-                recipe.data_format,
-                input_separator=recipe.input_separator,
-                on_bad_record=recipe.on_bad_record,
+        # 2. data records (before any download: bad data fails fast), tokenizer, examples
+        for path in (recipe.data, recipe.eval_data):
+            if path:
+                check_records(
+                    path,
+                    recipe.data_format,
+                    input_separator=recipe.input_separator,
+                    on_bad_record=recipe.on_bad_record,
+                )
+        model_path: str | None = None  # None: the caller passed the model and tokenizer objects
+        if model is None or tokenizer is None:
+            model_path = resolve_model_path(
+                recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
             )
-    model_path: str | None = None  # None: the caller passed the model and tokenizer objects
-    if model is None or tokenizer is None:
-        model_path = resolve_model_path(
-            recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
+        if tokenizer is None:
+            assert model_path is not None
+            tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
+        builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
+        train_ds = builder.build(recipe.data)
+        assert builder.report is not None
+        report = builder.report
+        logger.info("data:\n%s", report.format_text())
+        from loraforge.training.guards import (  # every dropped record, with why
+            SKIPPED_FILE,
+            write_skipped_records,
         )
-    if tokenizer is None:
-        assert model_path is not None
-        tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
-    builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
-    train_ds = builder.build(recipe.data)
-    assert builder.report is not None
-    report = builder.report
-    logger.info("data:\n%s", report.format_text())
-    from loraforge.training.guards import (  # every dropped record, with why
-        SKIPPED_FILE,
-        write_skipped_records,
-    )
 
-    write_skipped_records(out / SKIPPED_FILE, report.dropped)
-    eval_ds, eval_report = None, None
-    if recipe.eval_data:
-        eval_ds = builder.build(recipe.eval_data)
-        eval_report = builder.report
-        eval_dropped = eval_report.dropped if eval_report else []
-        write_skipped_records(out / f"eval_{SKIPPED_FILE}", eval_dropped)
-        builder.report = report
-    elif recipe.eval_fraction > 0:
-        n_eval = math.ceil(len(train_ds) * recipe.eval_fraction)
-        if not 1 <= n_eval < len(train_ds):
-            raise DataError(
-                f"eval_fraction={recipe.eval_fraction} of {len(train_ds)} examples leaves "
-                f"{n_eval} for evaluation and {len(train_ds) - n_eval} for training; both need at "
-                "least one (more data, another eval_fraction, or eval_data)",
-                source=recipe.data,
-            )
-        split = train_ds.train_test_split(test_size=n_eval, seed=recipe.seed)
-        train_ds, eval_ds = split["train"], split["test"]
+        write_skipped_records(out / SKIPPED_FILE, report.dropped)
+        eval_ds, eval_report = None, None
+        if recipe.eval_data:
+            eval_ds = builder.build(recipe.eval_data)
+            eval_report = builder.report
+            eval_dropped = eval_report.dropped if eval_report else []
+            write_skipped_records(out / f"eval_{SKIPPED_FILE}", eval_dropped)
+            builder.report = report
+        elif recipe.eval_fraction > 0:
+            n_eval = math.ceil(len(train_ds) * recipe.eval_fraction)
+            if not 1 <= n_eval < len(train_ds):
+                raise DataError(
+                    f"eval_fraction={recipe.eval_fraction} of {len(train_ds)} examples leaves "
+                    f"{n_eval} for evaluation and {len(train_ds) - n_eval} for training; both "
+                    "need at least one (more data, another eval_fraction, or eval_data)",
+                    source=recipe.data,
+                )
+            split = train_ds.train_test_split(test_size=n_eval, seed=recipe.seed)
+            train_ds, eval_ds = split["train"], split["test"]
 
-    # 3. model, padding, LoRA
-    dtype = pick_dtype(recipe.dtype)
-    if model is None:
-        assert model_path is not None
-        model = load_model(model_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-    dtype = next(model.parameters()).dtype
-    note = ensure_pad_token(tokenizer, model, template.end_of_turn)
-    if note:
-        logger.warning(note)
-    targets = resolve_target_modules(model, recipe.target_modules)
-    model.config.use_cache = False
-    longest = max(len(x) for x in train_ds["input_ids"])
-    plan = plan_fast_path(
-        recipe,
-        model,
-        longest,
-        report.supervised_fraction or 1.0,
-        chunkable_head=_chunkable_head(model, require_frozen=False) is not None
-        and "lm_head" not in targets,
-    )
-    logger.info("fast path: %s", plan.describe())
-    _apply_plan(model, plan)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=recipe.lora_r,
-            lora_alpha=recipe.lora_alpha,
-            lora_dropout=recipe.lora_dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
-    if recipe.fused_lora:
-        from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
+        # 3. model, padding, LoRA
+        dtype = pick_dtype(recipe.dtype)
+        if model is None:
+            assert model_path is not None
+            model = load_model(model_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+        dtype = next(model.parameters()).dtype
+        note = ensure_pad_token(tokenizer, model, template.end_of_turn)
+        if note:
+            logger.warning(note)
+        targets = resolve_target_modules(model, recipe.target_modules)
+        model.config.use_cache = False
+        longest = max(len(x) for x in train_ds["input_ids"])
+        plan = plan_fast_path(
+            recipe,
+            model,
+            longest,
+            report.supervised_fraction or 1.0,
+            chunkable_head=_chunkable_head(model, require_frozen=False) is not None
+            and "lm_head" not in targets,
+        )
+        logger.info("fast path: %s", plan.describe())
+        _apply_plan(model, plan)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=recipe.lora_r,
+                lora_alpha=recipe.lora_alpha,
+                lora_dropout=recipe.lora_dropout,
+                target_modules=targets,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if recipe.fused_lora:
+            from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
 
-        fuse_lora_forward(model)
-        lean_norms(model)
-    trainable, total = model.get_nb_trainable_parameters()
-    counts = {
-        t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))
-        for t in targets
-    }
-    logger.info(
-        "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
-        recipe.lora_r,
-        recipe.lora_alpha,
-        ", ".join(f"{t} x{c}" for t, c in counts.items()),
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-    )
-
-    # 4. trainer
-    guard_callbacks = _callbacks(out, train_ds, report)
-    collator: Any = _Collator(tokenizer.pad_token_id)
-    loss_func: _PackedLoss | None = None
-    batch_size = recipe.batch_size
-    if plan.packing:
-        assert plan.pack_tokens is not None
-        train_ds = PackedDataset(train_ds, plan.pack_tokens, seed=recipe.seed)
+            fuse_lora_forward(model)
+            lean_norms(model)
+        trainable, total = model.get_nb_trainable_parameters()
+        counts = {
+            t: sum(1 for n, _ in model.named_modules() if n.endswith("." + t + ".lora_A"))
+            for t in targets
+        }
         logger.info(
-            "packed %d examples into %d rows of <= %d tokens (%.0f%% full)",
-            len(train_ds.input_ids),
-            len(train_ds),
-            plan.pack_tokens,
-            100 * train_ds.fill,
+            "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
+            recipe.lora_r,
+            recipe.lora_alpha,
+            ", ".join(f"{t} x{c}" for t, c in counts.items()),
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
         )
-        if eval_ds is not None:
-            eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
-        collator = PackedCollator(tokenizer.pad_token_id)
-        guard = next((c for c in guard_callbacks if isinstance(c, NonFiniteGuard)), None)
-        head = _chunkable_head(model) if recipe.chunked_loss else None
-        loss_func = _PackedLoss(guard, head)
-        batch_size = 1
-        per_row = len(train_ds.input_ids) / max(len(train_ds), 1)
-        logger.warning(
-            "packing: batch_size=%d is not used; each optimizer step is grad_accum=%d packed "
-            "row(s) of <= %d tokens (about %.0f examples per row). Set packing: off for "
-            "fixed-size batches.",
-            recipe.batch_size,
-            recipe.grad_accum,
-            plan.pack_tokens,
-            per_row,
+
+        # 4. trainer
+        guard_callbacks = _callbacks(out, train_ds, report)
+        collator: Any = _Collator(tokenizer.pad_token_id)
+        loss_func: _PackedLoss | None = None
+        batch_size = recipe.batch_size
+        if plan.packing:
+            assert plan.pack_tokens is not None
+            train_ds = PackedDataset(train_ds, plan.pack_tokens, seed=recipe.seed)
+            logger.info(
+                "packed %d examples into %d rows of <= %d tokens (%.0f%% full)",
+                len(train_ds.input_ids),
+                len(train_ds),
+                plan.pack_tokens,
+                100 * train_ds.fill,
+            )
+            if eval_ds is not None:
+                eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
+            collator = PackedCollator(tokenizer.pad_token_id)
+            guard = next((c for c in guard_callbacks if isinstance(c, NonFiniteGuard)), None)
+            head = _chunkable_head(model) if recipe.chunked_loss else None
+            loss_func = _PackedLoss(guard, head)
+            batch_size = 1
+            per_row = len(train_ds.input_ids) / max(len(train_ds), 1)
+            logger.warning(
+                "packing: batch_size=%d is not used; each optimizer step is grad_accum=%d packed "
+                "row(s) of <= %d tokens (about %.0f examples per row). Set packing: off for "
+                "fixed-size batches.",
+                recipe.batch_size,
+                recipe.grad_accum,
+                plan.pack_tokens,
+                per_row,
+            )
+        steps_per_epoch = math.ceil(len(train_ds) / (batch_size * recipe.grad_accum))
+        total_steps = (
+            recipe.max_steps
+            if recipe.max_steps > 0
+            else math.ceil(steps_per_epoch * recipe.num_epochs)
         )
-    steps_per_epoch = math.ceil(len(train_ds) / (batch_size * recipe.grad_accum))
-    total_steps = (
-        recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
-    )
-    on_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=recipe.grad_accum,
-        num_train_epochs=recipe.num_epochs,
-        max_steps=recipe.max_steps,
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=math.ceil(recipe.warmup_ratio * total_steps),
-        optim=recipe.optimizer,
-        weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm,
-        seed=recipe.seed,
-        logging_steps=recipe.logging_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        eval_strategy="no" if eval_ds is None else ("steps" if recipe.eval_steps else "epoch"),
-        eval_steps=recipe.eval_steps,
-        report_to=list(recipe.report_to) or "none",
-        bf16=dtype == torch.bfloat16 and on_gpu,
-        fp16=dtype == torch.float16 and on_gpu,
-        use_cpu=not on_gpu,
-        remove_unused_columns=False,
-        dataloader_pin_memory=on_gpu,
-        # batches go to the GPU from pinned memory without the CPU waiting for the GPU to finish
-        # the previous step (a blocking copy idles the GPU while the next step is prepared)
-        accelerator_config={"non_blocking": on_gpu and _NON_BLOCKING_COPIES},
-        disable_tqdm=False,
-        # the non-finite guard stops the run instead; the filter reads the loss every step,
-        # which makes the GPU wait for the CPU
-        logging_nan_inf_filter=False,
-    )
-    trainer = _make_trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        compute_loss_func=loss_func,
-        callbacks=[*guard_callbacks, *callbacks],
-    )
+        on_gpu = torch.cuda.is_available()
+        args = TrainingArguments(
+            output_dir=str(out / CHECKPOINTS),
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            gradient_accumulation_steps=recipe.grad_accum,
+            num_train_epochs=recipe.num_epochs,
+            max_steps=recipe.max_steps,
+            learning_rate=recipe.learning_rate,
+            lr_scheduler_type=recipe.lr_scheduler,
+            warmup_steps=math.ceil(recipe.warmup_ratio * total_steps),
+            optim=recipe.optimizer,
+            weight_decay=recipe.weight_decay,
+            max_grad_norm=recipe.max_grad_norm,
+            seed=recipe.seed,
+            logging_steps=recipe.logging_steps,
+            save_strategy="steps",
+            save_steps=recipe.save_steps,
+            save_total_limit=recipe.save_total_limit,
+            eval_strategy="no" if eval_ds is None else ("steps" if recipe.eval_steps else "epoch"),
+            eval_steps=recipe.eval_steps,
+            report_to=list(recipe.report_to) or "none",
+            bf16=dtype == torch.bfloat16 and on_gpu,
+            fp16=dtype == torch.float16 and on_gpu,
+            use_cpu=not on_gpu,
+            remove_unused_columns=False,
+            dataloader_pin_memory=on_gpu,
+            # batches go to the GPU from pinned memory without the CPU waiting for the GPU to finish
+            # the previous step (a blocking copy idles the GPU while the next step is prepared)
+            accelerator_config={"non_blocking": on_gpu and _NON_BLOCKING_COPIES},
+            disable_tqdm=False,
+            # the non-finite guard stops the run instead; the filter reads the loss every step,
+            # which makes the GPU wait for the CPU
+            logging_nan_inf_filter=False,
+        )
+        trainer = _make_trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=collator,
+            compute_loss_func=loss_func,
+            callbacks=[*guard_callbacks, *callbacks],
+        )
 
-    # 5. train
-    recipe.to_yaml(out / "recipe.yaml")
-    start = time.perf_counter()
-    _quiet_progress(trainer)
-    with contextlib.ExitStack() as hooks:
-        if loss_func is not None:
-            hooks.enter_context(loss_func.installed(model))
-        with (
-            disk_full_errors(out / CHECKPOINTS, "saving a checkpoint to"),
-            _lighter_steps(model),
-            _frozen_gc(),
-        ):
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        runtime = time.perf_counter() - start
-        final_eval = trainer.evaluate() if eval_ds is not None else {}
+        # 5. train
+        recipe.to_yaml(out / "recipe.yaml")
+        start = time.perf_counter()
+        _quiet_progress(trainer)
+        with contextlib.ExitStack() as hooks:
+            if loss_func is not None:
+                hooks.enter_context(loss_func.installed(model))
+            with (
+                disk_full_errors(out / CHECKPOINTS, "saving a checkpoint to"),
+                _lighter_steps(model),
+                _frozen_gc(),
+            ):
+                result = trainer.train(
+                    resume_from_checkpoint=str(checkpoint) if checkpoint else None
+                )
+            runtime = time.perf_counter() - start
+            final_eval = trainer.evaluate() if eval_ds is not None else {}
 
-    # 6. save
-    history = list(trainer.state.log_history)
-    losses = [h["loss"] for h in history if "loss" in h]
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "runtime_s": round(runtime, 3),
-        "train_examples": len(builder_ids := _ids(train_ds)),
-        "train_tokens_per_epoch": int(sum(len(x) for x in builder_ids)),
-        "fast_path": plan.describe(),
-        "trainable_parameters": trainable,
-        "lora_target_modules": counts,
-    }
-    metrics.update(final_eval)
-    _save_run(
-        out, model, tokenizer, recipe, template, model_path, report, metrics, history, eval_report
-    )
-    logger.info("saved adapter and run files to %s", out)
-    return TrainResult(out, metrics, report, history)
+        # 6. save
+        history = list(trainer.state.log_history)
+        losses = [h["loss"] for h in history if "loss" in h]
+        metrics: dict[str, Any] = {
+            "train_loss": result.training_loss,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "runtime_s": round(runtime, 3),
+            "train_examples": len(builder_ids := _ids(train_ds)),
+            "train_tokens_per_epoch": int(sum(len(x) for x in builder_ids)),
+            "fast_path": plan.describe(),
+            "trainable_parameters": trainable,
+            "lora_target_modules": counts,
+        }
+        metrics.update(final_eval)
+        save_run(
+            out,
+            model,
+            tokenizer,
+            recipe,
+            template,
+            model_path,
+            report,
+            metrics,
+            history,
+            eval_report,
+        )
+        logger.info("saved adapter and run files to %s", out)
+        return TrainResult(out, metrics, report, history)
