@@ -180,13 +180,13 @@ def _install(spec: dict[str, Any]) -> None:
 
     lf_train._start_point = _start_point
 
-    save_run = lf_train._save_run
+    save_run = lf_train.save_run
 
     def _save_run(*args: Any, **kw: Any) -> None:
         journal(spec, "final-save")
         save_run(*args, **kw)
 
-    lf_train._save_run = _save_run
+    lf_train.save_run = _save_run
 
     class Journal(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

@@ -834,6 +834,7 @@ def short_run(workdir):
 def test_resume_never_runs_code_from_a_checkpoint(workdir, short_run, tmp_path, victim):
     out = tmp_path / "run"
     shutil.copytree(short_run.output_dir, out)
+    (out / "loraforge.json").unlink()  # an interrupted run: a finished one is never resumed
     ckpt = out / "checkpoints" / "checkpoint-2"
     sentinel = tmp_path / "pwned"
     torch.save(_Payload(sentinel), ckpt / victim)

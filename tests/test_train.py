@@ -34,6 +34,8 @@ RUN_FILES = {
     "loraforge.json",
     "data_report.json",
     "loss_curve.png",
+    ".loraforge-run",  # the run folder's marker (loraforge may clear only marked folders)
+    ".loraforge-lock",  # locked while a run uses the folder
 }
 # checkpoints/: the Trainer's last checkpoint, where the transformers version saves one at the end
 OPTIONAL_TOKENIZER_FILES = {"chat_template.jinja", "special_tokens_map.json", "checkpoints"}

@@ -19,6 +19,7 @@ from loraforge.data.templates import PromptTemplate, get_template
 from loraforge.data.tokenize import SegmentTokenizer
 from loraforge.errors import ModelError, UnknownTemplateError
 from loraforge.models import load_model, load_tokenizer, pick_dtype, resolve_model_path, token_id
+from loraforge.training.output import prepare_merge_folder
 
 __all__ = ["ChatModel", "load_for_inference"]
 
@@ -171,8 +172,7 @@ class ChatModel:
     def merge_and_save(self, out_dir: str | Path) -> Path:
         """Write a merged model (safetensors) that plain ``AutoModelForCausalLM`` loads, with the
         tokenizer and a ``chat_template`` matching the training template."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = prepare_merge_folder(out_dir, model=self.model, tokenizer=self.tokenizer)
         model = self.model
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()

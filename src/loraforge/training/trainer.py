@@ -65,7 +65,7 @@ from loraforge.training.loop import (
     quiet_progress,
 )
 from loraforge.training.nonfinite import NonFiniteGuard
-from loraforge.training.output import CHECKPOINTS, _prepare_output_dir, _save_run
+from loraforge.training.output import CHECKPOINTS, RunFolder, open_run_folder, save_run
 from loraforge.training.resume import (
     ResumePoint,
     data_fingerprint,
@@ -233,39 +233,42 @@ def train(
     """
     from transformers import set_seed
 
-    out, checkpoint = _prepare_output_dir(recipe, resume)  # 1
-    template = get_template(recipe.template)
-    set_seed(recipe.seed)
-    check_data(recipe)  # 2
-    model_path = None if model is not None and tokenizer is not None else _model_path(recipe)
-    if tokenizer is None:
-        assert model_path is not None
-        tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
-    data = build_data(recipe, tokenizer, out)  # 3
-    model = model if model is not None else load_base_model(recipe, model_path)  # 4
-    targets = prepare_base_model(model, tokenizer, template, recipe)
-    plan = plan_run(recipe, model, data, targets)  # 5
-    model = apply_plan_and_lora(recipe, model, plan, targets)  # 6
-    batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
-    fingerprint = data_fingerprint(recipe)
-    start = _start_point(out, checkpoint, batches.layout, fingerprint, allow_changed_data)  # 8
-    detach = plan.packing and recipe.chunked_loss and _head_detachable(model, data)
-    trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, callbacks)  # 9
-    fit = run_fit(trainer, model, batches, start)  # 10
-    metrics = _metrics(fit, batches, plan, model, targets)
-    _save_run(  # 11
-        out,
-        model,
-        tokenizer,
-        recipe,
-        template,
-        model_path,
-        data.report,
-        metrics,
-        fit.history,
-        data.eval_report,
-    )
-    logger.info("saved adapter and run files to %s", out)
+    with open_run_folder(recipe, resume=resume) as run:  # 1 (locked until the run ends)
+        if run.finished is not None:  # a resume of a run that finished with these settings
+            return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
+        out = run.path
+        template = get_template(recipe.template)
+        set_seed(recipe.seed)
+        check_data(recipe)  # 2
+        model_path = None if model is not None and tokenizer is not None else _model_path(recipe)
+        if tokenizer is None:
+            assert model_path is not None
+            tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
+        data = build_data(recipe, tokenizer, out)  # 3
+        model = model if model is not None else load_base_model(recipe, model_path)  # 4
+        targets = prepare_base_model(model, tokenizer, template, recipe)
+        plan = plan_run(recipe, model, data, targets)  # 5
+        model = apply_plan_and_lora(recipe, model, plan, targets)  # 6
+        batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
+        fingerprint = data_fingerprint(recipe)
+        start = _start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
+        detach = plan.packing and recipe.chunked_loss and _head_detachable(model, data)
+        trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, callbacks)  # 9
+        fit = run_fit(trainer, model, batches, start)  # 10
+        metrics = _metrics(fit, batches, plan, model, targets)
+        save_run(  # 11
+            out,
+            model,
+            tokenizer,
+            recipe,
+            template,
+            model_path,
+            data.report,
+            metrics,
+            fit.history,
+            data.eval_report,
+        )
+        logger.info("saved adapter and run files to %s", out)
     return TrainResult(out, metrics, data.report, fit.history)
 
 
@@ -484,16 +487,15 @@ def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: i
 
 
 def _start_point(
-    out: Path,
-    checkpoint: Path | None,
+    run: RunFolder,
     layout: StepLayout,
     fingerprint: dict[str, Any],
     allow_changed_data: bool,
 ) -> ResumePoint:
-    if checkpoint is None:  # not resuming, or nothing to resume from
+    if run.checkpoint is None:  # not resuming, or nothing to resume from
         return ResumePoint(None)
     start = resume_point(
-        out / CHECKPOINTS,
+        run.path / CHECKPOINTS,
         layout.total_steps,
         fingerprint,
         allow_changed_data=allow_changed_data,
