@@ -25,13 +25,16 @@ from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from loraforge.data.records import check_records
 from loraforge.data.templates import get_template
 from loraforge.errors import DataError
+from loraforge.fast.attention import attention_implementation, set_attention
+from loraforge.fast.liger import apply_liger
 from loraforge.fast.packing import PackedCollator, PackedDataset, _chunkable_head, _PackedLoss
 from loraforge.fast.plan import (
+    DeviceInfo,
     FastPlan,
-    apply_liger,
+    ModelShape,
+    check_environment,
     enable_selective_checkpointing,
     plan_fast_path,
-    set_attention,
 )
 from loraforge.models import (
     enable_checkpointing,
@@ -179,7 +182,7 @@ def _apply_plan(model: Any, plan: FastPlan) -> None:
     """Kernels, attention and checkpointing on the base model, before LoRA wraps it."""
     if plan.liger_kernels:
         apply_liger(model)
-    set_attention(model, plan.attention)
+    set_attention(model, attention_implementation(plan.attention))
     if plan.gradient_checkpointing == "full":
         enable_checkpointing(model)
     elif plan.gradient_checkpointing == "partial":
@@ -353,11 +356,14 @@ def train(
     targets = resolve_target_modules(model, recipe.target_modules)
     model.config.use_cache = False
     longest = max(len(x) for x in train_ds["input_ids"])
+    device = DeviceInfo.probe()
+    check_environment(recipe, device)
     plan = plan_fast_path(
         recipe,
-        model,
-        longest,
-        report.supervised_fraction or 1.0,
+        ModelShape.from_model(model),
+        device,
+        longest_example=longest,
+        supervised_fraction=report.supervised_fraction or 1.0,
         chunkable_head=_chunkable_head(model, require_frozen=False) is not None
         and "lm_head" not in targets,
     )
