@@ -51,7 +51,7 @@ def matmul_params(model) -> int:
 def check_varlen():
     import torch.nn.functional as F
 
-    from loraforge.fast.plan import _varlen_attention, register_varlen_attention
+    from loraforge.fast.attention import _varlen_attention, register_varlen_attention
 
     register_varlen_attention()
     torch.manual_seed(0)
@@ -99,8 +99,9 @@ def bins_from(tokens, budget: int, n_bins: int):
 
 
 def run_variant(model, batches, attn: str, ckpt: str, steps: int, n_mm: int):
+    from loraforge.fast.attention import set_attention
     from loraforge.fast.losses import packed_loss
-    from loraforge.fast.plan import enable_selective_checkpointing, set_attention
+    from loraforge.fast.plan import enable_selective_checkpointing
     from loraforge.models import enable_checkpointing
 
     set_attention(model, attn)
@@ -182,8 +183,8 @@ def main() -> None:
             target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         ),
     )
+    from loraforge.fast.liger import apply_liger, liger_available
     from loraforge.fast.lora_ops import fuse_lora_forward
-    from loraforge.fast.plan import apply_liger, liger_available
 
     if liger_available():
         apply_liger(model.get_base_model())

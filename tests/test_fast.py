@@ -1,19 +1,19 @@
-"""The fast path's pieces that run on the CPU: the lean LoRA functions and the planner."""
+"""The fast path's pieces that run on the CPU: the lean LoRA functions.
+
+The planner's tests are in ``test_plan.py``.
+"""
 
 from __future__ import annotations
 
 import copy
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from loraforge import LoraRecipe, RecipeError
 from loraforge.fast import lora_ops
 from loraforge.fast.kernels import swiglu_backward
 from loraforge.fast.lora_ops import dropout_mask, fuse_lora_forward, lean_norms, swiglu
-from loraforge.fast.plan import plan_fast_path
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()
@@ -288,95 +288,6 @@ def test_fused_lora_forward_leaves_mixed_dtypes_to_peft():
         torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
-def _recipe(**kw) -> LoraRecipe:
-    return LoraRecipe(model="m", data="d", attention="sdpa", liger_kernels="off", **kw)
-
-
-def test_plan_on_the_cpu_is_the_plain_path():
-    plan = plan_fast_path(_recipe(), build_tiny_model(TOK), 100)
-    assert (plan.packing, plan.attention, plan.gradient_checkpointing) == (False, "sdpa", "off")
-    packed = plan_fast_path(_recipe(packing="on"), build_tiny_model(TOK), 100)
-    assert packed.packing and packed.pack_tokens == 4096
-
-
-class _Param:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def numel(self) -> int:
-        return self.n
-
-    def element_size(self) -> int:
-        return 2
-
-
-def _phi4_sized(norm_weight: float = 1.0):
-    """Phi-4's shape as far as the planner looks: config, 14.7 B bf16 parameters and the norms
-    (small stand-ins at Phi-4's 81 norm sites, all weights ``norm_weight``)."""
-    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
-
-    cfg = SimpleNamespace(hidden_size=5120, num_hidden_layers=40, vocab_size=100352)
-    norms = [("model.norm", Phi3RMSNorm(8))] + [
-        (f"model.layers.{i}.{site}", Phi3RMSNorm(8))
-        for i in range(40)
-        for site in ("input_layernorm", "post_attention_layernorm")
-    ]
-    for _, norm in norms:
-        norm.weight.data.fill_(norm_weight)
-        norm.to(torch.bfloat16).requires_grad_(False)
-    return SimpleNamespace(
-        config=cfg,
-        dtype=torch.bfloat16,
-        parameters=lambda: [_Param(14_659_507_200)],
-        named_modules=lambda: iter(norms),
-    )
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    def card(gib: float) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(
-            torch.cuda,
-            "get_device_properties",
-            lambda i: SimpleNamespace(total_memory=int(gib * 2**30)),
-        )
-
-    return card
-
-
-def test_plan_for_phi4_under_40_gib_keeps_all_activations_of_2048_token_rows(fake_gpu):
-    """Under the 40 GiB cap the lean path keeps every layer's activations for 2,048-token rows;
-    PEFT's forward needs many layers checkpointed; full checkpointing when asked for packs the
-    largest row that fits; a larger row gets a few layers checkpointed."""
-    fake_gpu(80)
-    plan = plan_fast_path(_recipe(), _phi4_sized(), 384, supervised_fraction=0.34)
-    assert (plan.packing, plan.pack_tokens, plan.gradient_checkpointing) == (True, 2048, "off")
-    assert "under a 40 GiB cap" in plan.reason
-    peft = plan_fast_path(_recipe(fused_lora=False), _phi4_sized(), 384, supervised_fraction=0.34)
-    assert peft.gradient_checkpointing == "partial" and 10 < peft.checkpoint_layers < 40
-    full = plan_fast_path(_recipe(gradient_checkpointing="full"), _phi4_sized(), 384, 0.34)
-    assert (full.pack_tokens, full.gradient_checkpointing) == (8192, "full")
-    big = plan_fast_path(_recipe(pack_tokens=3072), _phi4_sized(), 384, 0.34)
-    assert (big.pack_tokens, big.gradient_checkpointing) == (3072, "partial")
-    assert 0 < big.checkpoint_layers < 20
-    assert f"checkpointing {big.checkpoint_layers} layers" in big.describe()
-    roomy = plan_fast_path(_recipe(max_memory_gib=48), _phi4_sized(), 384, 0.34)
-    assert roomy.gradient_checkpointing == "off" and roomy.pack_tokens >= 3072
-
-
-def test_plan_counts_the_norm_inputs_the_lean_norms_cannot_drop(fake_gpu):
-    """Norms lean_norms leaves alone (here: zero weights) keep their inputs: the planner counts
-    them, and 2,048-token rows then need a few layers checkpointed under 40 GiB."""
-    from loraforge.fast.plan import _lean_bytes
-
-    assert _lean_bytes(_phi4_sized()) == 25
-    assert _lean_bytes(_phi4_sized(norm_weight=0.0)) == pytest.approx(25 + 2 * 81 / 40)
-    fake_gpu(80)
-    plan = plan_fast_path(_recipe(), _phi4_sized(norm_weight=0.0), 384, supervised_fraction=0.34)
-    assert (plan.pack_tokens, plan.gradient_checkpointing) == (2048, "partial")
-
-
 def test_lean_norms_only_where_the_next_layer_keeps_the_output():
     """q_norm/k_norm-like norms feed RoPE, which may overwrite their output in place: left alone.
     The decoder layer's two norms and the final norm are taken."""
@@ -389,30 +300,6 @@ def test_lean_norms_only_where_the_next_layer_keeps_the_output():
     assert lean_norms(attn) == 0
     model = _lora(0.0)
     assert len(lora_ops.lean_norm_candidates(model)) == 5
-
-
-def test_plan_without_a_cap_uses_the_card_and_skips_checkpointing(fake_gpu):
-    fake_gpu(140)
-    plan = plan_fast_path(_recipe(max_memory_gib=None), _phi4_sized(), 384)
-    assert plan.gradient_checkpointing == "off" and plan.pack_tokens >= 2048
-
-
-def test_plan_without_packing_sizes_the_padded_batch(fake_gpu):
-    fake_gpu(80)
-    small = plan_fast_path(_recipe(packing="off", batch_size=1, max_length=384), _phi4_sized(), 384)
-    assert (small.packing, small.gradient_checkpointing) == (False, "off")
-    big = plan_fast_path(
-        _recipe(packing="off", batch_size=64, max_length=2048), _phi4_sized(), 2048
-    )
-    assert big.gradient_checkpointing == "full"
-
-
-def test_liger_on_without_the_package_is_a_recipe_error(monkeypatch):
-    monkeypatch.setattr("loraforge.fast.plan.liger_available", lambda: False)
-    with pytest.raises(RecipeError, match=r"liger_kernels: 'on' needs the liger-kernel package"):
-        plan_fast_path(
-            LoraRecipe(model="m", data="d", liger_kernels="on"), build_tiny_model(TOK), 100
-        )
 
 
 @pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
@@ -438,10 +325,3 @@ def test_lean_lora_hands_a_lora_bias_and_a_trained_base_back_to_peft():
     assert lora_ops._plain_lora(proj) == "default"
     proj.base_layer.weight.requires_grad_(True)
     assert lora_ops._plain_lora(proj) is None  # a trained base weight needs its gradient
-
-
-def test_plan_counts_full_logits_when_the_loss_cannot_be_chunked(fake_gpu):
-    fake_gpu(80)
-    chunked = plan_fast_path(_recipe(), _phi4_sized(), 384, 1.0)
-    full = plan_fast_path(_recipe(), _phi4_sized(), 384, 1.0, chunkable_head=False)
-    assert full.checkpoint_layers > chunked.checkpoint_layers == 0

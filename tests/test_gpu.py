@@ -78,15 +78,11 @@ def _rel(a, b):
 
 
 def test_fast_path_matches_plain_path_in_bf16(capsys):
+    from loraforge.fast.attention import register_varlen_attention, set_attention
+    from loraforge.fast.liger import apply_liger, liger_available
     from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
     from loraforge.fast.losses import detached_head, packed_loss
     from loraforge.fast.packing import PackedCollator
-    from loraforge.fast.plan import (
-        apply_liger,
-        liger_available,
-        register_varlen_attention,
-        set_attention,
-    )
     from loraforge.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()

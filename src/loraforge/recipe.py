@@ -364,6 +364,11 @@ def _validate(r: LoraRecipe) -> list[str]:
         problems.append(
             "pack_tokens: has no effect with packing: off (remove it, or set packing: on/auto)"
         )
+    if r.attention == "varlen" and r.packing == "off":
+        problems.append(
+            "attention: 'varlen' works on packed rows only, and packing is off "
+            "(set packing: on or auto, or attention: auto or sdpa)"
+        )
     if (
         isinstance(r.eval_steps, int)
         and r.eval_steps >= 1

@@ -1,193 +1,605 @@
-"""The GPU fast path: variable-length attention, a token budget, checkpointing by memory.
+"""The fast-path planner: a pure function from a recipe, a model's shape and a device to a plan.
 
-Each piece is chosen by measurement (see ``docs/benchmarks.md``) and can be turned off in the
-recipe:
+[`plan_fast_path`][loraforge.fast.plan.plan_fast_path] resolves the recipe's ``auto`` settings
+(packing, the packed row size ``pack_tokens``, attention, Liger, how many decoder layers to
+checkpoint) from three plain values:
 
-* ``attention``: ``"varlen"`` registers PyTorch's own flash-attention kernel for packed rows
-  (``torch.nn.attention.varlen.varlen_attn``, told where each example starts through
-  ``cu_seq_lens``) with transformers' ``AttentionInterface``; ``"sdpa"`` and ``"eager"`` use the
-  block-diagonal mask transformers builds from restarting ``position_ids`` (the CPU path);
-  ``"flex_attention"`` uses transformers' flex-attention block mask.
-* the plan (:func:`plan_fast_path`): the packed row size (``pack_tokens``) and how many decoder
-  layers to checkpoint, from the memory left after the weights under ``max_memory_gib`` — no
-  checkpointing if a row of 2,048 tokens or more fits, else as few checkpointed layers as fit.
-* ``gradient_checkpointing="selective"``: each decoder layer is checkpointed, but the outputs of
-  its large matrix products and of attention are kept; only cheap element-wise work is
-  recomputed (measured slower than whole layers here; never chosen by ``auto``).
+* the recipe;
+* a [`ModelShape`][loraforge.fast.plan.ModelShape]: the sizes the arithmetic needs, read off a
+  loaded model ([`ModelShape.from_model`][loraforge.fast.plan.ModelShape.from_model]) or off its
+  config alone, before any weights are loaded
+  ([`ModelShape.from_config`][loraforge.fast.plan.ModelShape.from_config]);
+* a [`DeviceInfo`][loraforge.fast.plan.DeviceInfo], or ``None`` for the CPU.
+  [`DeviceInfo.probe`][loraforge.fast.plan.DeviceInfo.probe] is the one place that asks CUDA.
 
-The memory-lean LoRA functions are in :mod:`loraforge.lora_ops`, the chunked loss in
-:mod:`loraforge.packing`.
+The planner imports no torch, calls no CUDA and registers nothing: the plan *names* the attention
+(``"varlen"``, ``"sdpa"``, ...) and [`loraforge.fast.attention`][loraforge.fast.attention] turns the
+name into a registered implementation when the plan is applied. Settings that can be refused from
+the recipe alone are refused by [`LoraRecipe`][loraforge.LoraRecipe]; those that depend on the
+machine by :func:`check_environment`, before the model is loaded.
+
+Memory: under ``max_memory_gib`` the planner prefers, in order, the largest packed row (of 2,048 to
+8,192 tokens) with no checkpointing; else the fewest checkpointed layers (then the largest row);
+else every layer checkpointed. What a decoder layer keeps for the backward pass is counted from the
+shape (:func:`layer_activation_bytes`); a test measures it against the tensors autograd really
+keeps.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from loraforge.errors import ModelError, RecipeError
 from loraforge.fast.losses import CHUNK_BYTES as _CHUNK_BYTES
 
+if TYPE_CHECKING:
+    from loraforge.recipe import LoraRecipe
+
 __all__ = [
-    "VARLEN_ATTENTION",
+    "DeviceInfo",
     "FastPlan",
-    "apply_liger",
-    "choose_attention",
+    "ModelShape",
+    "check_environment",
+    "enable_selective_checkpointing",
+    "layer_activation_bytes",
     "plan_fast_path",
-    "register_varlen_attention",
     "selective_checkpoint_context",
-    "varlen_attention_available",
 ]
 
-logger = logging.getLogger(__name__)
+GiB = 2**30
 
-VARLEN_ATTENTION = "loraforge_varlen"
-
-
-def varlen_attention_available() -> bool:
-    """Whether this torch has ``torch.nn.attention.varlen`` and a CUDA device to run it on."""
-    import torch
-
-    try:
-        from torch.nn.attention import varlen  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+# Model types whose decoder layer has one fused qkv_proj and one gate_up_proj (Phi-3 and Phi-4);
+# other types are planned with separate q/k/v and gate/up projections (the Llama layout).
+_FUSED_PROJECTIONS = frozenset({"phi3"})
+# Model types whose decoder norms are Llama-style RMSNorms that ``lean_norms`` takes.
+_LEAN_NORM_TYPES = frozenset({"phi3", "llama", "mistral", "qwen2", "qwen3"})
 
 
-def _causal_kwargs() -> dict[str, Any]:
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    kw: dict[str, Any] = {}
-    if "is_causal" in params:
-        kw["is_causal"] = True
-    elif "window_size" in params:
-        kw["window_size"] = (-1, 0)
-    else:  # pragma: no cover - unknown API
-        raise RuntimeError("torch.nn.attention.varlen.varlen_attn: unknown causal argument")
-    kw["_gqa"] = "enable_gqa" in params
-    kw["_native_gqa"] = not kw["_gqa"] and _grouped_heads_work(varlen_attn, kw)
-    return kw
+# --------------------------------------------------------------------------- inputs
 
 
-def _grouped_heads_work(varlen_attn: Any, causal: dict[str, Any]) -> bool:
-    """Whether this ``varlen_attn`` takes fewer key/value heads than query heads as they are
-    (flash attention's grouped-query attention): tried once on a tiny input against repeated
-    heads, forward and backward. If not, the key/value heads are repeated."""
-    import torch
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What the planner needs to know about a decoder-only model.
 
-    kw = {k: v for k, v in causal.items() if not k.startswith("_")}
-    try:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (
-            torch.randn(12, h, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-            for h in (4, 2, 2)
+    Attributes:
+        hidden_size: the residual stream's width.
+        num_hidden_layers: decoder layers.
+        vocab_size: output vocabulary.
+        intermediate_size: the MLP's width.
+        num_attention_heads: query heads.
+        num_key_value_heads: key/value heads (fewer with grouped-query attention).
+        head_dim: width of one head.
+        weight_bytes: bytes of all parameters as they sit on the device.
+        activation_bytes: bytes of one activation element (2 for bfloat16/float16, 4 for float32).
+        lean_norms: decoder norms (two a layer and the final one) that
+            [`lean_norms`][loraforge.fast.lora_ops.lean_norms] takes; the others keep their input.
+        fused_qkv: one ``qkv_proj`` per layer instead of ``q_proj``/``k_proj``/``v_proj``.
+        fused_mlp: one ``gate_up_proj`` and a SiLU activation, which the lean LoRA functions run
+            as a single function keeping 2 x ``intermediate_size`` per token instead of 4 x.
+    """
+
+    hidden_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    weight_bytes: int
+    activation_bytes: int = 2
+    lean_norms: int = 0
+    fused_qkv: bool = False
+    fused_mlp: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: Any = "bfloat16") -> ModelShape:
+        """The shape of a transformers decoder config, before any weights are loaded.
+
+        The weights are counted from the sizes (embeddings, attention and MLP projections, norms,
+        an untied ``lm_head``; biases, a few millionths of the total, are left out) in ``dtype``.
+        Phi-3/Phi-4 (``model_type: phi3``) have fused projections; Llama, Mistral, Qwen2 and
+        Qwen3 norms are taken by ``lean_norms``; other types are planned with separate
+        projections and no lean norms (more memory, never less).
+
+        Args:
+            config: a ``transformers.PretrainedConfig`` (or anything with its attributes).
+            dtype: the weights' dtype: a ``torch.dtype`` or its name (``"bfloat16"``).
+
+        Raises:
+            ModelError: the config lacks a size the planner needs.
+        """
+        get_text = getattr(config, "get_text_config", None)
+        cfg = get_text() if callable(get_text) else config
+
+        def need(name: str) -> int:
+            value = getattr(cfg, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                kind = getattr(cfg, "model_type", type(cfg).__name__)
+                raise ModelError(
+                    f"model config ({kind}) has no usable {name} (got {value!r}): the fast-path "
+                    "planner needs the sizes of a decoder-only transformer"
+                )
+            return value
+
+        h, layers, vocab = need("hidden_size"), need("num_hidden_layers"), need("vocab_size")
+        inter, heads = need("intermediate_size"), need("num_attention_heads")
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or h // heads
+        q, k = heads * head_dim, kv * head_dim
+        per_layer = h * (2 * q + 2 * k) + 3 * h * inter + 2 * h
+        embeddings = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+        params = embeddings + layers * per_layer + h
+        size = _dtype_bytes(dtype)
+        model_type = getattr(cfg, "model_type", "")
+        fused = model_type in _FUSED_PROJECTIONS
+        return cls(
+            hidden_size=h,
+            num_hidden_layers=layers,
+            vocab_size=vocab,
+            intermediate_size=inter,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            weight_bytes=params * size,
+            activation_bytes=size,
+            lean_norms=2 * layers + 1 if model_type in _LEAN_NORM_TYPES else 0,
+            fused_qkv=fused,
+            fused_mlp=fused and getattr(cfg, "hidden_act", None) in ("silu", "swish"),
         )
-        cu = torch.tensor([0, 5, 12], device="cuda", dtype=torch.int32)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, q, k, v)]
-        grouped = varlen_attn(*leaves[:3], cu, cu, 7, 7, **kw)
-        rep = [leaves[3], *(t.repeat_interleave(2, dim=1) for t in leaves[4:])]
-        repeated = varlen_attn(*rep, cu, cu, 7, 7, **kw)
-        g = torch.randn(grouped.shape, device="cuda", dtype=grouped.dtype, generator=gen)
-        grads = torch.autograd.grad([grouped, repeated], leaves, [g, g])
-    except Exception:  # the kernel refuses grouped heads
-        return False
-    close = [
-        torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
-        for a, b in [(grouped, repeated), *zip(grads[:3], grads[3:], strict=True)]
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelShape:
+        """The shape of a loaded model (a transformers model, or a PEFT model around one): sizes
+        from its config, the bytes of its parameters, its dtype, the projections it has and the
+        norms ``loraforge.fast.lora_ops.lean_norm_candidates`` finds in the model's dtype."""
+        from loraforge.fast.lora_ops import lean_norm_candidates
+
+        dtype = getattr(model, "dtype", None)
+        if dtype is None:
+            dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        base = cls.from_config(model.config, dtype)
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        fused_mlp = "gate_up_proj" in names
+        act = getattr(model.config, "hidden_act", None)
+        return cls(
+            hidden_size=base.hidden_size,
+            num_hidden_layers=base.num_hidden_layers,
+            vocab_size=base.vocab_size,
+            intermediate_size=base.intermediate_size,
+            num_attention_heads=base.num_attention_heads,
+            num_key_value_heads=base.num_key_value_heads,
+            head_dim=base.head_dim,
+            weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            activation_bytes=base.activation_bytes,
+            lean_norms=sum(1 for m in lean_norm_candidates(model) if m.weight.dtype == dtype),
+            fused_qkv="qkv_proj" in names,
+            fused_mlp=fused_mlp and act in ("silu", "swish"),
+        )
+
+
+def _dtype_bytes(dtype: Any) -> int:
+    itemsize = getattr(dtype, "itemsize", None)  # a torch.dtype
+    if isinstance(itemsize, int):
+        return itemsize
+    sizes = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
+    name = str(dtype).removeprefix("torch.")
+    if name not in sizes:
+        raise ModelError(f"dtype {dtype!r}: expected one of {', '.join(sizes)} or a torch.dtype")
+    return sizes[name]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """The accelerator a run trains on (``None`` in its place means the CPU).
+
+    Attributes:
+        name: the device's name, for messages (``"NVIDIA H200"``).
+        memory_bytes: its total memory.
+        varlen_attention: this torch has ``torch.nn.attention.varlen`` to run on it.
+        liger: Liger-Kernel is installed.
+    """
+
+    name: str
+    memory_bytes: int
+    varlen_attention: bool = False
+    liger: bool = False
+
+    @classmethod
+    def probe(cls, device_index: int = 0) -> DeviceInfo | None:
+        """Ask torch about CUDA device ``device_index``; ``None`` without a CUDA device. The only
+        part of planning that queries the machine."""
+        import torch
+
+        from loraforge.fast.attention import varlen_attention_available
+        from loraforge.fast.liger import liger_available
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(device_index)
+        return cls(
+            name=str(props.name),
+            memory_bytes=int(props.total_memory),
+            varlen_attention=varlen_attention_available(),
+            liger=liger_available(),
+        )
+
+
+# --------------------------------------------------------------------------- the activation model
+
+# Bytes a decoder layer keeps for the backward pass, per token (measured against the tensors
+# autograd keeps: tests/test_plan.py on the CPU; an H200 with Phi-4's and Qwen2.5-7B's shapes gave
+# 23.86 / 52.33 x hidden (lean) and 53.55 / 78.21 x hidden (PEFT), as counted here).
+_F32 = 4  # a norm's 1/rms and attention's log-sum-exp (per token, per head); float32 norm input
+_PEFT_MASK = 1  # PEFT's dropout mask on CUDA: one bool per element
+_WORKING_SET = 20  # the backward pass of one layer, in hidden-sized activations per token
+_BYTES_LOGIT = 14  # the loss per vocabulary entry of each position with logits (unchunked)
+_CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16 copy, the grad
+_RESERVE_BYTES = int(1.5 * GiB)  # CUDA context, allocator slack, optimizer state of the adapter
+_ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
+_CPU_ROW = 4096
+
+
+def _adapted_inputs(shape: ModelShape) -> tuple[int, ...]:
+    """``in_features`` of one decoder layer's linear layers (LoRA on every one, 'all-linear')."""
+    h, q = shape.hidden_size, shape.num_attention_heads * shape.head_dim
+    qkv = (h,) if shape.fused_qkv else (h, h, h)
+    gate_up = (h,) if shape.fused_mlp else (h, h)
+    return (*qkv, q, *gate_up, shape.intermediate_size)
+
+
+def _attention_bytes(shape: ModelShape, attention: str, o_proj_keeps_input: bool) -> float:
+    """q, k, v, the output and the log-sum-exp. With transformers' SDPA on Phi-3's fused qkv,
+    v is a view of the whole qkv output (all of which stays), and the output comes back laid out
+    (heads, tokens), so an ``o_proj`` that keeps its input keeps a copy (measured)."""
+    e = shape.activation_bytes
+    q = shape.num_attention_heads * shape.head_dim
+    kv = shape.num_key_value_heads * shape.head_dim
+    kept = (2 * q + 2 * kv) * e + shape.num_attention_heads * _F32
+    if attention != "varlen" and shape.fused_qkv:
+        kept += (q + kv) * e + (q * e if o_proj_keeps_input else 0)
+    return kept
+
+
+def layer_activation_bytes(
+    shape: ModelShape,
+    *,
+    fused_lora: bool = True,
+    lora_r: int = 8,
+    lora_dropout: float = 0.1,
+    attention: str = "varlen",
+) -> float:
+    """Bytes one decoder layer keeps for its backward pass, per token, on a CUDA GPU, with LoRA
+    on every linear layer.
+
+    With the lean functions (``fused_lora``, norms taken by ``lean_norms``): each norm's output
+    and ``1/rms``; attention's q, k, v, output and log-sum-exp; per adapted layer the rank-r
+    product and the dropout mask as bits; the MLP's ``gate_up`` output (fused SwiGLU) or its gate,
+    up, activation and product (separate projections). With PEFT's forward: each norm's float32
+    input; per adapted layer the dropped copy of its input, the mask (one byte an element) and the
+    rank-r product; the MLP's gate and up outputs and the activation.
+
+    On the CPU the lean functions keep a seed instead of the mask's bits, and PEFT's mask has the
+    input's dtype; the count here is the GPU's.
+    """
+    e, h, inter = shape.activation_bytes, shape.hidden_size, shape.intermediate_size
+    inputs = _adapted_inputs(shape)
+    dropout = lora_dropout > 0
+    attn = _attention_bytes(shape, attention, o_proj_keeps_input=fused_lora)
+    if fused_lora:
+        norms = 2 * (h * e + _F32)
+        adapters = sum(lora_r * e + (d / 8 if dropout else 0) for d in inputs)
+        mlp = (2 if shape.fused_mlp else 4) * inter * e
+    else:
+        norms = 2 * (h * _F32 + _F32)
+        adapters = sum(d * e + (d * _PEFT_MASK if dropout else 0) + lora_r * e for d in inputs)
+        mlp = 3 * inter * e
+    return norms + attn + adapters + mlp
+
+
+@dataclass(frozen=True, slots=True)
+class _Memory:
+    """Bytes for a micro-batch of ``tokens`` with ``k`` of the ``layers`` decoder layers
+    checkpointed (a checkpointed layer keeps its input; the layer being recomputed all of its
+    activations)."""
+
+    free: float
+    layers: int
+    per_layer: float
+    layer_input: float
+    per_token: float  # outside the layers: norms lean_norms leaves alone, working set, loss
+    fixed: float = 0.0
+
+    def needed(self, tokens: int, k: int) -> float:
+        per_token = (
+            (self.layers - k) * self.per_layer
+            + k * self.layer_input
+            + (self.per_layer if k else 0.0)
+            + self.per_token
+        )
+        return tokens * per_token + self.fixed
+
+    def fewest_checkpointed(self, tokens: int) -> int | None:
+        """The fewest layers to checkpoint for ``tokens`` to fit, or None if none does."""
+        for k in range(self.layers + 1):
+            if self.needed(tokens, k) <= self.free:
+                return k
+        return None
+
+
+def _cap(recipe: LoraRecipe, device: DeviceInfo) -> int:
+    if recipe.max_memory_gib is None:
+        return device.memory_bytes
+    return min(device.memory_bytes, int(recipe.max_memory_gib * GiB))
+
+
+def _sizes_memory(recipe: LoraRecipe, packing: bool) -> bool:
+    """Whether the planner chooses something from the memory budget."""
+    return recipe.gradient_checkpointing == "auto" or (packing and recipe.pack_tokens is None)
+
+
+def _memory_problems(recipe: LoraRecipe, shape: ModelShape, device: DeviceInfo) -> list[str]:
+    """The weights (and the reserve) do not fit under the budget the planner sizes for."""
+    packing = recipe.packing != "off"  # on a GPU, 'auto' packs
+    cap = _cap(recipe, device)
+    if not _sizes_memory(recipe, packing) or shape.weight_bytes + _RESERVE_BYTES < cap:
+        return []
+    weights = f"{shape.weight_bytes / GiB:.1f} GiB"
+    card = f"{device.memory_bytes / GiB:.1f} GiB"
+    reserve = f"{_RESERVE_BYTES / GiB:g} GiB"
+    if cap < device.memory_bytes:
+        return [
+            f"max_memory_gib: {recipe.max_memory_gib:g} GiB leaves nothing for training: the "
+            f"model's weights take {weights} (and {reserve} is kept in reserve); raise it (the GPU "
+            f"{device.name} has {card}) or set it to null to plan for the whole card"
+        ]
+    return [
+        f"max_memory_gib: the GPU {device.name} has {card}, and the model's weights take "
+        f"{weights} of it (and {reserve} is kept in reserve): nothing is left for training; "
+        "use a GPU with more memory, or a smaller model or dtype"
     ]
-    return all(close)
 
 
-def _varlen_attention(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[Any, None]:
-    """transformers attention function over a packed row: (1, H, T, D) -> (1, T, H, D)."""
-    import torch
-    from torch.nn.attention.varlen import varlen_attn
+def check_environment(
+    recipe: LoraRecipe, device: DeviceInfo | None, shape: ModelShape | None = None
+) -> None:
+    """Refuse the fast-path settings this machine cannot honour, before any model is loaded.
 
-    cu = kwargs.get("cu_seq_lens_q")
-    max_len = kwargs.get("max_length_q")
-    if cu is None or max_len is None:
-        raise RuntimeError(
-            "loraforge varlen attention needs cu_seq_lens_q/max_length_q (packed batches); "
-            "use attention='sdpa' for unpacked input"
+    Call it with [`DeviceInfo.probe()`][loraforge.fast.plan.DeviceInfo.probe] (``loraforge
+    validate`` and the start of ``train()``), and with the model's shape from its config
+    ([`ModelShape.from_config`][loraforge.fast.plan.ModelShape.from_config]) where it is known,
+    to check the weights against ``max_memory_gib`` too.
+
+    Raises:
+        RecipeError: listing every problem: ``liger_kernels: on`` without Liger-Kernel or a GPU,
+            ``attention: varlen`` without a GPU and a torch that has it, ``pack_tokens`` on a CPU
+            where ``packing: auto`` does not pack, weights that fill the memory budget.
+    """
+    problems: list[str] = []
+    here = "this machine has no CUDA GPU"
+    if recipe.liger_kernels == "on" and (device is None or not device.liger):
+        why = (
+            here
+            if device is None
+            else "liger-kernel is not installed (pip install 'loraforge[gpu]')"
         )
-    if query.shape[0] != 1:
-        raise RuntimeError("loraforge varlen attention expects one packed row per micro-batch")
-    kw = dict(_CAUSAL)
-    gqa, native_gqa = kw.pop("_gqa"), kw.pop("_native_gqa")
-    # squeeze, not [0]: the gradient of a view, not a zero-filled copy of the whole batch
-    q = query.squeeze(0).transpose(0, 1).contiguous()
-    k = key.squeeze(0).transpose(0, 1).contiguous()
-    v = value.squeeze(0).transpose(0, 1).contiguous()
-    if k.shape[1] != q.shape[1]:
-        if gqa:
-            kw["enable_gqa"] = True
-        elif not native_gqa:
-            rep = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-    cu = cu.to(device=q.device, dtype=torch.int32)
-    out: Any = varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, **kw)
-    return out.unsqueeze(0), None
+        problems.append(
+            f"liger_kernels: 'on' needs the liger-kernel package and a CUDA GPU, and {why}; "
+            "use 'auto' or 'off'"
+        )
+    if recipe.attention == "varlen" and (device is None or not device.varlen_attention):
+        why = here if device is None else "this torch has no torch.nn.attention.varlen"
+        problems.append(
+            "attention: 'varlen' needs a CUDA GPU and torch >= 2.9 (torch.nn.attention.varlen), "
+            f"and {why}; use 'auto' or 'sdpa'"
+        )
+    if device is None and recipe.packing == "auto" and recipe.pack_tokens is not None:
+        problems.append(
+            "pack_tokens: has no effect here: packing: auto packs only on a GPU, and this machine "
+            "has none (set packing: on to pack on the CPU, or remove pack_tokens)"
+        )
+    if device is not None and shape is not None:
+        problems += _memory_problems(recipe, shape, device)
+    if problems:
+        raise RecipeError(problems)
 
 
-_CAUSAL: dict[str, Any] = {}
+# --------------------------------------------------------------------------- the plan
 
 
-def register_varlen_attention() -> str:
-    """Register the varlen attention function with transformers; returns its name."""
-    from transformers import AttentionInterface
+@dataclass(frozen=True, slots=True)
+class FastPlan:
+    """What the fast path chose for a run (logged, and saved in ``loraforge.json``).
 
-    if not _CAUSAL:
-        _CAUSAL.update(_causal_kwargs())
-    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
-    return VARLEN_ATTENTION
+    Attributes:
+        packing: examples are packed into rows.
+        pack_tokens: tokens of one packed row (``None`` without packing).
+        attention: ``"varlen"``, ``"sdpa"``, ``"eager"`` or ``"flex_attention"``; turn it into a
+            transformers implementation with
+            [`attention_implementation`][loraforge.fast.attention.attention_implementation].
+        gradient_checkpointing: ``"off"``, ``"full"``, ``"selective"`` or ``"partial"`` (the
+            first ``checkpoint_layers`` decoder layers checkpointed, the rest keep their
+            activations).
+        liger_kernels: apply Liger-Kernel.
+        reason: why, in words.
+        checkpoint_layers: decoder layers checkpointed (all of them for ``"full"`` and
+            ``"selective"``).
+        estimated_bytes: the planner's estimate of the peak GPU memory (weights, activations,
+            loss, reserve); ``None`` on the CPU.
+        budget_bytes: the memory it planned under (``max_memory_gib`` or the card); ``None`` on
+            the CPU.
+    """
+
+    packing: bool
+    pack_tokens: int | None
+    attention: str
+    gradient_checkpointing: str
+    liger_kernels: bool
+    reason: str
+    checkpoint_layers: int = 0
+    estimated_bytes: int | None = None
+    budget_bytes: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        """The estimate is within the budget (always true on the CPU)."""
+        if self.estimated_bytes is None or self.budget_bytes is None:
+            return True
+        return self.estimated_bytes <= self.budget_bytes
+
+    def describe(self) -> str:
+        """One line for the log: ``packing 2048 tokens/row; attention varlen; ...``."""
+        pack = f"packing {self.pack_tokens} tokens/row" if self.packing else "no packing"
+        ckpt = self.gradient_checkpointing
+        if ckpt == "partial":
+            ckpt = f"{self.checkpoint_layers} layers"
+        return (
+            f"{pack}; attention {self.attention}; checkpointing "
+            f"{ckpt}; liger {'on' if self.liger_kernels else 'off'}"
+            f" ({self.reason})"
+        )
 
 
-def choose_attention(requested: str, packing: bool) -> str:
-    """Resolve the recipe's ``attention`` setting to a transformers implementation name."""
+def _attention(requested: str, packing: bool, device: DeviceInfo | None) -> str:
     if requested == "auto":
-        if packing and varlen_attention_available():
-            return register_varlen_attention()
-        return "sdpa"
-    if requested == "varlen":
-        if not varlen_attention_available():
-            from loraforge.errors import RecipeError
-
-            raise RecipeError(
-                [
-                    "attention: 'varlen' needs a CUDA GPU and torch >= 2.9 "
-                    "(torch.nn.attention.varlen); use 'sdpa'"
-                ]
-            )
-        if not packing:
-            from loraforge.errors import RecipeError
-
-            raise RecipeError(["attention: 'varlen' works on packed batches; set packing: on"])
-        return register_varlen_attention()
+        return "varlen" if packing and device is not None and device.varlen_attention else "sdpa"
     return requested
 
 
-def set_attention(model: Any, name: str) -> None:
-    """Switch a loaded model's attention implementation."""
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
-        try:
-            setter(name)
-            return
-        except Exception as exc:  # older transformers: fall back to the config
-            logger.debug("set_attn_implementation(%s) failed (%s); setting the config", name, exc)
-    model.config._attn_implementation = name
+def plan_fast_path(
+    recipe: LoraRecipe,
+    shape: ModelShape,
+    device: DeviceInfo | None,
+    *,
+    longest_example: int,
+    supervised_fraction: float = 1.0,
+    chunkable_head: bool = True,
+) -> FastPlan:
+    """Resolve the recipe's ``auto`` fast-path settings for a model of ``shape`` on ``device``.
+
+    A pure function: no torch, no CUDA, no registration. The recipe is expected to have passed
+    :func:`check_environment` for ``device`` (``liger_kernels: on`` is planned as on, ``attention:
+    varlen`` as varlen, whatever ``device`` says).
+
+    On the CPU (``device`` is ``None``): packing only when ``packing: on`` (rows of
+    ``pack_tokens``, else 4,096 tokens or the longest example), ``sdpa`` for ``auto`` attention,
+    no checkpointing for ``auto``. On a GPU: packing under ``auto``, varlen attention when packing
+    and available, and the row size and checkpointing from the memory under ``max_memory_gib``
+    (see the module's description).
+
+    Args:
+        recipe: the run's settings.
+        shape: the model's shape.
+        device: the GPU, or ``None`` for the CPU.
+        longest_example: tokens of the longest training example (a packed row holds it).
+        supervised_fraction: the share of training tokens that are supervised; with packing,
+            logits are computed only there.
+        chunkable_head: the loss may apply ``lm_head`` in chunks (``chunked_loss``).
+
+    Returns:
+        The [`FastPlan`][loraforge.fast.plan.FastPlan].
+
+    Raises:
+        RecipeError: on a GPU, the model's weights fill the memory the planner sizes for
+            (:func:`check_environment` with the shape reports the same before loading).
+    """
+    packing = recipe.packing == "on" or (recipe.packing == "auto" and device is not None)
+    liger = recipe.liger_kernels == "on" or (
+        recipe.liger_kernels == "auto" and device is not None and device.liger
+    )
+    attention = _attention(recipe.attention, packing, device)
+    ckpt: str = recipe.gradient_checkpointing
+    if device is None:
+        rows = (recipe.pack_tokens or max(_CPU_ROW, longest_example)) if packing else None
+        ckpt = "off" if ckpt == "auto" else ckpt
+        layers = shape.num_hidden_layers if ckpt in ("full", "selective") else 0
+        reason = "CPU: recomputation would only cost time"
+        return FastPlan(packing, rows, attention, ckpt, liger, reason, layers)
+
+    if _sizes_memory(recipe, packing):
+        problems = _memory_problems(recipe, shape, device)
+        if problems:
+            raise RecipeError(problems)
+    cap = _cap(recipe, device)
+    mem = _memory(recipe, shape, attention, packing, supervised_fraction, chunkable_head, cap)
+    if not packing:  # the micro-batch is batch_size padded sequences
+        candidates = [recipe.batch_size * max(recipe.max_length, longest_example)]
+    elif recipe.pack_tokens:
+        candidates = [max(recipe.pack_tokens, longest_example)]
+    else:
+        candidates = [t for t in _ROWS if t >= longest_example] or [longest_example]
+    n = shape.num_hidden_layers
+    if ckpt == "auto":
+        fits = {t: mem.fewest_checkpointed(t) for t in candidates}
+        fitting = [t for t in candidates if fits[t] is not None]
+        if fitting:  # the fewest checkpointed layers, then the largest row
+            rows = min(fitting, key=lambda t: (fits[t], -t))
+            k = fits[rows] or 0
+        else:
+            rows, k = min(candidates), n
+        ckpt = "off" if k == 0 else "full" if k >= n else "partial"
+        sized = k
+    else:  # "off", "full" or "selective" were asked for: the largest row that fits with it
+        k = n if ckpt in ("full", "selective") else 0
+        sized = n if ckpt == "full" else 0  # selective keeps at most what no checkpointing keeps
+        ok = [t for t in candidates if mem.needed(t, sized) <= mem.free]
+        rows = max(ok) if ok else min(candidates)
+    estimate = shape.weight_bytes + _RESERVE_BYTES + mem.needed(rows, sized)
+    reason = (
+        f"{mem.free / GiB:.1f} GiB for activations under a {cap / GiB:.0f} GiB cap, "
+        f"weights {shape.weight_bytes / GiB:.1f} GiB"
+    )
+    if estimate > cap:
+        reason += f"; estimated {estimate / GiB:.1f} GiB, over the cap"
+    return FastPlan(
+        packing,
+        rows if packing else None,
+        attention,
+        ckpt,
+        liger,
+        reason,
+        k,
+        estimated_bytes=int(estimate),
+        budget_bytes=cap,
+    )
+
+
+def _memory(
+    recipe: LoraRecipe,
+    shape: ModelShape,
+    attention: str,
+    packing: bool,
+    supervised_fraction: float,
+    chunkable_head: bool,
+    cap: int,
+) -> _Memory:
+    h, e = shape.hidden_size, shape.activation_bytes
+    per_layer = layer_activation_bytes(
+        shape,
+        fused_lora=recipe.fused_lora,
+        lora_r=recipe.lora_r,
+        lora_dropout=recipe.lora_dropout,
+        attention=attention,
+    )
+    # norms lean_norms leaves alone keep their float32 input (PEFT's count has it already)
+    plain_norms = max(0, 2 * shape.num_hidden_layers + 1 - shape.lean_norms)
+    norms = plain_norms * h * _F32 if recipe.fused_lora else 0
+    chunked = packing and chunkable_head and recipe.chunked_loss
+    # unpacked batches have logits at every position
+    supervised = min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0
+    loss = 0.0 if chunked else supervised * shape.vocab_size * _BYTES_LOGIT
+    return _Memory(
+        free=cap - shape.weight_bytes - _RESERVE_BYTES,
+        layers=shape.num_hidden_layers,
+        per_layer=per_layer,
+        layer_input=h * e,
+        per_token=norms + _WORKING_SET * h * e + loss,
+        fixed=_CHUNKED_LOSS_BYTES if chunked else 0.0,
+    )
+
+
+# --------------------------------------------------------------------------- applying
 
 
 def selective_checkpoint_context() -> Any:
@@ -219,207 +631,3 @@ def enable_selective_checkpointing(model: Any) -> None:
     from loraforge.models import enable_checkpointing
 
     enable_checkpointing(model, context_fn=selective_checkpoint_context)
-
-
-# --------------------------------------------------------------------------- the plan
-
-# Activation bytes per token and decoder layer, in units of hidden_size (bf16, LoRA r=8 on every
-# linear layer, varlen attention). PEFT's LoRA forward keeps ~72 x hidden (measured on an H100 with
-# Phi-4's shape); the lean functions of ``lora_ops`` keep the qkv input (2, which is also the first
-# norm's output, kept by the lean norm instead of its input), attention's q/k/v/output (5), the MLP
-# input (2, the second norm's output), its gate_up output (14) and the dropout masks as bits (~0.8
-# for Phi-4's shapes): ~24, counted as 25. A checkpointed layer keeps its input (2). The backward
-# pass of one layer needs a working set (~40 x hidden), and the loss ~14 bytes per vocabulary entry
-# of each supervised position, unless it is computed in chunks (``chunked_loss``).
-_BYTES_PEFT = 72
-_BYTES_LEAN = 25
-_BYTES_LAYER_INPUT = 2
-_BYTES_WORKING_SET = 40
-_BYTES_LOGIT = 14
-_CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16 copy, the grad
-_RESERVE_GIB = 1.5
-_BUDGETS = (8192, 6144, 4096, 3072, 2048)
-_SMALLEST_FAST_ROW = 2048
-
-
-@dataclass(frozen=True, slots=True)
-class FastPlan:
-    """What the fast path chose for a run (logged, and saved in ``loraforge.json``).
-
-    ``gradient_checkpointing`` is ``"off"``, ``"full"``, ``"selective"`` or ``"partial"``; with
-    ``"partial"``, ``checkpoint_layers`` of the decoder layers are checkpointed and the rest keep
-    their activations.
-    """
-
-    packing: bool
-    pack_tokens: int | None
-    attention: str
-    gradient_checkpointing: str
-    liger_kernels: bool
-    reason: str
-    checkpoint_layers: int = 0
-
-    def describe(self) -> str:
-        pack = f"packing {self.pack_tokens} tokens/row" if self.packing else "no packing"
-        ckpt = self.gradient_checkpointing
-        if ckpt == "partial":
-            ckpt = f"{self.checkpoint_layers} layers"
-        return (
-            f"{pack}; attention {self.attention}; checkpointing "
-            f"{ckpt}; liger {'on' if self.liger_kernels else 'off'}"
-            f" ({self.reason})"
-        )
-
-
-def liger_available() -> bool:
-    """Whether Liger-Kernel can be used here (installed, and a CUDA device)."""
-    import importlib.util
-
-    import torch
-
-    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
-
-
-@dataclass(frozen=True, slots=True)
-class _Memory:
-    """The planner's activation model: bytes for a micro-batch of ``tokens`` with ``k`` of the
-    ``layers`` decoder layers checkpointed."""
-
-    free: float
-    hidden: int
-    layers: int
-    vocab: int
-    per_layer: float
-    supervised: float
-    chunked_loss: bool = False
-
-    def needed(self, tokens: int, k: int) -> float:
-        h = self.hidden
-        loss = 0.0 if self.chunked_loss else self.supervised * self.vocab * _BYTES_LOGIT
-        per_token = (
-            (self.layers - k) * self.per_layer * h
-            + k * _BYTES_LAYER_INPUT * h
-            + (self.per_layer * h if k else 0)  # the layer being recomputed
-            + _BYTES_WORKING_SET * h
-            + loss
-        )
-        return tokens * per_token + (_CHUNKED_LOSS_BYTES if self.chunked_loss else 0)
-
-    def fewest_checkpointed(self, tokens: int) -> int | None:
-        """The fewest layers to checkpoint for ``tokens`` to fit, or None if none does."""
-        for k in range(self.layers + 1):
-            if self.needed(tokens, k) <= self.free:
-                return k
-        return None
-
-
-def _lean_bytes(model: Any) -> float:
-    """Activation bytes a decoder layer keeps with the lean functions, per token and hidden unit:
-    ``_BYTES_LEAN``, plus the norm inputs (2 each) of the decoder norms ``lean_norms`` will not
-    take (another norm class, a zero weight, a dtype other than the model's)."""
-    from loraforge.fast.lora_ops import lean_norm_candidates
-
-    layers = getattr(model.config, "num_hidden_layers", 0) or 1
-    dtype = getattr(model, "dtype", None)
-    taken = sum(1 for m in lean_norm_candidates(model) if dtype is None or m.weight.dtype == dtype)
-    missing = max(0, 2 * layers + 1 - taken)  # two a decoder layer and the final norm
-    return _BYTES_LEAN + 2 * missing / layers
-
-
-def plan_fast_path(
-    recipe: Any,
-    model: Any,
-    max_example_tokens: int,
-    supervised_fraction: float = 1.0,
-    chunkable_head: bool = True,
-) -> FastPlan:
-    """Resolve the recipe's ``auto`` settings for this model and machine.
-
-    On a GPU the planner sizes activations (``_Memory``) under ``max_memory_gib`` and prefers, in
-    order: no recomputation at the largest packed row that fits; the fewest checkpointed layers
-    (rows of 2,048 tokens, the smallest that keeps the matrix products efficient); full
-    checkpointing. ``supervised_fraction`` (of the training tokens) sizes the loss when packing
-    computes logits only at supervised positions; ``chunkable_head`` says whether the loss can
-    apply ``lm_head`` in chunks (``chunked_loss``) for this model.
-    """
-    import torch
-
-    from loraforge.errors import RecipeError
-
-    on_gpu = torch.cuda.is_available()
-    packing = recipe.packing == "on" or (recipe.packing == "auto" and on_gpu)
-    liger = recipe.liger_kernels == "on" or (recipe.liger_kernels == "auto" and liger_available())
-    if recipe.liger_kernels == "on" and not liger_available():
-        raise RecipeError(
-            [
-                "liger_kernels: 'on' needs the liger-kernel package and a CUDA GPU "
-                "(pip install 'loraforge[gpu]'), or use 'auto'/'off'"
-            ]
-        )
-    ckpt = recipe.gradient_checkpointing
-    budget = recipe.pack_tokens
-    layers_ckpt = 0
-    reason = "as set in the recipe"
-    if on_gpu and (ckpt == "auto" or (packing and budget is None)):
-        cfg = model.config
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        card = torch.cuda.get_device_properties(0).total_memory
-        cap = card if recipe.max_memory_gib is None else min(card, recipe.max_memory_gib * 2**30)
-        mem = _Memory(
-            free=cap - weights - _RESERVE_GIB * 2**30,
-            hidden=cfg.hidden_size,
-            layers=cfg.num_hidden_layers,
-            vocab=getattr(cfg, "vocab_size", 0),
-            per_layer=_lean_bytes(model) if recipe.fused_lora else _BYTES_PEFT,
-            # unpacked batches have logits at every position
-            supervised=min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0,
-            chunked_loss=packing and chunkable_head and recipe.chunked_loss,
-        )
-        if not packing:  # the micro-batch is batch_size padded sequences
-            candidates = [recipe.batch_size * max(recipe.max_length, max_example_tokens)]
-        elif budget:
-            candidates = [max(budget, max_example_tokens)]
-        else:
-            candidates = [b for b in _BUDGETS if b >= max_example_tokens] or [max_example_tokens]
-        fits = {t: mem.fewest_checkpointed(t) for t in candidates}
-        fitting = [t for t in candidates if fits[t] is not None]
-        if ckpt == "auto":
-            no_ckpt = [t for t in fitting if fits[t] == 0]
-            if no_ckpt and (max(no_ckpt) >= _SMALLEST_FAST_ROW or not packing or budget):
-                budget, layers_ckpt = max(no_ckpt), 0
-            elif fitting:
-                budget = min(fitting, key=lambda t: (fits[t], -t))
-                layers_ckpt = fits[budget] or 0
-            else:
-                budget, layers_ckpt = min(candidates), mem.layers
-        else:  # "off", "full" or "selective" were asked for: size the row for that
-            k = 0 if ckpt == "off" else mem.layers
-            ok = [t for t in candidates if mem.needed(t, k) <= mem.free]
-            budget = max(ok) if ok else min(candidates)
-            layers_ckpt = k
-        if ckpt == "auto":
-            ckpt = "off" if layers_ckpt == 0 else "full" if layers_ckpt >= mem.layers else "partial"
-        reason = (
-            f"{mem.free / 2**30:.1f} GiB for activations under a {cap / 2**30:.0f} GiB cap, "
-            f"weights {weights / 2**30:.1f} GiB"
-        )
-    if ckpt == "auto":
-        ckpt = "off"  # CPU: recomputation only costs time
-    if packing and budget is None:
-        budget = max(4096, max_example_tokens)
-    attention = choose_attention(recipe.attention, packing)
-    return FastPlan(
-        packing, budget if packing else None, attention, ckpt, liger, reason, layers_ckpt
-    )
-
-
-def apply_liger(model: Any) -> None:
-    """Patch a loaded model instance with Liger-Kernel's fused RMSNorm, SwiGLU and RoPE (the loss
-    stays loraforge's, which computes logits only at supervised positions). With ``fused_lora``
-    the lean LoRA functions and norms of :mod:`loraforge.lora_ops` then take over the MLPs and norms
-    they apply to."""
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-    params = inspect.signature(_apply_liger_kernel_to_instance).parameters
-    kwargs = {k: False for k in ("cross_entropy", "fused_linear_cross_entropy") if k in params}
-    _apply_liger_kernel_to_instance(model=model, **kwargs)

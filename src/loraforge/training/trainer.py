@@ -35,14 +35,17 @@ from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from loraforge.data.records import check_records
 from loraforge.data.templates import PromptTemplate, get_template
 from loraforge.errors import DataError
+from loraforge.fast.attention import attention_implementation, set_attention
+from loraforge.fast.liger import apply_liger
 from loraforge.fast.losses import PackedLoss, head_is_detachable
 from loraforge.fast.packing import PackedCollator, PackedDataset
 from loraforge.fast.plan import (
+    DeviceInfo,
     FastPlan,
-    apply_liger,
+    ModelShape,
+    check_environment,
     enable_selective_checkpointing,
     plan_fast_path,
-    set_attention,
 )
 from loraforge.models import (
     enable_checkpointing,
@@ -233,11 +236,13 @@ def train(
     """
     from transformers import set_seed
 
+    template = get_template(recipe.template)
+    device = DeviceInfo.probe()  # None on the CPU
+    check_environment(recipe, device)  # what needs no model: before anything is written
     with open_run_folder(recipe, resume=resume) as run:  # 1 (locked until the run ends)
         if run.finished is not None:  # a resume of a run that finished with these settings
             return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
         out = run.path
-        template = get_template(recipe.template)
         set_seed(recipe.seed)
         check_data(recipe)  # 2
         model_path = None if model is not None and tokenizer is not None else _model_path(recipe)
@@ -247,7 +252,7 @@ def train(
         data = build_data(recipe, tokenizer, out)  # 3
         model = model if model is not None else load_base_model(recipe, model_path)  # 4
         targets = prepare_base_model(model, tokenizer, template, recipe)
-        plan = plan_run(recipe, model, data, targets)  # 5
+        plan = plan_run(recipe, model, device, data, targets)  # 5
         model = apply_plan_and_lora(recipe, model, plan, targets)  # 6
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
         fingerprint = data_fingerprint(recipe)
@@ -359,19 +364,33 @@ def prepare_base_model(
 # --------------------------------------------------------------------------- 5-6: plan, LoRA
 
 
-def plan_run(recipe: LoraRecipe, model: Any, data: TrainData, targets: Sequence[str]) -> FastPlan:
+def plan_run(
+    recipe: LoraRecipe,
+    model: Any,
+    device: DeviceInfo | None,
+    data: TrainData,
+    targets: Sequence[str],
+) -> FastPlan:
     """The fast path's plan for this model, data and machine (logged)."""
     import torch
 
     head = model.get_output_embeddings()
     plan = plan_fast_path(
         recipe,
-        model,
-        max(len(x) for x in data.train["input_ids"]),
-        data.report.supervised_fraction or 1.0,
+        ModelShape.from_model(model),
+        device,
+        longest_example=max(len(x) for x in data.train["input_ids"]),
+        supervised_fraction=data.report.supervised_fraction or 1.0,
         chunkable_head=type(head) is torch.nn.Linear and "lm_head" not in targets,
     )
     logger.info("fast path: %s", plan.describe())
+    if not plan.fits:
+        logger.warning(
+            "fast path: the planned activations do not fit max_memory_gib=%s even with every "
+            "layer checkpointed; expect an out-of-memory error (lower max_length or pack_tokens, "
+            "or raise max_memory_gib)",
+            recipe.max_memory_gib,
+        )
     return plan
 
 
@@ -384,7 +403,7 @@ def apply_plan_and_lora(
 
     if plan.liger_kernels:
         apply_liger(model)
-    set_attention(model, plan.attention)
+    set_attention(model, attention_implementation(plan.attention))
     if plan.gradient_checkpointing == "full":
         enable_checkpointing(model)
     elif plan.gradient_checkpointing == "partial":

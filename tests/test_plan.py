@@ -1,0 +1,534 @@
+"""The fast-path planner: its byte counts against what autograd keeps, and its plans for real
+model shapes (Phi-4, Phi-3-mini, Qwen2.5-7B) as properties, with no GPU and no patched torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from conftest import PHI4_DIR
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loraforge import LoraRecipe, ModelError, RecipeError
+from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
+from loraforge.fast.plan import (
+    DeviceInfo,
+    FastPlan,
+    ModelShape,
+    check_environment,
+    layer_activation_bytes,
+    plan_fast_path,
+)
+
+GiB = 2**30
+H200 = DeviceInfo("NVIDIA H200", 143771 * 2**20, varlen_attention=True, liger=True)
+
+
+def _recipe(**kw) -> LoraRecipe:
+    return LoraRecipe(model="m", data="d", **kw)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _phi4_config():
+    from transformers import AutoConfig, Phi3Config
+
+    if (PHI4_DIR / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(PHI4_DIR))
+    return Phi3Config(
+        hidden_size=5120,
+        num_hidden_layers=40,
+        vocab_size=100352,
+        intermediate_size=17920,
+        num_attention_heads=40,
+        num_key_value_heads=10,
+        tie_word_embeddings=False,
+    )
+
+
+def _phi3_mini_config():
+    from transformers import Phi3Config
+
+    return Phi3Config(
+        hidden_size=3072,
+        num_hidden_layers=32,
+        vocab_size=32064,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen25_7b_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        vocab_size=152064,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+
+
+CONFIGS = {"phi-4": _phi4_config, "phi-3-mini": _phi3_mini_config, "qwen2.5-7b": _qwen25_7b_config}
+SHAPES = {name: ModelShape.from_config(make(), "bfloat16") for name, make in CONFIGS.items()}
+
+
+def test_phi4_config_file_has_the_embedded_numbers():
+    if not (PHI4_DIR / "config.json").is_file():
+        pytest.skip(f"{PHI4_DIR} not present")
+    from transformers import AutoConfig
+
+    real = ModelShape.from_config(AutoConfig.from_pretrained(str(PHI4_DIR)), "bfloat16")
+    from transformers import Phi3Config
+
+    embedded = Phi3Config(
+        hidden_size=5120,
+        num_hidden_layers=40,
+        vocab_size=100352,
+        intermediate_size=17920,
+        num_attention_heads=40,
+        num_key_value_heads=10,
+        tie_word_embeddings=False,
+    )
+    assert real == ModelShape.from_config(embedded, "bfloat16")
+
+
+def test_shape_from_config_counts_phi4s_parameters_and_layout():
+    shape = SHAPES["phi-4"]
+    assert shape.weight_bytes == 2 * 14_659_507_200  # Phi-4's parameters, in bfloat16
+    assert (shape.head_dim, shape.fused_qkv, shape.fused_mlp) == (128, True, True)
+    assert shape.lean_norms == 81  # two a layer and the final norm
+    qwen = SHAPES["qwen2.5-7b"]
+    assert (qwen.fused_qkv, qwen.fused_mlp, qwen.num_key_value_heads) == (False, False, 4)
+    assert 7.0e9 < qwen.weight_bytes / 2 < 7.7e9  # Qwen2.5-7B: 7.6 B parameters
+
+
+@pytest.mark.parametrize("kind", ["phi3", "qwen2", "llama"])
+def test_shape_from_config_agrees_with_the_loaded_model(kind):
+    model = _tiny_model(kind, layers=2)
+    from_model = ModelShape.from_model(model)
+    from_config = ModelShape.from_config(model.config, torch.bfloat16)
+    # biases (Qwen2's q/k/v) are left out of the config's count
+    assert from_config.weight_bytes == pytest.approx(from_model.weight_bytes, rel=2e-3)
+    assert dataclasses.replace(from_config, weight_bytes=0) == dataclasses.replace(
+        from_model, weight_bytes=0
+    )
+
+
+def test_shape_from_config_names_a_missing_size():
+    from transformers import PretrainedConfig
+
+    cfg = PretrainedConfig(hidden_size=64, num_hidden_layers=2, vocab_size=10)
+    with pytest.raises(ModelError, match=r"has no usable intermediate_size"):
+        ModelShape.from_config(cfg)
+    with pytest.raises(ModelError, match=r"dtype 'int7'"):
+        ModelShape.from_config(_phi3_mini_config(), "int7")
+
+
+# --------------------------------------------------------------------------- byte counts
+
+
+def _tiny_config(kind: str, layers: int = 3):
+    """Phi-4's proportions at hidden size 256: 8 query heads and 2 key/value heads of 32, an MLP
+    3.5 x wider."""
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config
+
+    sizes = dict(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=896,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "phi3":
+        return Phi3Config(**sizes, original_max_position_embeddings=1024, sliding_window=None)
+    return {"qwen2": Qwen2Config, "llama": LlamaConfig}[kind](**sizes)
+
+
+def _tiny_model(kind: str, layers: int = 3):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind, layers), attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model.to(torch.bfloat16)
+
+
+def _lora_model(kind: str, *, lean: bool, norms: bool = True):
+    """A bfloat16 model with LoRA (r=8, dropout 0.1) on every linear layer, adapters in float32
+    as PEFT makes them, the lean functions and norms installed as ``train()`` installs them."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        _tiny_model(kind),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"),
+    ).train()
+    if lean:
+        fuse_lora_forward(model)
+        if norms:
+            assert lean_norms(model) == 7
+    return model
+
+
+class _SavedBytes:
+    """Bytes autograd saves while each decoder layer runs: the distinct storages (by data pointer,
+    so views of one tensor count once), parameters left out."""
+
+    def __init__(self, model) -> None:
+        self.layers = model.base_model.model.model.layers
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.per_layer = [0] * len(self.layers)
+        self.seen: set[int] = set()
+        self.current: int | None = None
+        self.hooks: list = []
+
+    def _enter(self, i: int | None, *args) -> None:
+        self.current = i
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if self.current is not None and ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.per_layer[self.current] += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self) -> _SavedBytes:
+        for i, layer in enumerate(self.layers):
+            self.hooks.append(layer.register_forward_pre_hook(functools.partial(self._enter, i)))
+            self.hooks.append(layer.register_forward_hook(functools.partial(self._enter, None)))
+        self.saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self.saved.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.saved.__exit__(*exc)
+        for h in self.hooks:
+            h.remove()
+
+
+def _kept_per_token(model, batch=None) -> float:
+    """Bytes a decoder layer keeps for the backward pass per token, measured at 64 and 128
+    tokens (``batch(tokens)`` makes the inputs); the difference over 64 tokens leaves out what
+    does not grow with the tokens (the adapters' bfloat16 copies). Averaged over the layers after
+    the first, which also keeps RoPE's cos/sin (shared by all layers)."""
+    device = next(model.parameters()).device.type
+    kept = []
+    for tokens in (64, 128):
+        gen = torch.Generator().manual_seed(tokens)
+        inputs = batch(tokens) if batch else {}
+        inputs.setdefault("input_ids", torch.randint(3, 512, (1, tokens), generator=gen))
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        with _SavedBytes(model) as saved, torch.autocast(device, dtype=torch.bfloat16):
+            logits = model(**inputs).logits  # autocast bf16: as Trainer(bf16=True) runs
+        logits.float().sum().backward()
+        kept.append(sum(saved.per_layer[1:]) / (len(saved.per_layer) - 1))
+    return (kept[1] - kept[0]) / 64
+
+
+def _adapted_inputs(model) -> list[int]:
+    """``in_features`` of the LoRA layers of one decoder layer, read off the model."""
+    from peft.tuners.lora.layer import Linear
+
+    layer = model.base_model.model.model.layers[1]
+    return [m.in_features for m in layer.modules() if isinstance(m, Linear)]
+
+
+# The planner counts a GPU; on the CPU two things differ, accounted for here: the lean functions
+# keep a dropout seed instead of the mask's bits (1/8 byte per input element of each adapted
+# layer), and PEFT's dropout keeps its mask in the adapter's dtype (float32: 4 bytes an element)
+# instead of CUDA's bool (1 byte). Attention is transformers' SDPA on both.
+TOLERANCE = 0.02
+
+
+@pytest.mark.parametrize("kind", ["phi3", "qwen2"])
+def test_lean_layer_keeps_what_the_planner_counts(kind):
+    model = _lora_model(kind, lean=True)
+    shape = ModelShape.from_model(model)
+    gpu = layer_activation_bytes(shape, fused_lora=True, lora_r=8, attention="sdpa")
+    cpu = gpu - sum(d / 8 for d in _adapted_inputs(model))  # a seed, not bits
+    measured = _kept_per_token(model)
+    h = shape.hidden_size
+    assert measured / h == pytest.approx(cpu / h, rel=TOLERANCE), (measured / h, cpu / h)
+
+
+@pytest.mark.parametrize("kind", ["phi3", "qwen2"])
+def test_peft_layer_keeps_what_the_planner_counts(kind):
+    model = _lora_model(kind, lean=False)
+    shape = ModelShape.from_model(model)
+    gpu = layer_activation_bytes(shape, fused_lora=False, lora_r=8, attention="sdpa")
+    inputs = _adapted_inputs(model)
+    cpu = gpu - sum(inputs) * 1 + sum(inputs) * 4  # float32 masks, not CUDA's bool
+    measured = _kept_per_token(model)
+    h = shape.hidden_size
+    assert measured / h == pytest.approx(cpu / h, rel=TOLERANCE), (measured / h, cpu / h)
+
+
+def test_norms_lean_norms_leave_alone_cost_what_the_planner_adds():
+    """A norm that is not lean keeps its float32 input: 4 bytes per hidden unit and token."""
+    model = _lora_model("phi3", lean=True, norms=False)
+    shape = dataclasses.replace(ModelShape.from_model(model), lean_norms=0)
+    gpu = layer_activation_bytes(shape, fused_lora=True, lora_r=8, attention="sdpa")
+    cpu = gpu - sum(d / 8 for d in _adapted_inputs(model)) + 2 * shape.hidden_size * 4
+    measured = _kept_per_token(model)
+    assert measured == pytest.approx(cpu, rel=TOLERANCE), (measured, cpu)
+
+
+def test_counts_for_phi4_and_qwen_as_measured_on_an_h200():
+    """The counts this module makes for the real shapes, in units of hidden size, as measured
+    with varlen attention on an H200 (saved-tensor bytes per layer and token, bf16, r=8, dropout
+    0.1): Phi-4 23.858 (lean) / 53.545 (PEFT), Qwen2.5-7B 52.333 / 78.208."""
+    phi4, qwen = SHAPES["phi-4"], SHAPES["qwen2.5-7b"]
+    for shape, lean, peft in [(phi4, 23.858, 53.545), (qwen, 52.333, 78.208)]:
+        h = shape.hidden_size
+        assert layer_activation_bytes(shape) / h == pytest.approx(lean, abs=0.01)
+        assert layer_activation_bytes(shape, fused_lora=False) / h == pytest.approx(peft, abs=0.01)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def test_cpu_plan_is_the_plain_path():
+    shape = SHAPES["phi-3-mini"]
+    plan = plan_fast_path(_recipe(), shape, None, longest_example=100)
+    assert (plan.packing, plan.pack_tokens, plan.attention) == (False, None, "sdpa")
+    assert (plan.gradient_checkpointing, plan.checkpoint_layers, plan.liger_kernels) == (
+        "off",
+        0,
+        False,
+    )
+    assert plan.estimated_bytes is None and plan.fits
+    packed = plan_fast_path(_recipe(packing="on"), shape, None, longest_example=100)
+    assert (packed.packing, packed.pack_tokens, packed.attention) == (True, 4096, "sdpa")
+    long = plan_fast_path(_recipe(packing="on", max_length=6000), shape, None, longest_example=5000)
+    assert long.pack_tokens == 5000  # a row holds the longest example
+    full = plan_fast_path(_recipe(gradient_checkpointing="full"), shape, None, longest_example=100)
+    assert (full.gradient_checkpointing, full.checkpoint_layers) == ("full", 32)
+
+
+def test_phi4_under_40_gib_keeps_all_activations_of_2048_token_rows():
+    plan = plan_fast_path(
+        _recipe(), SHAPES["phi-4"], H200, longest_example=384, supervised_fraction=0.34
+    )
+    assert (plan.packing, plan.pack_tokens, plan.attention) == (True, 2048, "varlen")
+    assert (plan.gradient_checkpointing, plan.liger_kernels) == ("off", True)
+    assert plan.fits and plan.budget_bytes == 40 * GiB
+    assert "under a 40 GiB cap, weights 27.3 GiB" in plan.reason
+    bigger = plan_fast_path(_recipe(pack_tokens=3072), SHAPES["phi-4"], H200, longest_example=384)
+    assert bigger.gradient_checkpointing == "partial" and 0 < bigger.checkpoint_layers < 20
+    assert f"checkpointing {bigger.checkpoint_layers} layers" in bigger.describe()
+    peft = plan_fast_path(_recipe(fused_lora=False), SHAPES["phi-4"], H200, longest_example=384)
+    assert peft.checkpoint_layers > 10  # PEFT's forward keeps more than twice as much
+
+
+def test_norms_the_lean_norms_cannot_take_cost_checkpointed_layers():
+    shape = dataclasses.replace(SHAPES["phi-4"], lean_norms=0)
+    plan = plan_fast_path(_recipe(), shape, H200, longest_example=384)
+    assert (plan.pack_tokens, plan.gradient_checkpointing) == (2048, "partial")
+
+
+def test_full_logits_cost_checkpointed_layers():
+    shape = SHAPES["phi-4"]
+    chunked = plan_fast_path(_recipe(), shape, H200, longest_example=384)
+    full = plan_fast_path(_recipe(), shape, H200, longest_example=384, chunkable_head=False)
+    assert full.checkpoint_layers > chunked.checkpoint_layers == 0
+
+
+def test_qwen_sized_by_its_own_layer_not_phi4s():
+    """Qwen2.5-7B's layer keeps twice what Phi-4's does per hidden unit (separate gate/up
+    projections): the plan packs 4,096-token rows under 40 GiB, not 8,192."""
+    plan = plan_fast_path(_recipe(), SHAPES["qwen2.5-7b"], H200, longest_example=384)
+    assert (plan.pack_tokens, plan.gradient_checkpointing) == (4096, "off") and plan.fits
+
+
+def test_packing_off_plans_no_rows_and_sizes_the_padded_batch():
+    shape = SHAPES["phi-4"]
+    small = plan_fast_path(_recipe(packing="off", batch_size=1), shape, H200, longest_example=384)
+    assert (small.packing, small.pack_tokens, small.attention) == (False, None, "sdpa")
+    assert small.gradient_checkpointing == "off"
+    big = plan_fast_path(
+        _recipe(packing="off", batch_size=64, max_length=2048), shape, H200, longest_example=2048
+    )
+    assert big.gradient_checkpointing == "full"
+
+
+def test_weights_over_max_memory_gib_are_a_recipe_error_naming_both():
+    shape = SHAPES["phi-4"]
+    msg = r"max_memory_gib: 20 GiB leaves nothing for training: the model's weights take 27\.3 GiB"
+    with pytest.raises(RecipeError, match=msg):
+        plan_fast_path(_recipe(max_memory_gib=20), shape, H200, longest_example=384)
+    with pytest.raises(RecipeError, match=msg):
+        check_environment(_recipe(max_memory_gib=20), H200, shape)
+    small_card = DeviceInfo("RTX 4090", 24 * GiB, varlen_attention=True)
+    card_msg = r"the GPU RTX 4090 has 24\.0 GiB, and the model's weights take 27\.3 GiB"
+    with pytest.raises(RecipeError, match=card_msg):
+        check_environment(_recipe(max_memory_gib=None), small_card, shape)
+    # nothing is sized from the budget: the plan says it is over it, and the run may go on
+    explicit = _recipe(max_memory_gib=20, gradient_checkpointing="full", pack_tokens=4096)
+    check_environment(explicit, H200, shape)
+    plan = plan_fast_path(explicit, shape, H200, longest_example=384)
+    assert not plan.fits and "over the cap" in plan.reason
+
+
+def test_attention_and_liger_follow_the_device():
+    shape = SHAPES["phi-3-mini"]
+    old_torch = DeviceInfo("GPU", 80 * GiB, varlen_attention=False, liger=False)
+    plan = plan_fast_path(_recipe(), shape, old_torch, longest_example=100)
+    assert (plan.packing, plan.attention, plan.liger_kernels) == (True, "sdpa", False)
+    asked = plan_fast_path(
+        _recipe(attention="eager", liger_kernels="off"), shape, H200, longest_example=100
+    )
+    assert (asked.attention, asked.liger_kernels) == ("eager", False)
+
+
+def _plans(shape: ModelShape, recipe: LoraRecipe, gib: float, **kw) -> FastPlan:
+    return plan_fast_path(recipe.replace(max_memory_gib=gib), shape, H200, **kw)
+
+
+RECIPES = st.builds(
+    lambda packing, fused, chunked, ckpt, batch: _recipe(
+        packing=packing,
+        fused_lora=fused,
+        chunked_loss=chunked,
+        gradient_checkpointing=ckpt,
+        batch_size=batch,
+        max_length=2048,
+    ),
+    st.sampled_from(["auto", "on", "off"]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(["auto", "auto", "full", "off"]),
+    st.integers(1, 16),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(sorted(SHAPES)),
+    recipe=RECIPES,
+    gib=st.floats(32, 140),
+    more=st.floats(0, 100),
+    longest=st.integers(2, 2048),
+    supervised=st.floats(0, 1),
+    chunkable=st.booleans(),
+)
+def test_plans_fit_and_more_memory_never_checkpoints_more(
+    name, recipe, gib, more, longest, supervised, chunkable
+):
+    shape = SHAPES[name]
+    kw = dict(longest_example=longest, supervised_fraction=supervised, chunkable_head=chunkable)
+    plan = _plans(shape, recipe, gib, **kw)
+    roomier = _plans(shape, recipe, gib + more, **kw)
+    assert roomier.checkpoint_layers <= plan.checkpoint_layers
+    assert plan.budget_bytes == min(int(gib * GiB), H200.memory_bytes)
+    assert plan.estimated_bytes is not None and plan.estimated_bytes > shape.weight_bytes
+    if recipe.gradient_checkpointing == "auto":
+        # within the budget, unless even every layer checkpointed on the smallest batch is not
+        assert plan.fits or plan.checkpoint_layers == shape.num_hidden_layers
+    if plan.packing:
+        assert plan.pack_tokens is not None and plan.pack_tokens >= longest
+    else:
+        assert plan.pack_tokens is None and recipe.packing == "off"
+
+
+# --------------------------------------------------------------------------- refused early
+
+
+def test_recipe_refuses_varlen_attention_without_packing():
+    with pytest.raises(RecipeError, match=r"attention: 'varlen' works on packed rows only"):
+        _recipe(attention="varlen", packing="off")
+    _recipe(attention="varlen", packing="auto")  # packs on a GPU; the machine check decides
+
+
+def test_check_environment_lists_every_problem_of_this_machine():
+    recipe = _recipe(liger_kernels="on", attention="varlen", pack_tokens=2048)
+    with pytest.raises(RecipeError) as err:
+        check_environment(recipe, None)
+    problems = err.value.problems
+    assert len(problems) == 3
+    assert problems[0].startswith("liger_kernels: 'on' needs the liger-kernel package")
+    assert "this machine has no CUDA GPU" in problems[0]
+    assert problems[1].startswith("attention: 'varlen' needs a CUDA GPU and torch >= 2.9")
+    assert problems[2].startswith("pack_tokens: has no effect here: packing: auto packs only")
+    no_liger = DeviceInfo("GPU", 80 * GiB, varlen_attention=True, liger=False)
+    with pytest.raises(RecipeError, match=r"liger-kernel is not installed") as err:
+        check_environment(recipe, no_liger)
+    assert len(err.value.problems) == 1
+    check_environment(recipe, H200)
+    check_environment(_recipe(), None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
+def test_probe_without_cuda_is_the_cpu():
+    assert DeviceInfo.probe() is None
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def test_attention_names_pass_through_and_varlen_registers_once(monkeypatch):
+    from transformers import AttentionInterface
+
+    from loraforge.fast import attention
+
+    assert attention.attention_implementation("sdpa") == "sdpa"
+    assert attention.attention_implementation("eager") == "eager"
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    # probed on the GPU in a real run; here only the registration is under test
+    monkeypatch.setattr(attention, "_causal_kwargs", lambda: {"is_causal": True})
+    monkeypatch.setitem(AttentionInterface._global_mapping, "loraforge_varlen", None)
+    del AttentionInterface._global_mapping["loraforge_varlen"]  # restored after the test
+    name = attention.attention_implementation("varlen")
+    assert name == attention.VARLEN_ATTENTION == "loraforge_varlen"
+    assert attention.attention_implementation("varlen") == name
+    assert AttentionInterface().get(name) is attention._varlen_attention
+    AttentionInterface.register(name, lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match=r"already has another function named"):
+        attention.register_varlen_attention()
+
+
+def _packed(tokens: int) -> dict:
+    """Four examples in one row, as the packed collator hands them to varlen attention."""
+    seg = tokens // 4
+    cu = torch.arange(0, tokens + 1, seg, dtype=torch.int32)
+    return dict(
+        position_ids=torch.arange(seg).repeat(4)[None],
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=seg,
+        max_length_k=seg,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_varlen_layer_keeps_what_the_planner_counts_on_a_gpu():  # pragma: no cover - GPU only
+    """On CUDA with varlen attention: the lean functions keep the dropout masks as bits and
+    PEFT as bools, as counted; nothing is adjusted."""
+    from loraforge.fast.attention import attention_implementation
+
+    name = attention_implementation("varlen")
+    for lean in (True, False):
+        model = _lora_model("phi3", lean=lean).cuda()
+        model.base_model.model.set_attn_implementation(name)
+        shape = ModelShape.from_model(model)
+        measured = _kept_per_token(model, _packed)
+        expected = layer_activation_bytes(shape, fused_lora=lean, lora_r=8, attention="varlen")
+        assert measured == pytest.approx(expected, rel=TOLERANCE), (lean, measured, expected)
