@@ -254,7 +254,7 @@ def test_allowed_template_import_still_skips_the_current_folder(run_copy, tmp_pa
     with pytest.raises(
         TemplateError,
         match=r"module 'lf_evil_tpl' would be imported from the current folder \(.*lf_evil_tpl\.py"
-        r"\); loraforge imports template modules only from installed packages and PYTHONPATH, "
+        r"\); loraforge imports template modules from installed packages and PYTHONPATH, "
         r"never implicitly from the current folder\. If you mean it, run with PYTHONPATH=",
     ):
         load_for_inference(".", device="cpu", allow_template_import=True)

@@ -12,8 +12,8 @@ same template, so training and inference cannot drift apart.
 Templates live in a registry: built-ins are registered with
 [`register_template`][loraforge.register_template], third-party packages add theirs through the
 entry-point group ``loraforge.templates``, and ``"package.module:Class"`` names a template class
-directly (imported from installed packages and ``PYTHONPATH``; the current folder is never searched
-implicitly).
+directly (imported as Python finds it, from installed packages, ``PYTHONPATH`` and ``sys.path``,
+except that the current folder is never searched implicitly).
 
 A run records its template with `loraforge.data.templates.template_id`: the
 registry name, the class path and, for a template described by its class attributes alone, that
@@ -331,8 +331,8 @@ def _import_class_path(path: str) -> type[PromptTemplate]:
     if here is not None:
         raise TemplateError(
             f"template class {path!r}: module {module_name!r} would be imported from the current "
-            f"folder ({here}); loraforge imports template modules only from installed packages "
-            f"and PYTHONPATH, never implicitly from the current folder. If you mean it, run with "
+            f"folder ({here}); loraforge imports template modules from installed packages and "
+            f"PYTHONPATH, never implicitly from the current folder. If you mean it, run with "
             f"PYTHONPATH={Path.cwd()} (or import the module yourself before naming it)"
         )
     try:
@@ -350,10 +350,11 @@ def get_template(template: str | PromptTemplate | type[PromptTemplate]) -> Promp
     """Return a template instance from a registry name, a ``"pkg.module:Class"`` path, a class or
     an instance.
 
-    A class path is your own choice of code to run: its module is imported from installed
-    packages and ``PYTHONPATH`` (a module already imported is used as it is). The current folder
-    is never searched implicitly, whatever ``python -m`` or a notebook put on ``sys.path``; run
-    with ``PYTHONPATH=.`` to use a module there.
+    A class path is your own choice of code to run: its module is imported as Python finds it
+    (installed packages, ``PYTHONPATH``, ``sys.path``; a module already imported is used as it
+    is), except that the current folder is never searched implicitly, whatever ``python -m``,
+    ``python -c``, a script started there or a notebook put on ``sys.path``. Run with
+    ``PYTHONPATH=.`` to use a module there.
 
     Raises:
         UnknownTemplateError: no such name (the message lists the known names and the nearest
