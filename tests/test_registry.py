@@ -27,7 +27,7 @@ from loraforge import (
     register_template,
 )
 from loraforge.data import templates
-from loraforge.data.templates import ENTRY_POINT_GROUP, Phi4Template, template_id
+from loraforge.data.templates import ENTRY_POINT_GROUP, Phi4Template, template_id, template_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "custom_template"
@@ -158,7 +158,9 @@ def test_get_template_accepts_class_and_instance():
     assert template_id(tpl) == {
         "class_path": "loraforge.data.templates:Phi4Template",
         "name": "phi-4",
+        "spec": template_spec(tpl),
     }
+    assert template_spec(tpl)["end_of_turn"] == "<|im_end|>"
 
 
 def test_get_template_rejects_other_types():
@@ -286,10 +288,10 @@ def test_class_path_escape_hatch(module_factory):
     )
     # Not registered by being named: list_templates() is unchanged, the path is its identity.
     assert "pipe-test" not in list_templates()
-    assert template_id(tpl) == {"class_path": f"{mod}:PipeTemplate"}
+    assert template_id(tpl) == {"class_path": f"{mod}:PipeTemplate", "spec": template_spec(tpl)}
     assert type(get_template(template_id(tpl)["class_path"])) is type(tpl)
     nested = get_template(f"{mod}:Outer.Inner")
-    assert template_id(nested) == {"class_path": f"{mod}:Outer.Inner"}
+    assert template_id(nested)["class_path"] == f"{mod}:Outer.Inner"
 
 
 @pytest.mark.parametrize(
@@ -351,7 +353,11 @@ def test_plugin_discovered_from_entry_point(fake_plugins, module_factory):
     assert all(listed[name] == "built-in" for name in BUILT_INS)
     tpl = get_template("pipe-test")
     assert tpl.render([{"role": "user", "content": "hi"}]) == "|user| hi |end|\n"
-    assert template_id(tpl) == {"class_path": f"{mod}:PipeTemplate", "name": "pipe-test"}
+    assert template_id(tpl) == {
+        "class_path": f"{mod}:PipeTemplate",
+        "name": "pipe-test",
+        "spec": template_spec(tpl),
+    }
     # The nearest-name hint knows about plugins too.
     with pytest.raises(UnknownTemplateError, match=re.escape("Did you mean 'pipe-test'?")):
         get_template("pipe-tset")
@@ -513,7 +519,11 @@ def test_installed_example_plugin(vicuna_site):
     assert got["prompt"] == "SYSTEM: You are a helpful assistant.</s>\nUSER: Hi!</s>\nASSISTANT: "
     assert got["trainable"] == ["Hello!", "</s>"]
     assert got["recipe_rows"] == 1  # a recipe can name the plugin template
-    assert got["id"] == {"class_path": "loraforge_vicuna:VicunaTemplate", "name": "vicuna"}
+    assert {k: got["id"][k] for k in ("class_path", "name")} == {
+        "class_path": "loraforge_vicuna:VicunaTemplate",
+        "name": "vicuna",
+    }
+    assert got["id"]["spec"]["end_of_turn"] == "</s>"  # what a run records: rebuildable
     # Without the install folder on the path, the plugin is simply absent.
     assert "vicuna" not in list_templates()
 

@@ -288,10 +288,19 @@ def test_check_template_quiet_without_chat_template(caplog):
     assert "tokenizer has no chat_template; nothing to check phi-4 against" in caplog.text
 
     class NoTemplate:  # not even a transformers tokenizer
+        def __init__(self):
+            self.encoded = []
+
         def apply_chat_template(self, *args, **kwargs):
             raise AssertionError("must not be called")
 
-    check_template("chatml", NoTemplate())
+        def encode(self, text, add_special_tokens=True):  # the stop check still runs
+            self.encoded.append(text)
+            return [7]
+
+    tok = NoTemplate()
+    check_template("chatml", tok)
+    assert tok.encoded == ["<|im_end|>"]
 
 
 # --------------------------------------------------------------------------- message errors

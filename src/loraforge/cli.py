@@ -199,10 +199,20 @@ def _chat_loop(chat: Any, system: str | None) -> None:
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def _load_run(args: argparse.Namespace, merge: bool = False) -> Any:
     from loraforge.inference import load_for_inference
 
-    chat = load_for_inference(args.path, base_model=args.base_model, merge=args.merge)
+    return load_for_inference(
+        args.path,
+        base_model=args.base_model,
+        merge=merge,
+        trust_remote_code=args.trust_remote_code,
+        allow_template_import=args.allow_template_import,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    chat = _load_run(args, merge=args.merge)
     if args.prompt is not None:
         print(chat.chat(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens))
         return 0
@@ -211,9 +221,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from loraforge.inference import load_for_inference
-
-    out = load_for_inference(args.path, base_model=args.base_model).merge_and_save(args.out)
+    out = _load_run(args).merge_and_save(args.out)
     print(f"merged model written to {out}")
     return 0
 
@@ -234,6 +242,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"artifacts: {result.train.output_dir} (adapter, recipe.yaml, loss_curve.png, ...)")
     print(f"chat with it: loraforge chat {result.train.output_dir}")
     return 0 if ok else 1
+
+
+def _add_trust_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with the run's tokenizer or base model (only for folders "
+        "you trust; a run folder cannot switch this on itself)",
+    )
+    s.add_argument(
+        "--allow-template-import",
+        action="store_true",
+        help="import the template class the run names when it is neither registered nor "
+        "rebuildable from the run (only for folders you trust)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,12 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-model", help="base model folder or id, if it moved")
     s.add_argument("--merge", action="store_true", help="merge the adapter first")
     s.add_argument("--max-new-tokens", type=int, default=256)
+    _add_trust_flags(s)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("merge", help="write base + adapter as one plain transformers model")
     s.add_argument("path", help="output folder of a training run")
     s.add_argument("out", help="folder for the merged model")
     s.add_argument("--base-model", help="base model folder or id, if it moved")
+    _add_trust_flags(s)
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("templates", help="list prompt templates")

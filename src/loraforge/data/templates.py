@@ -12,31 +12,49 @@ same template, so training and inference cannot drift apart.
 Templates live in a registry: built-ins are registered with
 [`register_template`][loraforge.register_template], third-party packages add theirs through the
 entry-point group ``loraforge.templates``, and ``"package.module:Class"`` names a template class
-directly.
+directly (imported as Python finds it, from installed packages, ``PYTHONPATH`` and ``sys.path``,
+except that the current folder is never searched implicitly).
+
+A run records its template with `loraforge.data.templates.template_id`: the
+registry name, the class path and, for a template described by its class attributes alone, that
+*declarative form*. `loraforge.data.templates.template_from_id` finds it
+again: by name, else by rebuilding the declarative form, and imports a class path only when the
+caller allows it, so loading a run folder runs no code that the folder names.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import logging
+import os
+import string
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from loraforge.errors import TemplateError, TemplateMismatchError, UnknownTemplateError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "SPEC_FIELDS",
     "PromptTemplate",
     "Segment",
+    "check_recordable",
+    "check_stoppable",
     "check_template",
     "get_template",
     "list_templates",
     "register_template",
+    "template_from_id",
+    "template_from_spec",
     "template_id",
+    "template_spec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,14 +192,20 @@ _plugins_loaded = False
 
 
 def register_template(
-    cls: _T | None = None, *, name: str | None = None, source: str = "built-in"
+    cls: _T | None = None, *, name: str | None = None, source: str | None = None
 ) -> Any:
     """Register a template class under its ``name`` (usable bare or as a decorator).
+
+    A template registered by your own code lives in this process only: a run trained with it
+    records its declarative form (see `loraforge.data.templates.template_id`), so
+    ``loraforge chat`` rebuilds it without your code, unless the class overrides ``segments()``.
 
     Args:
         cls: a [`PromptTemplate`][loraforge.PromptTemplate] subclass.
         name: the registry name; defaults to ``cls.name``.
-        source: where it comes from, shown by ``loraforge templates``.
+        source: where it comes from, shown by ``loraforge templates``; defaults to
+            ``"built-in"`` for loraforge's own templates and ``"registered (<module>)"`` for
+            any other.
 
     Raises:
         TemplateError: the class is not a ``PromptTemplate``, the name is empty or malformed,
@@ -209,7 +233,9 @@ def register_template(
                 {"name": name, "__module__": c.__module__, "__qualname__": c.__qualname__},
             )
         _REGISTRY[key] = c
-        _SOURCES[key] = source
+        _SOURCES[key] = source or (
+            "built-in" if c.__module__ == __name__ else f"registered ({c.__module__})"
+        )
         return c
 
     return wrap(cls) if cls is not None else wrap
@@ -253,11 +279,61 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def _pythonpath_has(folder: Path) -> bool:
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return any(e and Path(e).resolve() == folder for e in entries)
+
+
+def _found_in_current_folder(module_name: str) -> Path | None:
+    """Where ``module_name`` (or a package above it) would be imported from, when that is the
+    current working directory reached implicitly (``''`` or the script folder on ``sys.path``,
+    as ``python -m``, ``python -c`` and notebooks set it up); ``None`` otherwise.
+
+    Modules already imported are not looked up again: importing them runs nothing new.
+    """
+    cwd = Path.cwd().resolve()
+    if _pythonpath_has(cwd):
+        return None  # the user put the current folder on PYTHONPATH: an explicit choice
+    parts = module_name.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        if name in sys.modules:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)  # imports the (already vetted) parents only
+        except (ImportError, ValueError):
+            return None  # the import below reports it
+        if spec is None:
+            return None
+        # The folder on sys.path the module was found through: up one level per package.
+        tops: list[Path] = []
+        if spec.origin and spec.has_location:
+            origin = Path(spec.origin).resolve()
+            package = spec.submodule_search_locations is not None
+            tops.append(origin.parents[depth if package else depth - 1])
+        else:  # a namespace package: its portions
+            tops.extend(
+                Path(loc).resolve().parents[depth - 1]
+                for loc in spec.submodule_search_locations or []
+            )
+        if cwd in tops:
+            return Path(spec.origin or next(iter(spec.submodule_search_locations or []), cwd))
+    return None
+
+
 def _import_class_path(path: str) -> type[PromptTemplate]:
     module_name, _, attr = path.partition(":")
     if not module_name or module_name.startswith(".") or not attr:
         raise UnknownTemplateError(
             f"template class path {path!r} must look like 'package.module:Class' (absolute module)"
+        )
+    here = _found_in_current_folder(module_name)
+    if here is not None:
+        raise TemplateError(
+            f"template class {path!r}: module {module_name!r} would be imported from the current "
+            f"folder ({here}); loraforge imports template modules from installed packages and "
+            f"PYTHONPATH, never implicitly from the current folder. If you mean it, run with "
+            f"PYTHONPATH={Path.cwd()} (or import the module yourself before naming it)"
         )
     try:
         obj: Any = importlib.import_module(module_name)
@@ -274,8 +350,17 @@ def get_template(template: str | PromptTemplate | type[PromptTemplate]) -> Promp
     """Return a template instance from a registry name, a ``"pkg.module:Class"`` path, a class or
     an instance.
 
+    A class path is your own choice of code to run: its module is imported as Python finds it
+    (installed packages, ``PYTHONPATH``, ``sys.path``; a module already imported is used as it
+    is), except that the current folder is never searched implicitly, whatever ``python -m``,
+    ``python -c``, a script started there or a notebook put on ``sys.path``. Run with
+    ``PYTHONPATH=.`` to use a module there.
+
     Raises:
-        UnknownTemplateError: no such name; the message lists the known names and the nearest one.
+        UnknownTemplateError: no such name (the message lists the known names and the nearest
+            one), or a class path that cannot be imported.
+        TemplateError: a class path to something that is not a ``PromptTemplate`` subclass, or
+            to a module that would come from the current folder.
     """
     if isinstance(template, PromptTemplate):
         return template
@@ -298,18 +383,240 @@ def get_template(template: str | PromptTemplate | type[PromptTemplate]) -> Promp
 
 
 def list_templates() -> dict[str, str]:
-    """All registered templates, name -> source (``"built-in"`` or ``"plugin (dist)"``)."""
+    """All registered templates, name -> source: ``"built-in"``, ``"plugin (<distribution>)"``,
+    or ``"registered (<module>)"`` for a template your code registered at run time."""
     _load_plugins()
     return {k: _SOURCES[k] for k in sorted(_REGISTRY)}
 
 
-def template_id(template: PromptTemplate) -> dict[str, str]:
-    """How to find ``template`` again: its registry ``name`` and its ``class_path``."""
+# --------------------------------------------------------------------------- run records
+
+SPEC_FIELDS: tuple[str, ...] = (
+    "prefix",
+    "header",
+    "end_of_turn",
+    "separator",
+    "generation_prompt",
+    "suffix",
+    "strip_content",
+    "role_names",
+    "chat_template",
+)
+"""The class attributes that decide how a declarative template renders (its *spec*)."""
+
+
+def template_spec(template: PromptTemplate) -> dict[str, Any] | None:
+    """The declarative form of ``template``: ``name``, ``description`` and the
+    `loraforge.data.templates.SPEC_FIELDS`; ``None`` when its class overrides
+    ``segments()``, so that only its code describes how it renders."""
+    if type(template).segments is not PromptTemplate.segments:
+        return None
+    spec: dict[str, Any] = {"name": template.name, "description": template.description}
+    for field in SPEC_FIELDS:
+        value = getattr(template, field)
+        spec[field] = dict(value) if field == "role_names" else value
+    return spec
+
+
+def _header_is_safe(header: str) -> bool:
+    try:
+        fields = list(string.Formatter().parse(header))
+    except ValueError:
+        return False
+    return all(f is None or (f == "role" and not c and not s) for _, f, s, c in fields)
+
+
+def template_from_spec(
+    spec: Any, *, class_path: str | None = None, where: str = "the run file"
+) -> PromptTemplate:
+    """Rebuild a template from its declarative form (see
+    `loraforge.data.templates.template_spec`) without importing anything.
+
+    Args:
+        spec: the mapping ``template_spec`` returned (read back from JSON).
+        class_path: the original class path, kept as the rebuilt class's identity.
+        where: names the file in error messages.
+
+    Raises:
+        TemplateError: a field is missing, unknown or of the wrong type, or the ``header`` holds
+            a placeholder other than ``{role}``.
+    """
+    if not isinstance(spec, Mapping):
+        raise TemplateError(f"{where}: template spec must be an object, got {type(spec).__name__}")
+    problems = []
+    unknown = sorted(set(spec) - {"name", "description", *SPEC_FIELDS})
+    if unknown:
+        problems.append(f"unknown field(s) {', '.join(unknown)} (written by a newer loraforge?)")
+    attrs: dict[str, Any] = {}
+    for field in ("name", "description", *SPEC_FIELDS):
+        if field not in spec:
+            problems.append(f"{field}: missing")
+            continue
+        value = spec[field]
+        if field == "strip_content":
+            ok = isinstance(value, bool)
+        elif field == "role_names":
+            ok = isinstance(value, Mapping) and all(
+                k in ROLES and isinstance(v, str) for k, v in value.items()
+            )
+        elif field == "chat_template":
+            ok = value is None or isinstance(value, str)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            problems.append(f"{field}: invalid value {value!r}")
+        attrs[field] = dict(value) if field == "role_names" and ok else value
+    if not problems and not _header_is_safe(attrs["header"]):
+        problems.append(f"header: {attrs['header']!r} may hold no placeholder but {{role}}")
+    if problems:
+        raise TemplateError(f"{where}: template spec: " + "; ".join(problems))
+    module, _, qualname = (class_path or f"{__name__}:RecordedTemplate").partition(":")
+    cls = type(
+        qualname.rsplit(".", 1)[-1] or "RecordedTemplate",
+        (PromptTemplate,),
+        {**attrs, "__module__": module, "__qualname__": qualname or "RecordedTemplate"},
+    )
+    return cls()
+
+
+def template_id(template: PromptTemplate) -> dict[str, Any]:
+    """How to find ``template`` again, as written to ``loraforge.json``.
+
+    Returns:
+        ``name`` (only when the template is registered under it), ``class_path``
+        (``"module:Class"``) and ``spec``, its declarative form (``None`` when the class
+        overrides ``segments()``). Inference rebuilds the template from ``spec`` when no
+        template of that name is registered, so a template defined in a script still works.
+    """
     cls = type(template)
-    out = {"class_path": _class_path(cls)}
+    out: dict[str, Any] = {}
     if template.name and _REGISTRY.get(template.name) is cls:
         out["name"] = template.name
+    out["class_path"] = _class_path(cls)
+    out["spec"] = template_spec(template)
     return out
+
+
+def _differences(a: PromptTemplate, b: PromptTemplate) -> list[str]:
+    sa, sb = template_spec(a), template_spec(b)
+    if sa is None or sb is None:
+        return [] if sa is sb else ["segments()"]
+    return [f for f in SPEC_FIELDS if sa[f] != sb[f]]
+
+
+def template_from_id(
+    tid: Any, *, allow_import: bool = False, where: str = "the run file"
+) -> PromptTemplate:
+    """The template a run recorded with `loraforge.data.templates.template_id`.
+
+    In order: the template registered under the recorded ``name`` (or a registered class with the
+    recorded ``class_path``), when it renders like the recorded ``spec``; else the template
+    rebuilt from ``spec``, which imports nothing; else, only with ``allow_import``, the recorded
+    class path imported (as [`get_template`][loraforge.get_template] does). Old run files with a
+    name and class path only are read the same way.
+
+    Args:
+        tid: the ``template`` entry of ``loraforge.json``.
+        allow_import: import a class path read from the file when nothing else finds the
+            template. A run folder from someone else can name any module: allow it only for a
+            folder you trust.
+        where: names the file in messages, e.g. ``"loraforge.json of /runs/x"``.
+
+    Raises:
+        TemplateError: the entry is malformed, or the template can only be found by importing a
+            class path that ``allow_import`` does not allow (the message says how to allow it).
+        UnknownTemplateError: the allowed import fails.
+    """
+    if not isinstance(tid, Mapping):
+        raise TemplateError(f"{where}: 'template' must be an object, got {type(tid).__name__}")
+    name, class_path, spec = tid.get("name"), tid.get("class_path"), tid.get("spec")
+    for field, value in (("name", name), ("class_path", class_path)):
+        if value is not None and not isinstance(value, str):
+            raise TemplateError(f"{where}: template {field} must be a string, got {value!r}")
+    recorded = (
+        template_from_spec(spec, class_path=class_path, where=where) if spec is not None else None
+    )
+    _load_plugins()
+    key = name if name in _REGISTRY else None
+    if key is None and class_path:
+        key = next((k for k, c in _REGISTRY.items() if _class_path(c) == class_path), None)
+    if key is not None:
+        found = _REGISTRY[key]()
+        if recorded is None:
+            return found
+        changed = _differences(found, recorded)
+        if not changed:
+            return found
+        logger.warning(
+            "template %r as registered now (%s) differs from the one %s records (%s); using the "
+            "recorded form, which the adapter was trained with",
+            key,
+            _SOURCES[key],
+            where,
+            ", ".join(changed),
+        )
+        return recorded
+    if recorded is not None:
+        return recorded
+    if not class_path:
+        raise TemplateError(f"{where} names no template (no name, class_path or spec)")
+    what = f"template class {class_path!r}" + (f" (template {name!r})" if name else "")
+    if class_path.startswith("__main__:"):
+        raise TemplateError(
+            f"{where} names {what}, defined in the training script itself; it overrides "
+            "segments(), so the run could not record a form that rebuilds it. Pass the class "
+            "from your own code: load_for_inference(path, template=YourTemplate)"
+        )
+    if not allow_import:
+        raise TemplateError(
+            f"{where} names {what}, which is not registered here. loraforge does not import "
+            "code named by a run folder unless you pass allow_template_import=True / "
+            "--allow-template-import (only for a folder you trust); or install the plugin that "
+            "registers the template"
+        )
+    return _import_class_path(class_path)()
+
+
+def check_recordable(template: PromptTemplate) -> None:
+    """Warn (``UserWarning``) when a run trained with ``template`` could not be chatted with by
+    ``loraforge chat`` without importing code: the class overrides ``segments()`` (so no
+    declarative form can be recorded) and is neither built in nor an installed plugin. Call it
+    where training starts.
+
+    A template defined in a script (``__main__``) that only sets class attributes is fine: its
+    declarative form is recorded and rebuilt. One that overrides ``segments()`` is only a warning,
+    not an error, because the adapter is still valid: load it with
+    ``load_for_inference(path, template=...)`` from code that defines the class.
+    """
+    if template_spec(template) is not None:
+        if type(template).__module__ == "__main__":
+            logger.info(
+                "template %s is defined in the running script; the run records its declarative "
+                "form, so inference rebuilds it without the script",
+                template.name or type(template).__qualname__,
+            )
+        return
+    cls = type(template)
+    source = _SOURCES.get(template.name, "") if _REGISTRY.get(template.name) is cls else ""
+    if source == "built-in" or source.startswith("plugin"):
+        return
+    if cls.__module__ == "__main__":
+        how = (
+            "it is defined in the running script (__main__), so no later process can import it: "
+            "move it into an importable module or a plugin, or chat with "
+            "load_for_inference(path, template=YourTemplate)"
+        )
+    else:
+        how = (
+            f"loraforge chat will import {_class_path(cls)} only with --allow-template-import "
+            "(allow_template_import=True); publishing it as a plugin avoids that"
+        )
+    warnings.warn(
+        f"template {template.name or cls.__qualname__!r} overrides segments(), so the run "
+        f"cannot record a declarative form that inference rebuilds without code; {how}",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -450,31 +757,114 @@ def check_template(
     tokenizer: Any,
     conversations: Iterable[Sequence[Message]] | None = None,
 ) -> None:
-    """Check that ``template`` renders exactly like ``tokenizer.apply_chat_template``.
+    """Check that ``template`` renders exactly like ``tokenizer.apply_chat_template``, and that
+    generation can stop on its ``end_of_turn`` (see
+    `loraforge.data.templates.check_stoppable`).
 
     Renders each sample conversation (with and without a system prompt, one and several turns,
-    CJK and emoji, empty strings), with and without the generation prompt, both ways. Returns
-    quietly when the tokenizer has no ``chat_template``.
+    CJK and emoji, empty strings), with and without the generation prompt, both ways. The
+    comparison is skipped (logged) when the tokenizer has no ``chat_template``.
 
     Raises:
         TemplateMismatchError: on the first mismatch, with a readable diff.
+        TemplateError: generation could never stop on the template's ``end_of_turn``.
     """
     tpl = get_template(template)
     if not getattr(tokenizer, "chat_template", None):
         logger.info("tokenizer has no chat_template; nothing to check %s against", tpl.name)
-        return
-    for conv in conversations if conversations is not None else SAMPLE_CONVERSATIONS:
-        for gen in (False, True):
-            ours = tpl.render(conv, add_generation_prompt=gen)
-            theirs = tokenizer.apply_chat_template(
-                list(conv), tokenize=False, add_generation_prompt=gen
-            )
-            if ours != theirs:
-                raise TemplateMismatchError(
-                    f"template {tpl.name or type(tpl).__name__!r} renders differently from the "
-                    f"tokenizer's chat_template (add_generation_prompt={gen}):\n"
-                    + _diff(theirs, ours)
+    else:
+        for conv in conversations if conversations is not None else SAMPLE_CONVERSATIONS:
+            for gen in (False, True):
+                ours = tpl.render(conv, add_generation_prompt=gen)
+                theirs = tokenizer.apply_chat_template(
+                    list(conv), tokenize=False, add_generation_prompt=gen
                 )
+                if ours != theirs:
+                    raise TemplateMismatchError(
+                        f"template {tpl.name or type(tpl).__name__!r} renders differently from "
+                        f"the tokenizer's chat_template (add_generation_prompt={gen}):\n"
+                        + _diff(theirs, ours)
+                    )
+    check_stoppable(tpl, tokenizer)
+
+
+_STOP_SAMPLE_ANSWERS = ("Hello! How can I help?", "好的 👍", "2")
+
+
+def check_stoppable(template: str | PromptTemplate, tokenizer: Any) -> None:
+    """Check that generation with ``tokenizer`` can stop on the template's ``end_of_turn``.
+
+    A marker that is one token stops generation by its id. A marker of several tokens (Vicuna's
+    ``</s>`` is three Phi-4 tokens) stops it by its text, with transformers' ``stop_strings``;
+    this check then renders sample answers exactly as training does, marker included, and
+    requires that transformers' stop-string criterion fires on those ids and that the decoded
+    answer ends with the marker (so it can be cut off). [`train`][loraforge.train] calls this
+    before any training step; [`check_template`][loraforge.check_template] calls it too.
+
+    Raises:
+        TemplateError: the marker is empty, is no token at all, holds characters the tokenizer
+            does not know, or is several tokens that never read back as the marker (a
+            normalizer that changes it, or special tokens that decoding drops).
+    """
+    tpl = get_template(template)
+    label = repr(tpl.name or type(tpl).__qualname__)
+    marker = tpl.end_of_turn
+    if not marker:
+        raise TemplateError(
+            f"template {label} has an empty end_of_turn: a model trained with it never learns "
+            "where its answer ends, and generation would stop only at max_new_tokens. Set "
+            "end_of_turn to the text that closes a message (for example the tokenizer's EOS "
+            f"token {getattr(tokenizer, 'eos_token', None)!r})"
+        )
+    ids = list(tokenizer.encode(marker, add_special_tokens=False))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or (unk is not None and unk in ids):
+        raise TemplateError(
+            f"template {label}: this tokenizer cannot write end_of_turn {marker!r} (it "
+            f"tokenizes to {tokenizer.convert_ids_to_tokens(ids)!r}), so the model could never "
+            "emit it and generation would not stop; use a marker from the tokenizer's "
+            "vocabulary, or add it as a special token"
+        )
+    if len(ids) == 1:
+        return
+    import torch
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from loraforge.data.tokenize import SegmentTokenizer
+
+    segment_tokenizer = SegmentTokenizer(tokenizer)
+    stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=[marker])
+    for answer in _STOP_SAMPLE_ANSWERS:
+        conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+        segs = tpl.segments(conv)
+        seg_ids = segment_tokenizer.encode(segs)
+        trained_at = [i for i, s in enumerate(segs) if s.trainable and s.turn == 1]
+        if not trained_at:  # a segments() override that trains nothing: the plain shape
+            trained = [*segment_tokenizer.content_ids([answer])[0], *ids]
+            full = [i for part in seg_ids for i in part] + trained
+        else:
+            trained = [i for k in trained_at for i in seg_ids[k]]
+            full = [i for part in seg_ids[: trained_at[-1] + 1] for i in part]
+        text = tokenizer.decode(trained, skip_special_tokens=True)
+        if text.endswith(marker) and bool(stop(torch.tensor([full]), None)[0]):
+            continue
+        special = {
+            t.content
+            for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+            if i in ids and getattr(t, "special", False)
+        }
+        hint = (
+            f" It holds the special token(s) {sorted(special)}, which decoding drops: make "
+            "end_of_turn the special token alone and move the rest into `separator`."
+            if special
+            else " The tokenizer does not read it back as written (a normalizer changes it?)."
+        )
+        raise TemplateError(
+            f"template {label}: generation cannot stop on end_of_turn {marker!r}: it is "
+            f"{len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)!r}, and the answer "
+            f"{answer!r} as the model is trained to write it decodes as {text!r}, which does not "
+            f"end with the marker.{hint}"
+        )
 
 
 def _diff(expected: str, got: str) -> str:

@@ -3,9 +3,10 @@
 [`train`][loraforge.train] reads top to bottom as the steps of a run, each a function of its own
 with a typed input and output:
 
-1. open the run folder (checked, locked; a finished run is not trained again);
-2. check every data record, before anything is downloaded;
-3. load the tokenizer and build the examples;
+1. check what needs no model (the template, the machine's settings, every data record), before
+   anything is written or downloaded;
+2. open the run folder (checked, locked; a finished run is not trained again);
+3. load the tokenizer (its end-of-turn marker must be stoppable) and build the examples;
 4. load the base model and prepare it (padding token, LoRA targets);
 5. plan the fast path (a pure function of the model's shape, the recipe and the memory budget);
 6. apply the plan and LoRA;
@@ -33,7 +34,12 @@ from typing import Any
 
 from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from loraforge.data.records import check_records
-from loraforge.data.templates import PromptTemplate, get_template
+from loraforge.data.templates import (
+    PromptTemplate,
+    check_recordable,
+    check_stoppable,
+    get_template,
+)
 from loraforge.errors import DataError
 from loraforge.fast.attention import attention_implementation, set_attention
 from loraforge.fast.liger import apply_liger
@@ -236,19 +242,21 @@ def train(
     """
     from transformers import set_seed
 
-    template = get_template(recipe.template)
+    template = get_template(recipe.template)  # 1: nothing is written or loaded yet
+    check_recordable(template)  # inference can rebuild it from the run folder (or a warning)
     device = DeviceInfo.probe()  # None on the CPU
-    check_environment(recipe, device)  # what needs no model: before anything is written
-    with open_run_folder(recipe, resume=resume) as run:  # 1 (locked until the run ends)
+    check_environment(recipe, device)
+    check_data(recipe)
+    with open_run_folder(recipe, resume=resume) as run:  # 2 (locked until the run ends)
         if run.finished is not None:  # a resume of a run that finished with these settings
             return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
         out = run.path
         set_seed(recipe.seed)
-        check_data(recipe)  # 2
         model_path = None if model is not None and tokenizer is not None else _model_path(recipe)
         if tokenizer is None:
             assert model_path is not None
             tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
+        check_stoppable(template, tokenizer)  # generation can stop on its end-of-turn marker
         data = build_data(recipe, tokenizer, out)  # 3
         model = model if model is not None else load_base_model(recipe, model_path)  # 4
         targets = prepare_base_model(model, tokenizer, template, recipe)
