@@ -56,7 +56,8 @@ def test_recipe_is_the_tutorial_setup():
     assert (r.model, r.model_source, r.template) == ("LLM-Research/phi-4", "modelscope", "phi-4")
     assert r.system_prompt == "现在你要扮演皇帝身边的女人--甄嬛"
     assert (r.lora_r, r.lora_alpha, r.lora_dropout) == (8, 32, 0.1)
-    assert (r.learning_rate, r.num_epochs, r.max_length, r.batch_size) == (1e-4, 3, 384, 4)
+    assert (r.learning_rate, r.num_epochs, r.max_length) == (1e-4, 3, 384)
+    assert r.batch_size is None and r.micro_batch_size == 4  # packs on a GPU, 4 a step on CPU
     assert r.target_modules == "all-linear" and r.gradient_checkpointing == "full"
     assert r.output_dir == "output/phi4-huanhuan"
 

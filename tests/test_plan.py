@@ -405,14 +405,14 @@ RECIPES = st.builds(
         fused_lora=fused,
         chunked_loss=chunked,
         gradient_checkpointing=ckpt,
-        batch_size=batch,
+        batch_size=None if packing == "on" else batch,  # packing: on refuses a batch_size
         max_length=2048,
     ),
     st.sampled_from(["auto", "on", "off"]),
     st.booleans(),
     st.booleans(),
     st.sampled_from(["auto", "auto", "full", "off"]),
-    st.integers(1, 16),
+    st.one_of(st.none(), st.integers(1, 16)),
 )
 
 
@@ -441,8 +441,9 @@ def test_plans_fit_and_more_memory_never_checkpoints_more(
         assert plan.fits or plan.checkpoint_layers == shape.num_hidden_layers
     if plan.packing:
         assert plan.pack_tokens is not None and plan.pack_tokens >= longest
-    else:
-        assert plan.pack_tokens is None and recipe.packing == "off"
+    else:  # off, or auto with batch_size set: padded batches of batch_size examples
+        assert plan.pack_tokens is None and recipe.packing != "on"
+        assert recipe.packing == "off" or recipe.batch_size is not None
 
 
 # --------------------------------------------------------------------------- refused early
@@ -532,3 +533,14 @@ def test_varlen_layer_keeps_what_the_planner_counts_on_a_gpu():  # pragma: no co
         measured = _kept_per_token(model, _packed)
         expected = layer_activation_bytes(shape, fused_lora=lean, lora_r=8, attention="varlen")
         assert measured == pytest.approx(expected, rel=TOLERANCE), (lean, measured, expected)
+
+
+def test_auto_packs_on_a_gpu_only_when_batch_size_is_unset():
+    shape = SHAPES["phi-4"]
+    packed = plan_fast_path(_recipe(), shape, H200, longest_example=384)
+    padded = plan_fast_path(_recipe(batch_size=4), shape, H200, longest_example=384)
+    assert packed.packing and packed.pack_tokens
+    assert not padded.packing and padded.pack_tokens is None
+    assert "packing off: batch_size is set" in padded.reason
+    on_cpu = plan_fast_path(_recipe(), shape, None, longest_example=384)
+    assert not on_cpu.packing

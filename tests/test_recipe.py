@@ -157,7 +157,7 @@ def test_constructor_reports_all_problems_too():
         "model: required",
         "data: required",
         "lora_r: must be >= 1 (got 0)",
-        "batch_size: must be >= 1 (got 0)",
+        "batch_size: must be unset (null) or an integer >= 1 (got 0)",
         "max_length: must be >= 2 (got 1)",
         "warmup_ratio: must be in [0, 1) (got 1.0)",
     ):
@@ -332,3 +332,11 @@ def test_settings_that_would_do_nothing_are_errors():
     with pytest.raises(RecipeError, match=r"eval_steps: has no effect without eval_data"):
         LoraRecipe(model="m", data="d", eval_steps=10)
     LoraRecipe(model="m", data="d", eval_steps=10, eval_fraction=0.1)
+
+
+def test_batch_size_is_never_silently_dropped_by_packing():
+    with pytest.raises(RecipeError, match=r"batch_size: not used with packing: on \(got 4\)"):
+        LoraRecipe(model="m", data="d.json", packing="on", batch_size=4)
+    packed = LoraRecipe(model="m", data="d.json", packing="on")
+    assert packed.batch_size is None and packed.micro_batch_size == 4
+    assert LoraRecipe(model="m", data="d.json", batch_size=2).micro_batch_size == 2

@@ -21,7 +21,11 @@ import yaml
 
 from loraforge.errors import RecipeError
 
-__all__ = ["LoraRecipe"]
+__all__ = ["DEFAULT_BATCH_SIZE", "LoraRecipe"]
+
+DEFAULT_BATCH_SIZE = 4
+"""Examples per micro-step of the padded path when ``batch_size`` is unset: the tutorial's
+optimizer step (batch 1 x accumulation 4) in one micro-step."""
 
 _HELP = "help"
 
@@ -93,7 +97,12 @@ class LoraRecipe:
     learning_rate: float = _f(1e-4, "Peak learning rate.")
     num_epochs: float = _f(3, "Passes over the training data.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = run num_epochs).")
-    batch_size: int = _f(4, "Sequences per device per micro-step.")
+    batch_size: int | None = _f(
+        None,
+        "Examples per device per micro-step when examples are padded, not packed (unset = 4). "
+        "With packing a micro-step is one packed row instead: setting batch_size keeps "
+        "packing: auto off, and packing: on refuses it.",
+    )
     grad_accum: int = _f(1, "Micro-steps per optimizer step.")
     warmup_ratio: float = _f(0.0, "Share of the steps spent warming the learning rate up.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
@@ -248,6 +257,12 @@ class LoraRecipe:
         """A copy with ``changes`` applied (validated like ``from_dict``)."""
         return type(self).from_dict({**self.to_dict(), **changes})
 
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per device per micro-step on the padded (unpacked) path: ``batch_size``, or
+        4 when it is unset."""
+        return DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size
+
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Each field's one-line help (used by the docs and ``--help``)."""
@@ -347,7 +362,6 @@ def _validate(r: LoraRecipe) -> list[str]:
         ("learning_rate", lambda v: v > 0, "must be > 0"),
         ("num_epochs", lambda v: v > 0, "must be > 0"),
         ("max_steps", lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"),
-        ("batch_size", lambda v: v >= 1, "must be >= 1"),
         ("grad_accum", lambda v: v >= 1, "must be >= 1"),
         ("warmup_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
         ("weight_decay", lambda v: v >= 0, "must be >= 0"),
@@ -363,6 +377,17 @@ def _validate(r: LoraRecipe) -> list[str]:
     if r.pack_tokens is not None and r.packing == "off":
         problems.append(
             "pack_tokens: has no effect with packing: off (remove it, or set packing: on/auto)"
+        )
+    if r.batch_size is not None and (
+        not isinstance(r.batch_size, int) or isinstance(r.batch_size, bool) or r.batch_size < 1
+    ):
+        bad("batch_size", "must be unset (null) or an integer >= 1")
+    elif r.batch_size is not None and r.packing == "on":
+        problems.append(
+            f"batch_size: not used with packing: on (got {r.batch_size}): a micro-step is one "
+            "packed row of pack_tokens tokens and an optimizer step grad_accum rows. Remove "
+            "batch_size (size the step with pack_tokens and grad_accum), or set packing: off to "
+            "train padded batches of batch_size examples"
         )
     if r.attention == "varlen" and r.packing == "off":
         problems.append(

@@ -334,6 +334,13 @@ def _cap(recipe: LoraRecipe, device: DeviceInfo) -> int:
     return min(device.memory_bytes, int(recipe.max_memory_gib * GiB))
 
 
+def _packs(recipe: LoraRecipe, device: DeviceInfo | None) -> bool:
+    """Whether examples are packed: ``packing: on``, or ``auto`` on a GPU when the recipe does
+    not ask for padded batches of ``batch_size`` examples."""
+    auto = recipe.packing == "auto" and device is not None and recipe.batch_size is None
+    return recipe.packing == "on" or auto
+
+
 def _sizes_memory(recipe: LoraRecipe, packing: bool) -> bool:
     """Whether the planner chooses something from the memory budget."""
     return recipe.gradient_checkpointing == "auto" or (packing and recipe.pack_tokens is None)
@@ -341,7 +348,7 @@ def _sizes_memory(recipe: LoraRecipe, packing: bool) -> bool:
 
 def _memory_problems(recipe: LoraRecipe, shape: ModelShape, device: DeviceInfo) -> list[str]:
     """The weights (and the reserve) do not fit under the budget the planner sizes for."""
-    packing = recipe.packing != "off"  # on a GPU, 'auto' packs
+    packing = _packs(recipe, device)
     cap = _cap(recipe, device)
     if not _sizes_memory(recipe, packing) or shape.weight_bytes + _RESERVE_BYTES < cap:
         return []
@@ -504,7 +511,7 @@ def plan_fast_path(
         RecipeError: on a GPU, the model's weights fill the memory the planner sizes for
             (:func:`check_environment` with the shape reports the same before loading).
     """
-    packing = recipe.packing == "on" or (recipe.packing == "auto" and device is not None)
+    packing = _packs(recipe, device)
     liger = recipe.liger_kernels == "on" or (
         recipe.liger_kernels == "auto" and device is not None and device.liger
     )
@@ -524,7 +531,7 @@ def plan_fast_path(
     cap = _cap(recipe, device)
     mem = _memory(recipe, shape, attention, packing, supervised_fraction, chunkable_head, cap)
     if not packing:  # the micro-batch is batch_size padded sequences
-        candidates = [recipe.batch_size * max(recipe.max_length, longest_example)]
+        candidates = [recipe.micro_batch_size * max(recipe.max_length, longest_example)]
     elif recipe.pack_tokens:
         candidates = [max(recipe.pack_tokens, longest_example)]
     else:
@@ -552,6 +559,8 @@ def plan_fast_path(
     )
     if estimate > cap:
         reason += f"; estimated {estimate / GiB:.1f} GiB, over the cap"
+    if not packing and recipe.packing == "auto":
+        reason += "; packing off: batch_size is set (unset it to pack rows on a GPU)"
     return FastPlan(
         packing,
         rows if packing else None,

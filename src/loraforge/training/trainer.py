@@ -486,8 +486,8 @@ def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: i
         )
     else:
         collator = _PadCollator(pad_id)
-        micro = f"{recipe.batch_size} examples (padded)"
-        micro_batches = math.ceil(len(train_ds) / recipe.batch_size)
+        micro = f"{recipe.micro_batch_size} examples (padded)"
+        micro_batches = math.ceil(len(train_ds) / recipe.micro_batch_size)
     steps_per_epoch = max(math.ceil(micro_batches / recipe.grad_accum), 1)
     total = (
         recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
@@ -568,8 +568,8 @@ def build_trainer(
     loss = PackedLoss(model.get_output_embeddings() if detach_head else None)
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=1 if layout.packed else recipe.batch_size,
-        per_device_eval_batch_size=1 if layout.packed else recipe.batch_size,
+        per_device_train_batch_size=1 if layout.packed else recipe.micro_batch_size,
+        per_device_eval_batch_size=1 if layout.packed else recipe.micro_batch_size,
         gradient_accumulation_steps=recipe.grad_accum,
         max_steps=layout.total_steps,  # one definition of the run's length: the layout's
         learning_rate=recipe.learning_rate,
