@@ -251,6 +251,22 @@ def test_dropout_mask_keeps_one_minus_p_and_depends_only_on_the_seed():
     assert not torch.equal(m, dropout_mask(x, 0.1, seed=6))
 
 
+def test_kernels_keep_no_mutable_state_at_module_level():
+    """Nothing one caller sets changes what a later caller gets: the module's globals are
+    constants, functions and the memoised (functools.cache) kernel build; torch generators are
+    made per call."""
+    from loraforge.fast import kernels
+
+    mutable = [
+        name
+        for name, value in vars(kernels).items()
+        if not name.startswith("__")
+        and isinstance(value, dict | list | set | torch.Generator | bool | type(None))
+    ]
+    assert mutable == []
+    assert hasattr(kernels.triton_kernels, "cache_info")  # functools.cache
+
+
 def test_swiglu_backward_matches_autograd():
     gu = torch.randn(5, 2 * 24, dtype=torch.float64, requires_grad=True)
     g = torch.randn(5, 24, dtype=torch.float64)

@@ -146,35 +146,15 @@ _AUTOCAST = (torch.bfloat16, torch.float16)
 # The public attributes of PEFT's lora.Linear, 0.17 to 0.21. r, lora_alpha and use_rslora are
 # folded into scaling, read at each call; the features that change the computation are checked to
 # be off for the active adapter; the rest is bookkeeping.
-_PEFT_ATTRIBUTES = frozenset(
-    {
-        "base_layer",
-        "lora_A",
-        "lora_B",
-        "lora_dropout",
-        "scaling",
-        "r",
-        "lora_alpha",
-        "use_rslora",
-        "use_dora",
-        "lora_magnitude_vector",
-        "lora_variant",
-        "lora_bias",
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "fan_in_fan_out",
-        "is_target_conv_1d_layer",
-        "cast_input_dtype_enabled",
-        "ephemeral_gpu_offload",
-        "merged_adapters",
-        "in_features",
-        "out_features",
-        "kwargs",
-        "training",
-        "adapter_layer_names",  # class attributes PEFT also sets on the instance (DoRA does)
-        "other_param_names",
-    }
-)
+# fmt: off
+_PEFT_ATTRIBUTES = frozenset((
+    "base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "r", "lora_alpha", "use_rslora",
+    "use_dora", "lora_magnitude_vector", "lora_variant", "lora_bias", "lora_embedding_A",
+    "lora_embedding_B", "fan_in_fan_out", "is_target_conv_1d_layer", "cast_input_dtype_enabled",
+    "ephemeral_gpu_offload", "merged_adapters", "in_features", "out_features", "kwargs", "training",
+    "adapter_layer_names", "other_param_names",  # class attributes PEFT sets on DoRA instances
+))
+# fmt: on
 
 
 @dataclass(frozen=True, slots=True)
