@@ -184,12 +184,12 @@ def main() -> None:
         ),
     )
     from loraforge.fast.liger import apply_liger, liger_available
-    from loraforge.fast.lora_ops import fuse_lora_forward
+    from loraforge.fast.lora_ops import apply_lean_functions
 
     if liger_available():
-        apply_liger(model.get_base_model())
+        apply_liger(model.get_base_model(), skip_lean=not args.peft)
     if not args.peft:
-        fuse_lora_forward(model)
+        apply_lean_functions(model, autocast_dtype=torch.bfloat16)
     print(f"liger {liger_available()}, lean LoRA {not args.peft}")
     print(
         f"{'attention':<18}{'ckpt':<10}{'budget':>7}{'fill':>6}{'tok/s':>9}{'MFU':>7}{'peak GiB':>9}"

@@ -1,7 +1,8 @@
 """GPU checks of the fast path (skipped without CUDA; run on an H100/H200 and noted in the docs).
 
 bf16 equivalence of the packed fast path (varlen attention, lean LoRA functions, chunked
-supervised-only loss, Liger when installed) with the plain unpacked path; the Triton kernels; a
+supervised-only loss, Liger where the lean functions leave something to it) with the plain
+unpacked path; the numeric check of the lean functions passing on the GPU; the Triton kernels; a
 short training run whose loss matches.
 """
 
@@ -80,7 +81,7 @@ def _rel(a, b):
 def test_fast_path_matches_plain_path_in_bf16(capsys):
     from loraforge.fast.attention import register_varlen_attention, set_attention
     from loraforge.fast.liger import apply_liger, liger_available
-    from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
+    from loraforge.fast.lora_ops import apply_lean_functions
     from loraforge.fast.losses import detached_head, packed_loss
     from loraforge.fast.packing import PackedCollator
     from loraforge.tiny import build_tiny_tokenizer
@@ -90,12 +91,13 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
     base = _phi4_like(tok)
     fast_base = copy.deepcopy(base)
     if liger_available():
-        apply_liger(fast_base)
+        assert apply_liger(fast_base, skip_lean=True) == []  # the lean functions take it all
     set_attention(fast_base, register_varlen_attention())
     plain, fast = _with_lora(base), _with_lora(fast_base)
     fast.load_state_dict(plain.state_dict())
-    fuse_lora_forward(fast)
-    assert lean_norms(fast) == 5
+    report = apply_lean_functions(fast, autocast_dtype=torch.bfloat16)
+    assert (report.fused_layers, report.fused_mlps, report.lean_norms) == (8, 2, 5)
+    assert all(c.passed for c in report.checks), [c.describe() for c in report.checks]
     total = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
     loss_plain = 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)  # as Trainer(bf16=True) runs
@@ -128,6 +130,25 @@ def test_fast_path_matches_plain_path_in_bf16(capsys):
         )
     assert loss_err < 1e-2
     assert max(errs) < 5e-2
+    assert not report.fallback_calls
+
+
+def test_numeric_check_passes_with_the_triton_kernels(capsys):
+    """The start-of-training check on a Phi-4-shaped layer stack in bf16 with dropout, under
+    autocast, against PEFT's forward: every kind passes, with the Triton kernels."""
+    from loraforge.fast import kernels
+    from loraforge.fast.lora_ops import apply_lean_functions
+    from loraforge.tiny import build_tiny_tokenizer
+
+    assert kernels.triton_kernels() is not None, "triton kernels did not build"
+    model = _with_lora(_phi4_like(build_tiny_tokenizer()), dropout=0.1)
+    report = apply_lean_functions(model, autocast_dtype=torch.bfloat16)
+    with capsys.disabled():
+        print()
+        for c in report.checks:
+            print(f"{c.kind}: {c.describe()}; dropout {c.dropout_sigmas}")
+    assert all(c.passed for c in report.checks)
+    assert (report.fused_layers, report.fused_mlps, report.lean_norms) == (8, 2, 5)
 
 
 def test_triton_kernels_match_torch_in_bf16():
@@ -184,7 +205,7 @@ def test_lean_lora_matches_peft_with_dropout_in_bf16(monkeypatch, capsys):
     tok = build_tiny_tokenizer()
     plain = _with_lora(_phi4_like(tok), dropout=0.1)
     fast = copy.deepcopy(plain)
-    lora_ops.fuse_lora_forward(fast)
+    assert lora_ops.fuse_lora_forward(fast, autocast_dtype=torch.bfloat16).fused_layers == 8
     ref_seeds, seeds = itertools.count(1), itertools.count(1)
 
     class Seeded(torch.nn.Module):

@@ -61,7 +61,8 @@ def demo_recipe(base: str | Path, output_dir: str | Path, **overrides: object) -
         lora_dropout=0.0,
         learning_rate=1e-2,
         num_epochs=30,
-        batch_size=8,
+        # 8 padded examples a step; a packed step is rows of pack_tokens instead
+        batch_size=None if overrides.get("packing") == "on" else 8,
         warmup_ratio=0.05,
         lr_scheduler="cosine",
         gradient_checkpointing=False,

@@ -4,6 +4,11 @@ On a CUDA device with Triton each operation is one kernel; elsewhere (the CPU te
 without Triton) the same function runs torch's operations. The kernels are built on first use and
 tried once on a tiny tensor; if that fails, a warning says so and torch's operations are used.
 
+Module-level state: :func:`triton_kernels` is memoised (``functools.cache``): its answer, the
+compiled kernels or ``None``, depends only on the installed Triton and the GPU, which do not change
+while the process runs. The other module-level names are constants. Nothing here is a flag that one
+caller sets and a later caller reads; torch's generators are made per call.
+
 * Dropout (:func:`drop`, :func:`dropout_mask`): on the GPU, element ``8g + j`` is kept when the
   ``j``-th 16-bit number of Philox's draw ``(seed, g)`` is at least ``p`` rounded to 1/65,536
   (:func:`effective_p`), and the keep-mask is returned packed into bits (one byte per eight
@@ -18,6 +23,7 @@ tried once on a tiny tensor; if that fails, a warning says so and torch's operat
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Any
@@ -40,13 +46,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LEVELS = 65536  # the GPU dropout compares 16-bit random numbers with round(p * 65536)
-_GENERATORS: dict[torch.device, torch.Generator] = {}
-_TRITON: Any = False  # False = not looked up yet; None = unavailable
+_LEVELS = 65536  # constant: the GPU dropout compares 16-bit random numbers with round(p * 65536)
+
+
+def _kernels(x: torch.Tensor) -> Any:
+    """The Triton kernels when ``x`` is on a CUDA device and they work there, else ``None``."""
+    return triton_kernels() if x.is_cuda else None
 
 
 def _on_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and triton_kernels() is not None
+    return _kernels(x) is not None
 
 
 # --------------------------------------------------------------------------- dropout
@@ -63,13 +72,12 @@ def effective_p(p: float, x: torch.Tensor) -> float:
 def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask of :func:`drop` for a tensor shaped like ``like`` (``True`` = kept, with
     probability ``1 - effective_p(p)``); a function of ``seed`` and the device kind."""
-    if _on_triton(like):
+    k = _kernels(like)
+    if k is not None:
         ones = torch.ones(like.shape, dtype=torch.int8, device=like.device)
-        kept, _ = _triton_drop(ones, p, seed, out=ones)
+        kept, _ = _triton_drop(k, ones, p, seed, out=ones)
         return kept.bool()
-    gen = _GENERATORS.get(like.device)
-    if gen is None:
-        gen = _GENERATORS[like.device] = torch.Generator(device=like.device)
+    gen = torch.Generator(device=like.device)  # a fresh one: no state shared between callers
     gen.manual_seed(seed)
     mask = torch.empty(like.shape, dtype=torch.bool, device=like.device)
     return mask.bernoulli_(1.0 - p, generator=gen)
@@ -80,8 +88,9 @@ def drop(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tens
     made it (``None`` elsewhere: :func:`keep` draws it again from ``seed``)."""
     if p <= 0.0:
         return x, None
-    if _on_triton(x):
-        return _triton_drop(x.contiguous(), p, seed)
+    k = _kernels(x)
+    if k is not None:
+        return _triton_drop(k, x.contiguous(), p, seed)
     return x * dropout_mask(x, p, seed), None
 
 
@@ -99,8 +108,9 @@ def keep(
         return x
     if bits is not None:
         return apply_mask_bits(x, bits, inplace=inplace)
-    if _on_triton(x) and x.is_contiguous():
-        return _triton_drop(x, p, seed, out=x if inplace else None)[0]
+    k = _kernels(x)
+    if k is not None and x.is_contiguous():
+        return _triton_drop(k, x, p, seed, out=x if inplace else None)[0]
     mask = dropout_mask(x, p, seed)
     return x.mul_(mask) if inplace else x * mask
 
@@ -108,9 +118,16 @@ def keep(
 def apply_mask_bits(x: torch.Tensor, bits: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``x`` with the elements whose bit is clear in ``bits`` (from :func:`drop`, elements in
     row-major order) set to zero."""
-    if not _on_triton(x):
+    k = _kernels(x)
+    if k is None:
         raise RuntimeError("apply_mask_bits: packed dropout masks exist only on the GPU kernel")
-    k, n = _TRITON, x.numel()
+    return _triton_apply_bits(k, x, bits, inplace=inplace)
+
+
+def _triton_apply_bits(
+    k: Any, x: torch.Tensor, bits: torch.Tensor, *, inplace: bool
+) -> torch.Tensor:
+    n = x.numel()
     src = x.contiguous()
     out = src if inplace and src is x else torch.empty_like(src)
     k.apply_bits[(k.cdiv(n, 8 * _GROUPS),)](src, out, bits, n, GROUPS=_GROUPS)
@@ -119,13 +136,12 @@ def apply_mask_bits(x: torch.Tensor, bits: torch.Tensor, *, inplace: bool = Fals
     return out
 
 
-_GROUPS = 512  # eight-element groups per program of the dropout kernels
+_GROUPS = 512  # constant: eight-element groups per program of the dropout kernels
 
 
 def _triton_drop(
-    x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None
+    k: Any, x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    k = _TRITON
     n = x.numel()
     if n >= 2**31:
         raise ValueError(f"dropout on {n} elements: more than the kernel's 2**31 offsets")
@@ -143,8 +159,8 @@ def _triton_drop(
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
-    if _on_triton(gate_up):
-        k = _TRITON
+    k = _kernels(gate_up)
+    if k is not None:
         gu = gate_up.contiguous()
         n = gu.shape[-1] // 2
         out = torch.empty((*gu.shape[:-1], n), dtype=gu.dtype, device=gu.device)
@@ -156,8 +172,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient with respect to ``gate_up`` of ``swiglu(gate_up)``, given ``grad``."""
-    if _on_triton(gate_up):
-        k = _TRITON
+    k = _kernels(gate_up)
+    if k is not None:
         gu, g = gate_up.contiguous(), grad.contiguous()
         n = gu.shape[-1] // 2
         out = torch.empty_like(gu)
@@ -170,7 +186,7 @@ def swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return torch.cat([d_gate, g * gate * sig], dim=-1).to(gate_up.dtype)
 
 
-_BLOCK = 1024
+_BLOCK = 1024  # constant: columns per program of the SwiGLU kernels
 
 
 # --------------------------------------------------------------------------- RMSNorm
@@ -183,8 +199,8 @@ def rms_norm(
     statistics in float32), and the float32 ``1 / rms`` of each row."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if _on_triton(x2) and x2.is_contiguous():
-        k = _TRITON
+    k = _kernels(x2)
+    if k is not None and x2.is_contiguous():
         rows, n = x2.shape
         y = torch.empty_like(x2)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -205,8 +221,8 @@ def rms_norm_backward_from_output(
     ``weight`` must have no zero."""
     shape = y.shape
     y2, g2 = y.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
-    if _on_triton(y2) and y2.is_contiguous():
-        k = _TRITON
+    k = _kernels(y2)
+    if k is not None and y2.is_contiguous():
         g2 = g2.contiguous()
         rows, n = y2.shape
         dx = torch.empty_like(y2)
@@ -231,27 +247,39 @@ def _warps(block: int) -> int:
 # --------------------------------------------------------------------------- building
 
 
+@functools.cache  # memoised: the answer depends on the installed Triton and the GPU only
 def triton_kernels() -> Any:
     """The Triton kernels, built and tried once on a tiny tensor of the current CUDA device;
     ``None`` (torch's operations are used) when Triton is missing or cannot compile them."""
-    global _TRITON
-    if _TRITON is False:
-        try:
-            _TRITON = _build_triton_kernels()
-            probe = torch.ones(8, 2 * 64, device="cuda", dtype=torch.bfloat16)
-            swiglu_backward(probe, swiglu(probe))
-            _, bits = _triton_drop(probe, 0.5, 1)
-            apply_mask_bits(probe, bits)
-            y, rstd = rms_norm(probe, probe[0], 1e-6)
-            rms_norm_backward_from_output(y, y, probe[0], rstd)
-        except Exception as exc:  # no triton, or it cannot compile here
-            logger.warning(
-                "Triton kernels unavailable (%s: %s); using torch's operations",
-                type(exc).__name__,
-                exc,
-            )
-            _TRITON = None
-    return _TRITON
+    try:
+        k = _build_triton_kernels()
+        _try_kernels(k)
+    except Exception as exc:  # no triton, or it cannot compile here
+        logger.warning(
+            "Triton kernels unavailable (%s: %s); using torch's operations",
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    return k
+
+
+def _try_kernels(k: Any) -> None:
+    """Run each kernel once on a tiny CUDA tensor (compiles them; raises if one cannot run)."""
+    probe = torch.ones(8, 2 * 64, device="cuda", dtype=torch.bfloat16)
+    n = probe.shape[-1] // 2
+    act = torch.empty(8, n, device="cuda", dtype=torch.bfloat16)
+    k.swiglu_fwd[(8, k.cdiv(n, _BLOCK))](probe, act, n, BLOCK=_BLOCK)
+    grad = torch.empty_like(probe)
+    k.swiglu_bwd[(8, k.cdiv(n, _BLOCK))](probe, act, grad, n, BLOCK=_BLOCK)
+    _, bits = _triton_drop(k, probe, 0.5, 1)
+    _triton_apply_bits(k, probe, bits, inplace=False)
+    y = torch.empty_like(probe)
+    rstd = torch.empty(8, dtype=torch.float32, device="cuda")
+    block = max(_next_pow2(2 * n), 128)
+    k.rms_fwd[(8,)](probe, probe[0], y, rstd, 2 * n, 1e-6, BLOCK=block, num_warps=_warps(block))
+    k.rms_bwd[(8,)](y, y, probe[0], rstd, grad, 2 * n, BLOCK=block, num_warps=_warps(block))
+    torch.cuda.synchronize()
 
 
 def _build_triton_kernels() -> Any:

@@ -18,18 +18,23 @@ of a decoder layer, and it is what forces gradient checkpointing (a second forwa
 * :class:`RMSNormFunction` keeps a norm's output (which the next layer keeps as its input anyway)
   instead of its input.
 
-:func:`fuse_lora_forward` installs the LoRA functions on a PEFT model; anything outside plain
-single-adapter LoRA on ``nn.Linear`` (merged or disabled adapters, DoRA and other variants, mixed
-dtypes without autocast) falls back to PEFT's own forward. :func:`lean_norms` installs the norm.
+They run only where they are proven to compute what the model computes.
+:func:`apply_lean_functions` (called once after ``get_peft_model``) installs them on the modules
+of one model instance that pass the allow-list of :mod:`loraforge.fast.fusion` and whose kind
+passes the numeric check of :mod:`loraforge.fast.equivalence` (output and gradients against the
+model's own forward, on the real model, before training); everything else keeps its own forward,
+and the returned :class:`~loraforge.fast.fusion.FusionReport` (also logged) says which module took
+which path and why. Nothing process-wide changes: the functions are set as ``forward`` of module
+instances, and :func:`remove_lean_functions` takes them off again.
+
 With ``lora_dropout=0`` the result equals PEFT's to rounding; with dropout the masks come from a
 different random stream than PEFT's ``nn.Dropout``, with the same distribution (on the GPU, ``p``
-rounded to 1/65,536). The kernels are in :mod:`loraforge.kernels`.
+rounded to 1/65,536). The kernels are in :mod:`loraforge.fast.kernels`.
 """
 
 from __future__ import annotations
 
-import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +50,22 @@ from loraforge.fast.kernels import (
     swiglu_backward,
 )
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from loraforge.fast.fusion import FusionReport
+
 __all__ = [
     "LoraLinearFunction",
     "LoraSwiGLUFunction",
     "RMSNormFunction",
+    "apply_lean_functions",
     "dropout_mask",
     "fuse_lora_forward",
     "keep",
     "lean_norm_candidates",
     "lean_norms",
+    "remove_lean_functions",
     "swiglu",
 ]
 
@@ -218,166 +230,150 @@ class RMSNormFunction(torch.autograd.Function):
         return rms_norm_backward_from_output(grad, y, weight, rstd), None, None
 
 
-# --------------------------------------------------------------------------- installing
+# --------------------------------------------------------------------------- on PEFT's modules
 
 
-def _plain_lora(module: Any) -> str | None:
-    """The active adapter's name if ``module`` is a plain single-adapter LoRA ``nn.Linear``."""
-    active = module.active_adapters
-    if (
-        module.disable_adapters
-        or module.merged
-        or len(active) != 1
-        or active[0] not in module.lora_A
-        or active[0] in getattr(module, "lora_variant", {})
-        or getattr(module, "lora_bias", {}).get(active[0])  # a bias on lora_B
-        or type(module.base_layer) is not torch.nn.Linear
-        or any(p.requires_grad for p in module.base_layer.parameters())  # trained base
-    ):
-        return None
-    return str(active[0])
-
-
-def _lora_args(module: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
-    """(x, W, bias, A, B, (scale, p, seed)) in the compute dtype, or None to defer to PEFT."""
-    name = _plain_lora(module)
-    if name is None:
-        return None
+def _lora_linear(
+    module: Any,
+    adapter: str,
+    regime: torch.dtype | None,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    p: float,
+    seed: int,
+) -> Any:
+    """PEFT's ``module(x)`` (a ``lora.Linear``) through :class:`LoraLinearFunction`, with these
+    adapter weights, in ``regime`` (the autocast dtype) or, without autocast, ``x``'s dtype."""
     base = module.base_layer
-    lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    elif x.dtype == lora_a.dtype == base.weight.dtype:
-        dtype = x.dtype
-    else:
-        return None  # PEFT casts the input to the adapter's dtype: let it
-    drop = module.lora_dropout[name]
-    p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-    if not isinstance(drop, (torch.nn.Dropout, torch.nn.Identity)):
-        return None
-    seed = _new_seed() if p > 0.0 else 0
+    dtype = regime or x.dtype
     bias = None if base.bias is None else base.bias.to(dtype)
-    return (
-        x.to(dtype),
-        base.weight.to(dtype),
-        bias,
-        lora_a.to(dtype),
-        lora_b.to(dtype),
-        (float(module.scaling[name]), p, seed),
-    )
-
-
-def _linear_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    spec = None if (args or kwargs) else _lora_args(self, x)
-    if spec is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    xc, w, bias, a, b, (scale, p, seed) = spec
+    scale = float(module.scaling[adapter])
     with torch.autocast(x.device.type, enabled=False):
-        return LoraLinearFunction.apply(xc, w, bias, a, b, scale, p, seed)
+        return LoraLinearFunction.apply(
+            x.to(dtype),
+            base.weight.to(dtype),
+            bias,
+            lora_a.to(dtype),
+            lora_b.to(dtype),
+            scale,
+            p,
+            seed,
+        )
 
 
-def _swiglu_mlp_forward(self: Any, x: torch.Tensor) -> Any:
-    s1 = _lora_args(self.gate_up_proj, x)
-    s2 = None if s1 is None else _lora_args(self.down_proj, s1[0])
-    if s1 is None or s2 is None or s1[2] is not None or s2[2] is not None:
-        return self._loraforge_unfused_forward(x)
-    xc, w1, _, a1, b1, lora1 = s1
-    _, w2, _, a2, b2, lora2 = s2
+def _lora_mlp(
+    mlp: Any,
+    adapters: tuple[str, str],
+    regime: torch.dtype | None,
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    masks: tuple[tuple[float, int], ...],
+) -> Any:
+    """The MLP's ``mlp(x)`` through :class:`LoraSwiGLUFunction`, with adapter weights
+    ``(A1, B1, A2, B2)`` of ``gate_up_proj`` and ``down_proj`` and dropout
+    ``((p1, seed1), (p2, seed2))``."""
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    dtype = regime or x.dtype
+    a1, b1, a2, b2 = (w.to(dtype) for w in weights)
+    (p1, seed1), (p2, seed2) = masks
+    lora1 = (float(gate_up.scaling[adapters[0]]), p1, seed1)
+    lora2 = (float(down.scaling[adapters[1]]), p2, seed2)
+    w1, w2 = gate_up.base_layer.weight.to(dtype), down.base_layer.weight.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return LoraSwiGLUFunction.apply(xc, w1, a1, b1, w2, a2, b2, lora1, lora2)
+        return LoraSwiGLUFunction.apply(x.to(dtype), w1, a1, b1, w2, a2, b2, lora1, lora2)
 
 
-def _is_swiglu_mlp(module: Any, lora_linear: Any) -> bool:
-    act = getattr(getattr(module, "config", None), "hidden_act", None)
-    gate_up: Any = getattr(module, "gate_up_proj", None)
-    down: Any = getattr(module, "down_proj", None)
-    return (
-        act in ("silu", "swish")
-        and type(gate_up) is lora_linear
-        and type(down) is lora_linear
-        and 2 * down.in_features == gate_up.out_features
-    )
+def _norm_eps(module: Any) -> float | None:
+    """A norm's epsilon: its ``variance_epsilon`` or ``eps``, if a finite number."""
+    for attr in ("variance_epsilon", "eps"):
+        eps = getattr(module, attr, None)
+        if isinstance(eps, int | float) and not isinstance(eps, bool) and abs(eps) < float("inf"):
+            return float(eps)
+    return None
 
 
-def fuse_lora_forward(model: Any) -> int:
-    """Install the lean LoRA functions on every PEFT ``lora.Linear`` of ``model`` (and fuse fused
-    ``gate_up_proj``/``down_proj`` SwiGLU MLPs whole); returns how many layers were adapted."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    n = 0
-    for module in model.modules():
-        if _is_swiglu_mlp(module, LoraLinear):
-            # keep the forward in place (Liger may have patched it) for the cases we hand back
-            if not hasattr(module, "_loraforge_unfused_forward"):
-                module._loraforge_unfused_forward = module.forward
-            module.forward = types.MethodType(_swiglu_mlp_forward, module)
-    for module in model.modules():
-        if type(module) is LoraLinear:
-            module.forward = types.MethodType(_linear_forward, module)  # type: ignore[method-assign]
-            n += 1
-    return n
-
-
-# Norms computing ``weight * (x / rms(x)).to(x.dtype)`` (statistics in float32, no offset);
-# Liger's norm computes that with offset 0 and the "llama" casting mode (its setting for these).
-_LLAMA_NORMS = frozenset(
-    {
-        "Phi3RMSNorm",
-        "LlamaRMSNorm",
-        "MistralRMSNorm",
-        "Qwen2RMSNorm",
-        "Qwen3RMSNorm",
-        "LigerRMSNorm",
-    }
-)
-
-
-def _norm_forward(self: Any, x: torch.Tensor) -> Any:
-    w = self.weight
-    if w.requires_grad or x.dtype != w.dtype:
-        return self._loraforge_plain_forward(x)
+def _lean_norm(module: Any, x: torch.Tensor) -> Any:
+    """The norm's ``module(x)`` through :class:`RMSNormFunction`."""
     with torch.autocast(x.device.type, enabled=False):
-        return RMSNormFunction.apply(x, w, float(self.variance_epsilon))
+        return RMSNormFunction.apply(x, module.weight, _norm_eps(module))
 
 
-# Where a norm's output is kept anyway by the layer that reads it: the decoder layer's two norms
-# (read by the adapted qkv projection and the MLP) and the final norm (read by lm_head). Not, for
-# example, Qwen3's q_norm/k_norm, whose output Liger's RoPE may overwrite in place.
-_LEAN_NORM_SITES = frozenset({"input_layernorm", "post_attention_layernorm", "norm"})
+# --------------------------------------------------------------------------- entry points
 
 
-def lean_norm_candidates(model: Any) -> list[Any]:
-    """The norms of ``model`` that :func:`lean_norms` would take: Llama-style RMSNorms (Liger's
-    too, with offset 0 and "llama" casting) at a decoder layer's two norm sites or the final norm,
-    with a frozen, non-zero 1-D weight that is not on the meta device."""
-    found = []
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if (
-            (name and name.rsplit(".", 1)[-1] not in _LEAN_NORM_SITES)
-            or type(module).__name__ not in _LLAMA_NORMS
-            or not isinstance(w, torch.Tensor)
-            or w.dim() != 1
-            or w.is_meta
-            or getattr(module, "variance_epsilon", None) is None
-            or getattr(module, "offset", 0.0) != 0.0
-            or getattr(module, "casting_mode", "llama") != "llama"
-            or bool((w == 0).any())  # output / weight recovers the input only where weight != 0
-        ):
-            continue
-        found.append(module)
-    return found
+def apply_lean_functions(
+    model: nn.Module, *, verify: bool = True, autocast_dtype: torch.dtype | None = None
+) -> FusionReport:
+    """Install the lean LoRA functions and norms on ``model`` where they are proven equal to the
+    model's own forward, and log which modules took which path and why.
+
+    Call once after ``get_peft_model`` (and again after any change to the adapters), before
+    training; a second call first removes what the first installed. Each PEFT LoRA layer on the
+    allow-list (:mod:`loraforge.fast.fusion`) runs :class:`LoraLinearFunction`; each
+    ``gate_up_proj``/``down_proj`` SwiGLU MLP whose two projections qualify runs
+    :class:`LoraSwiGLUFunction`; each Llama-style RMSNorm at a decoder layer's two norm sites or
+    the final norm (:func:`lean_norm_candidates`) runs :class:`RMSNormFunction`. With ``verify``,
+    one module of each kind is first checked numerically against the model's own forward
+    (:mod:`loraforge.fast.equivalence`); a kind that fails keeps the model's forward, with a
+    warning naming the module and the error.
+
+    Args:
+        model: a PEFT model, or any module holding PEFT LoRA layers.
+        verify: run the numeric check before installing; ``False`` only for benchmarks and tests
+            of the installation itself.
+        autocast_dtype: the mixed precision training runs under (``torch.bfloat16`` for the
+            Trainer's ``bf16=True``, ``torch.float16`` for ``fp16=True``), ``None`` for none.
+            The layers are admitted and checked for it, and a call under another autocast state
+            runs PEFT's forward.
+
+    Returns:
+        A :class:`~loraforge.fast.fusion.FusionReport`: per module, ``"fused"`` or why not; the
+        checks; the calls handed back to PEFT later on.
+
+    Raises:
+        ValueError: ``autocast_dtype`` is not ``None``, ``torch.bfloat16`` or ``torch.float16``.
+    """
+    from loraforge.fast.fusion import install
+
+    return install(model, lora=True, norms=True, verify=verify, autocast_dtype=autocast_dtype)
 
 
-def lean_norms(model: Any) -> int:
-    """Run the norms :func:`lean_norm_candidates` finds through :class:`RMSNormFunction`; returns
-    how many. At each call, a norm whose weight is trained, or whose input's dtype differs from its
-    weight's, uses its previous forward (Liger's, if patched). The zero check is made here, once:
-    a weight edited to hold a zero afterwards is not seen."""
-    n = 0
-    for module in lean_norm_candidates(model):
-        if not hasattr(module, "_loraforge_plain_forward"):
-            module._loraforge_plain_forward = module.forward
-        module.forward = types.MethodType(_norm_forward, module)
-        n += 1
-    return n
+def fuse_lora_forward(
+    model: nn.Module, *, verify: bool = True, autocast_dtype: torch.dtype | None = None
+) -> FusionReport:
+    """The LoRA half of :func:`apply_lean_functions` (LoRA layers and SwiGLU MLPs; norms are
+    left as they are); same arguments, and the report's ``norms`` is empty."""
+    from loraforge.fast.fusion import install
+
+    return install(model, lora=True, norms=False, verify=verify, autocast_dtype=autocast_dtype)
+
+
+def lean_norms(model: nn.Module, *, verify: bool = True) -> FusionReport:
+    """The norm half of :func:`apply_lean_functions`: the norms :func:`lean_norm_candidates`
+    finds run through :class:`RMSNormFunction` (each kind checked first when ``verify``); the
+    report's ``layers`` and ``mlps`` are empty. At each call, a norm whose weight is trained, or
+    whose input's dtype differs from its weight's, runs its own forward. The zero check is made
+    here, once: a weight edited to hold a zero afterwards is not seen."""
+    from loraforge.fast.fusion import install
+
+    return install(model, lora=False, norms=True, verify=verify, autocast_dtype=None)
+
+
+def lean_norm_candidates(model: nn.Module) -> list[nn.Module]:
+    """The norms of ``model`` that :func:`lean_norms` would take (before its numeric check): at
+    a decoder layer's two norm sites (``input_layernorm``, ``post_attention_layernorm``) or the
+    final ``norm``, identified as Llama-style RMSNorms by structure and by value
+    (:func:`loraforge.fast.equivalence.rms_norm_refusal`, no class names), with no zero weight
+    element and no ``forward`` replaced on the instance."""
+    from loraforge.fast.fusion import norm_sites
+
+    return [module for _, module, reason in norm_sites(model) if reason is None]
+
+
+def remove_lean_functions(model: nn.Module) -> int:
+    """Take the functions :func:`apply_lean_functions` installed off ``model``'s modules (each
+    runs its class's forward again); returns how many modules were changed."""
+    from loraforge.fast.fusion import uninstall
+
+    return uninstall(model, ("lora", "norm"))

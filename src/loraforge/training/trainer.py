@@ -43,6 +43,7 @@ from loraforge.data.templates import (
 from loraforge.errors import DataError
 from loraforge.fast.attention import attention_implementation, set_attention
 from loraforge.fast.liger import apply_liger
+from loraforge.fast.lora_ops import apply_lean_functions
 from loraforge.fast.losses import PackedLoss, head_is_detachable
 from loraforge.fast.packing import PackedCollator, PackedDataset
 from loraforge.fast.plan import (
@@ -410,7 +411,8 @@ def apply_plan_and_lora(
     from peft import LoraConfig, get_peft_model
 
     if plan.liger_kernels:
-        apply_liger(model)
+        replaced = apply_liger(model, skip_lean=recipe.fused_lora)
+        logger.info("liger: %s", ", ".join(replaced) or "nothing left to it by the lean functions")
     set_attention(model, attention_implementation(plan.attention))
     if plan.gradient_checkpointing == "full":
         enable_checkpointing(model)
@@ -429,11 +431,12 @@ def apply_plan_and_lora(
             task_type="CAUSAL_LM",
         ),
     )
-    if recipe.fused_lora:
-        from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
+    if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
+        import torch
 
-        fuse_lora_forward(model)
-        lean_norms(model)
+        dtype = next(model.parameters()).dtype
+        mixed = dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
+        apply_lean_functions(model, autocast_dtype=dtype if mixed else None)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
