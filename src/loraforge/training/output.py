@@ -24,7 +24,7 @@ from typing import Any
 from loraforge.data.builder import DataReport
 from loraforge.data.templates import template_id
 from loraforge.errors import OutputDirError
-from loraforge.recipe import LoraRecipe
+from loraforge.recipe import LoraRecipe, absolute_data_paths
 
 __all__ = ["CHECKPOINTS", "COMPLETE_MARKER", "RUN_FILE"]
 
@@ -107,10 +107,11 @@ def _check_same_run(out: Path, recipe: LoraRecipe) -> None:
     if not saved.is_file():
         return
     old = LoraRecipe.from_yaml(saved)
+    now = LoraRecipe.from_dict(absolute_data_paths(recipe.to_dict(), os.getcwd()))
     diff = [
         k
         for k in old.to_dict()
-        if k not in _RESUMABLE_CHANGES and getattr(old, k) != getattr(recipe, k)
+        if k not in _RESUMABLE_CHANGES and getattr(old, k) != getattr(now, k)
     ]
     longer = [k for k in diff if k in ("max_steps", "num_epochs")]
     if longer:  # training on for longer is allowed; the learning-rate schedule is recomputed
