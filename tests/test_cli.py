@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import pytest
 import yaml
 from conftest import SUBPROCESS_TIMEOUT
 
-from loraforge.cli import main
+import loraforge
+from loraforge.cli import build_parser, main
 from loraforge.demo import demo_recipe, prepare_tiny_base
 from loraforge.tiny import sample_data_path
 
@@ -124,3 +126,64 @@ def test_inspect_data_refuses_flags_it_would_ignore(recipe_file, capsys):
     assert "--max-length: not used with a recipe" in capsys.readouterr().err
     assert main(["-q", "inspect-data", "--set", "max_length=64"]) == 2
     assert "--set: needs a recipe file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- help and version
+
+OWNED = ["demo", "train", "templates", "inspect-data", "validate"]  # chat, merge: see their tests
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"loraforge {loraforge.__version__}\n"
+
+
+def test_top_level_help_is_for_users(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: loraforge [-h] [--version] [-q] COMMAND ...\n\nloraforge: LoRA")
+    assert "It only parses arguments" not in out  # the module's developer docstring
+    assert "\nexamples:\n  loraforge demo " in out
+    assert "relative to the recipe's folder" in out
+    for verb in [*OWNED, "chat", "merge"]:
+        assert f"\n    {verb}" in out
+
+
+@pytest.mark.parametrize("verb", OWNED)
+def test_every_option_of_a_command_has_help(verb, capsys):
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[verb]
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: loraforge {verb} ")
+    assert "\nexamples:\n  loraforge " in out
+    for action in parser._actions:
+        assert action.help and action.help != argparse.SUPPRESS, (verb, action.dest)
+        names = action.option_strings or [action.metavar or action.dest]
+        assert all(name in out for name in names), (verb, names)
+        words = action.help.split("%(")[0].split()[:4]  # its first words, wherever it wraps
+        assert " ".join(words) in " ".join(out.split()), (verb, action.dest)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["templates"], ["validate", "-h"]])
+def test_light_commands_do_not_import_torch(argv):
+    """``loraforge --help``/``--version``/``templates`` answer without torch, transformers, PEFT."""
+    code = (
+        "import sys\n"
+        "from loraforge.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "heavy = ('torch', 'transformers', 'peft', 'accelerate', 'datasets', 'modelscope')\n"
+        "print('EXIT', code, 'HEAVY', sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "EXIT 0 HEAVY []", proc.stdout

@@ -73,6 +73,7 @@ def test_unknown_keyword_in_the_constructor():
 
 def test_yaml_round_trip(tmp_path, recipe):
     custom = recipe.replace(
+        data=str(tmp_path / "huanhuan.json"),  # relative paths: see tests/test_validate.py
         target_modules=["qkv_proj", "o_proj"],
         report_to=["tensorboard"],
         lora_r=16,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import loraforge
 from loraforge import (
     LoraForgeError,
     PromptTemplate,
@@ -495,19 +496,86 @@ def vicuna_site(tmp_path_factory):
     return site
 
 
-def _run(site: Path, *args: str) -> subprocess.CompletedProcess:
+def _hide_plugins(folder: Path, tmp: Path) -> Path:
+    """``folder``, or where it holds distributions declaring template plugins, a stand-in made
+    of symlinks to everything else in it (so an installed plugin is invisible, the rest works).
+    """
+    hidden = {
+        child.name
+        for child in folder.iterdir()
+        if child.suffix in (".dist-info", ".egg-info")
+        and child.is_dir()
+        and any(
+            ep.group == ENTRY_POINT_GROUP for ep in metadata.PathDistribution(child).entry_points
+        )
+    }
+    if not hidden:
+        return folder
+    stand_in = tmp / f"{len(list(tmp.iterdir()))}-{folder.name}"
+    stand_in.mkdir()
+    try:
+        for child in folder.iterdir():
+            if child.name not in hidden:
+                (stand_in / child.name).symlink_to(child)
+    except OSError as exc:  # no symlinks here (Windows without the privilege)
+        pytest.skip(f"cannot hide the installed template plugins: {exc}")
+    return stand_in
+
+
+@pytest.fixture(scope="module")
+def clean_path(tmp_path_factory) -> list[str]:
+    """This process's import path with every installed template plugin hidden, for
+    ``python -S`` (no site-packages of its own): the subprocess sees the packages this one
+    does, the loraforge under test first, and no plugin, whatever this environment has."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = "import json, sys; print(json.dumps(sys.path))"
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    bare = set(json.loads(proc.stdout))  # the standard library, always there
+    tmp = tmp_path_factory.mktemp("clean-path")
+    out = [str(Path(loraforge.__file__).resolve().parents[1])]
+    for entry in dict.fromkeys(sys.path):
+        if entry and entry not in bare and Path(entry).is_dir():
+            out.append(str(_hide_plugins(Path(entry), tmp)))
+    return out
+
+
+def _run(path: list[str], site: Path | None, *args: str) -> subprocess.CompletedProcess:
+    """``python -S *args`` on ``path``, with ``site`` (the private install) first."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, *args]
+    env["PYTHONPATH"] = os.pathsep.join([str(site)] * (site is not None) + path)
+    cmd = [sys.executable, "-S", *args]
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=env, cwd=site, timeout=120, check=False
+        cmd, capture_output=True, text=True, env=env, cwd=site or path[0], timeout=120, check=False
     )
 
 
+LIST_TEMPLATES = "import json, loraforge; print(json.dumps(loraforge.list_templates()))"
+
+
+def test_hide_plugins_hides_only_plugin_distributions(tmp_path):
+    env = tmp_path / "site-packages"
+    plugin = env / "lf_fake_plugin-1.0.dist-info"
+    plugin.mkdir(parents=True)
+    (plugin / "METADATA").write_text("Metadata-Version: 2.1\nName: lf-fake-plugin\nVersion: 1.0\n")
+    (plugin / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nfake = lf_fake:Fake\n")
+    other = env / "other-2.0.dist-info"
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: other\nVersion: 2.0\n")
+    (other / "entry_points.txt").write_text("[console_scripts]\nother = other:main\n")
+    (env / "lf_fake.py").write_text("")
+    (tmp_path / "stand-ins").mkdir()
+    stand_in = _hide_plugins(env, tmp_path / "stand-ins")
+    assert sorted(p.name for p in stand_in.iterdir()) == ["lf_fake.py", "other-2.0.dist-info"]
+    assert (stand_in / "lf_fake.py").resolve() == (env / "lf_fake.py").resolve()
+    assert _hide_plugins(stand_in, tmp_path / "stand-ins") == stand_in  # nothing left to hide
+
+
 @pytest.mark.integration
-def test_installed_example_plugin(vicuna_site):
+def test_installed_example_plugin(vicuna_site, clean_path):
     assert (vicuna_site / "loraforge_vicuna.py").is_file()
-    proc = _run(vicuna_site, "-c", PLUGIN_CHECK, json.dumps(VICUNA_CONV))
+    proc = _run(clean_path, vicuna_site, "-c", PLUGIN_CHECK, json.dumps(VICUNA_CONV))
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeWarning" not in proc.stderr
     got = json.loads(proc.stdout)
@@ -525,17 +593,35 @@ def test_installed_example_plugin(vicuna_site):
     }
     assert got["id"]["spec"]["end_of_turn"] == "</s>"  # what a run records: rebuildable
     # Without the install folder on the path, the plugin is simply absent.
-    assert "vicuna" not in list_templates()
+    proc = _run(clean_path, None, "-c", LIST_TEMPLATES)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(json.loads(proc.stdout)) == BUILT_INS
 
 
 @pytest.mark.integration
-def test_installed_example_plugin_in_cli(vicuna_site):
-    if importlib.util.find_spec("loraforge.cli") is None:
-        pytest.skip("loraforge.cli does not exist yet")
-    proc = _run(vicuna_site, "-m", "loraforge.cli", "templates")
+def test_installed_example_plugin_in_cli(vicuna_site, clean_path):
+    proc = _run(clean_path, vicuna_site, "-m", "loraforge.cli", "templates")
     assert proc.returncode == 0, proc.stderr
     line = next((ln for ln in proc.stdout.splitlines() if ln.split()[:1] == ["vicuna"]), None)
     assert line is not None, proc.stdout
     assert "plugin (loraforge-template-vicuna)" in line
     for name in BUILT_INS:
         assert re.search(rf"^{re.escape(name)}\s", proc.stdout, re.MULTILINE), proc.stdout
+
+
+@pytest.mark.integration
+def test_installed_example_plugin_tests_pass_with_the_plugin_installed(vicuna_site):
+    """The README tells users to install the example; the two tests above must not care."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(vicuna_site), env.get("PYTHONPATH")) if p)
+    here = "tests/test_registry.py::test_installed_example_plugin"
+    probe = subprocess.run(
+        [sys.executable, "-c", LIST_TEMPLATES], capture_output=True, text=True, env=env, check=True
+    )
+    assert "vicuna" in json.loads(probe.stdout)  # installed, as the README has users do
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", here, f"{here}_in_cli"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout

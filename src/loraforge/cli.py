@@ -1,12 +1,15 @@
 """The ``loraforge`` command line. It only parses arguments and calls the public functions.
 
 Verbs: ``demo``, ``train``, ``chat``, ``merge``, ``templates``, ``inspect-data``, ``validate``.
+Nothing here imports torch, transformers or PEFT at module level: ``loraforge --help``,
+``--version`` and ``templates`` answer without them (each command imports what it needs).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,11 +17,36 @@ from typing import Any
 
 import yaml
 
+from loraforge import __version__
 from loraforge.errors import LoraForgeError, RecipeError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("loraforge")
+
+DESCRIPTION = "loraforge: LoRA fine-tuning of chat LLMs (Phi-4 first), from one YAML recipe."
+
+EPILOG = """\
+examples:
+  loraforge demo                                   train a tiny model on the CPU, then chat
+  loraforge validate recipe.yaml                   check recipe, model folder and data; no download
+  loraforge inspect-data recipe.yaml               data report and first example, as trained
+  loraforge train recipe.yaml --set num_epochs=1   fine-tune; --set overrides any recipe setting
+  loraforge train recipe.yaml --resume             continue from the last checkpoint
+  loraforge chat output/phi4-huanhuan --prompt 你是谁？
+  loraforge merge output/phi4-huanhuan merged/     base model + adapter as one model
+  loraforge templates                              prompt templates, built-in and plugins
+
+A relative data or eval_data path in a recipe file is relative to the recipe's folder; one given
+on the command line (--set data=...) is relative to the current folder. The recipe fields are
+described in docs/reference/recipe.md. "loraforge COMMAND --help" explains each command.
+"""
+
+SET_HELP = (
+    "change a recipe setting; VALUE is read as YAML (num_epochs=1, "
+    "target_modules=[qkv_proj,o_proj]); repeat for several; a relative data or eval_data path "
+    "here is relative to the current folder"
+)
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -82,16 +110,20 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
         )
     if args.recipe:
         r = _recipe(args)
-        tokenizer = load_tokenizer(
-            resolve_model_path(r.model, r.model_source, r.model_revision, r.cache_dir),
-            trust_remote_code=r.trust_remote_code,
+        folder = resolve_model_path(  # the tokenizer's files only, never the weights
+            r.model, r.model_source, r.model_revision, r.cache_dir, files="tokenizer"
         )
+        tokenizer = load_tokenizer(folder, trust_remote_code=r.trust_remote_code)
         builder = SFTDatasetBuilder.from_recipe(tokenizer, r)
         return builder, r.data
     from loraforge.demo import DEMO_SYSTEM_PROMPT
     from loraforge.tiny import build_tiny_tokenizer, sample_data_path
 
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else build_tiny_tokenizer()
+    tokenizer = (
+        load_tokenizer(resolve_model_path(args.tokenizer, files="tokenizer"))
+        if args.tokenizer
+        else build_tiny_tokenizer()
+    )
     builder = SFTDatasetBuilder(
         tokenizer,
         args.template or "phi-4",
@@ -130,35 +162,123 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    recipe = _recipe(args)
-    from loraforge.data.templates import get_template
+def _relative_to(args: argparse.Namespace, key: str) -> str:
+    """Where a relative ``key`` path was resolved, for a 'not found' message ('' if absolute)."""
+    given = _overrides(args.set or []).get(key)
+    if given is not None:
+        base = f"relative paths given with --set are relative to the current folder {os.getcwd()}"
+    else:
+        raw = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}
+        given = raw.get(key)
+        folder = Path(args.recipe).resolve().parent
+        base = f"relative paths in a recipe file are relative to its folder {folder}"
+    if not isinstance(given, str) or Path(given).expanduser().is_absolute():
+        return ""
+    return f" ({base})"
 
-    get_template(recipe.template)
-    problems = []
-    local = Path(recipe.model).expanduser()
-    if recipe.model_source == "local" and not local.is_dir():
-        problems.append(f"model: local folder {recipe.model!r} does not exist")
+
+def _check_tokenizer(recipe: Any, folder: str, problems: list[str]) -> str:
+    """Load a local tokenizer and compare the template with its chat_template."""
+    from loraforge.data.templates import check_template, list_templates
+    from loraforge.errors import TemplateMismatchError
+    from loraforge.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(folder, trust_remote_code=recipe.trust_remote_code)
+    except LoraForgeError as exc:
+        problems.append(f"tokenizer: {exc}")
+        return "not loaded"
+    if not getattr(tokenizer, "chat_template", None):
+        return f"loaded; it has no chat_template to compare template {recipe.template!r} with"
+    try:
+        check_template(recipe.template, tokenizer)
+    except TemplateMismatchError as exc:
+        matching = []
+        for name in list_templates():
+            try:
+                check_template(name, tokenizer)
+            except LoraForgeError:
+                continue
+            matching.append(name)
+        hint = (
+            f"templates that match this tokenizer: {', '.join(matching)}"
+            if matching
+            else "no registered template matches it; see docs/concepts/templates.md"
+        )
+        diff = str(exc).replace("\n", "\n    ")
+        problems.append(f"template: {diff}\n    {hint}")
+        return "loaded"
+    return f"loaded; template {recipe.template!r} renders exactly like its chat_template"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check what can be checked without downloading anything; every problem at once."""
+    recipe = _recipe(args)
+    from loraforge.data.records import check_records
+    from loraforge.data.templates import get_template
+    from loraforge.errors import DataError
+    from loraforge.models import check_model_source
+
+    problems: list[str] = []
+    lines: list[str] = []
+    template_ok = True
+    try:
+        get_template(recipe.template)
+    except LoraForgeError as exc:
+        problems.append(f"template: {exc}")
+        template_ok = False
+    model_problems = check_model_source(recipe)
+    problems += model_problems
+    # a local model folder (see check_model_source); its tokenizer is checked even when the
+    # folder lacks weights, so that every problem is reported at once
+    folder = Path(recipe.model).expanduser()
+    local = recipe.model_source == "local" or (recipe.model_source == "auto" and folder.is_dir())
+    if local and folder.is_dir():
+        if not model_problems:
+            lines.append(f"model:     {recipe.model} (local folder with config.json and weights)")
+        if template_ok:
+            lines.append(f"tokenizer: {_check_tokenizer(recipe, str(folder), problems)}")
+    elif not model_problems:
+        hub = "the Hugging Face hub" if recipe.model_source == "huggingface" else "ModelScope"
+        lines.append(
+            f"model:     hub id {recipe.model}, downloaded from {hub} by train (not checked "
+            "here: validate downloads nothing)"
+        )
+        lines.append(
+            f"tokenizer: not checked; `loraforge inspect-data {args.recipe}` fetches the "
+            "tokenizer files alone and shows the first example"
+        )
+    skipped: list[DataError] = []
     for key in ("data", "eval_data"):
         path = getattr(recipe, key)
-        if path and not Path(path).is_file():
-            problems.append(f"{key}: file {path!r} does not exist")
+        if not path:
+            continue
+        if not Path(path).exists():
+            problems.append(f"{key}: file {path!r} does not exist{_relative_to(args, key)}")
+            continue
+        try:
+            read, bad = check_records(
+                path,
+                recipe.data_format,
+                input_separator=recipe.input_separator,
+                on_bad_record=recipe.on_bad_record,
+            )
+        except DataError as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        lines.append(
+            f"{key + ':':<10} {path}: {read} records" + (f", {len(bad)} to skip" if bad else "")
+        )
+        skipped += bad
     if problems:
         raise RecipeError(problems, source=args.recipe)
-    from loraforge.data.records import check_records
-
-    counts = []
-    for path in (p for p in (recipe.data, recipe.eval_data) if p):
-        read, bad = check_records(
-            path,
-            recipe.data_format,
-            input_separator=recipe.input_separator,
-            on_bad_record=recipe.on_bad_record,
-        )
-        counts.append(f"{path}: {read} records" + (f", {len(bad)} to skip" if bad else ""))
-        for err in bad[:10]:
-            print(f"  skip: {err}")
-    print(f"{args.recipe}: OK ({'; '.join(counts)})")
+    print(f"{args.recipe}: OK")
+    for line in lines:
+        print(f"  {line}")
+    for err in skipped[:10]:
+        print(f"  skip: {err}")
+    if len(skipped) > 10:
+        print(f"  ... and {len(skipped) - 10} more to skip")
     return 0
 
 
@@ -213,8 +333,12 @@ def _load_run(args: argparse.Namespace, merge: bool = False) -> Any:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     chat = _load_run(args, merge=args.merge)
-    if args.prompt is not None:
-        print(chat.chat(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens))
+    if args.prompt:  # each prompt answered on its own, in order
+        for i, prompt in enumerate(args.prompt):
+            answer = chat.chat(prompt, system=args.system, max_new_tokens=args.max_new_tokens)
+            if len(args.prompt) > 1:
+                print(f"{'' if i == 0 else chr(10)}you> {prompt}\nmodel> ", end="")
+            print(answer)
         return 0
     _chat_loop(chat, args.system)
     return 0
@@ -259,54 +383,173 @@ def _add_trust_flags(s: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loraforge", description=__doc__.splitlines()[0])
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = p.add_subparsers(dest="command", required=True)
+def _command(
+    sub: Any, name: str, help: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """A sub-command whose --help gives its purpose, then its options, then examples."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
 
-    s = sub.add_parser("demo", help="train a tiny model on the shipped sample, then chat")
-    s.add_argument("--output", default="loraforge-demo", help="folder for the demo's artifacts")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``loraforge`` argument parser (its help is also the CLI reference page)."""
+    p = argparse.ArgumentParser(
+        prog="loraforge",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"loraforge {__version__}",
+        help="print the version (loraforge X.Y.Z) and exit",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    s = _command(
+        sub,
+        "demo",
+        "train a tiny model on the shipped sample, then chat",
+        "Train a tiny random model on the shipped sample data (a minute on a CPU), ask it one of\n"
+        "the trained questions and compare the answer. Downloads nothing.",
+        "  loraforge demo\n  loraforge demo --output /tmp/demo",
+    )
+    s.add_argument(
+        "--output",
+        default="loraforge-demo",
+        help="folder for the demo's tiny model, data and run (default: %(default)s)",
+    )
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("train", help="fine-tune from a recipe")
-    s.add_argument("recipe", help="recipe YAML file")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting")
-    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s = _command(
+        sub,
+        "train",
+        "fine-tune from a recipe",
+        "Fine-tune the recipe's model with LoRA and save the adapter, the recipe and the logs in\n"
+        "output_dir. The data is checked before the model is downloaded.",
+        "  loraforge train recipe.yaml\n"
+        "  loraforge train recipe.yaml --set data=huanhuan.json --set num_epochs=1\n"
+        "  loraforge train recipe.yaml --resume",
+    )
+    s.add_argument("recipe", help="recipe YAML file (see docs/reference/recipe.md)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its last complete checkpoint",
+    )
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("chat", help="chat with a trained adapter")
+    s = _command(
+        sub,
+        "chat",
+        "chat with a trained adapter",
+        "Load a run's adapter on its base model and chat with the template it was trained with:\n"
+        "interactively, or answer each --prompt and exit. Nothing in the run folder can make\n"
+        "loraforge run code (see --trust-remote-code).",
+        "  loraforge chat output/phi4-huanhuan\n"
+        "  loraforge chat output/phi4-huanhuan --prompt 你是谁？ --prompt 你父亲是谁？\n"
+        "  loraforge chat output/phi4-huanhuan --base-model /models/phi-4 --merge",
+    )
     s.add_argument("path", help="output folder of a training run")
-    s.add_argument("--prompt", help="answer this one message and exit")
+    s.add_argument(
+        "--prompt",
+        action="append",
+        help="answer this message and exit; repeat it to ask several (each answered alone)",
+    )
     s.add_argument("--system", help="system prompt (default: the recipe's)")
-    s.add_argument("--base-model", help="base model folder or id, if it moved")
-    s.add_argument("--merge", action="store_true", help="merge the adapter first")
-    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--base-model", help="base model folder or hub id, if it moved")
+    s.add_argument("--merge", action="store_true", help="merge the adapter first (faster)")
+    s.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="longest answer in tokens (default: %(default)s)",
+    )
     _add_trust_flags(s)
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("merge", help="write base + adapter as one plain transformers model")
+    s = _command(
+        sub,
+        "merge",
+        "write base + adapter as one plain transformers model",
+        "Merge a run's adapter into its base model and save the result (safetensors, tokenizer,\n"
+        "chat template) into a new or empty folder; never into the base model's or the run's.",
+        "  loraforge merge output/phi4-huanhuan merged/phi4-huanhuan",
+    )
     s.add_argument("path", help="output folder of a training run")
-    s.add_argument("out", help="folder for the merged model")
-    s.add_argument("--base-model", help="base model folder or id, if it moved")
+    s.add_argument("out", help="folder for the merged model: new or empty")
+    s.add_argument("--base-model", help="base model folder or hub id, if it moved")
     _add_trust_flags(s)
     s.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("templates", help="list prompt templates")
+    s = _command(
+        sub,
+        "templates",
+        "list prompt templates",
+        "List the prompt templates a recipe can name: the built-in ones and those installed as\n"
+        "plugins (entry-point group loraforge.templates).",
+        "  loraforge templates",
+    )
     s.set_defaults(func=cmd_templates)
 
-    s = sub.add_parser("inspect-data", help="build the data and show the report and an example")
-    s.add_argument("recipe", nargs="?", help="recipe YAML (default: the shipped sample)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting")
-    s.add_argument("--data", help="data file (without a recipe)")
-    s.add_argument("--tokenizer", help="tokenizer folder (without a recipe)")
-    s.add_argument("--template", help="template name (default: phi-4)")
-    s.add_argument("--max-length", type=int, help="longest example in tokens (default: 384)")
-    s.add_argument("--system-prompt")
+    s = _command(
+        sub,
+        "inspect-data",
+        "build the data and show the report and an example",
+        "Tokenize the data as training would and print the data report (records read, dropped,\n"
+        "truncated) and the first example, its supervised tokens in [[...]]. A hub model's\n"
+        "tokenizer files are fetched alone (a few MB), never its weights. Without a recipe, the\n"
+        "shipped sample and a tiny tokenizer are used unless --data and --tokenizer are given.",
+        "  loraforge inspect-data recipe.yaml\n"
+        "  loraforge inspect-data recipe.yaml --set max_length=512\n"
+        "  loraforge inspect-data --data train.jsonl --tokenizer ../shared/phi4\n"
+        "  loraforge inspect-data",
+    )
+    s.add_argument(
+        "recipe", nargs="?", help="recipe YAML file (default: the shipped sample, no recipe)"
+    )
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    s.add_argument("--data", help="data file, .json array or .jsonl (without a recipe)")
+    s.add_argument(
+        "--tokenizer",
+        help="model folder or hub id to take the tokenizer from (without a recipe; default: a "
+        "tiny tokenizer trained on the sample)",
+    )
+    s.add_argument("--template", help="prompt template name (without a recipe; default: phi-4)")
+    s.add_argument(
+        "--max-length",
+        type=int,
+        help="longest example in tokens (without a recipe; default: 384)",
+    )
+    s.add_argument(
+        "--system-prompt",
+        help="system prompt for records without one (without a recipe; default: none, or the "
+        "demo's for the shipped sample)",
+    )
     s.set_defaults(func=cmd_inspect_data)
 
-    s = sub.add_parser("validate", help="check a recipe without loading weights")
-    s.add_argument("recipe")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting")
+    s = _command(
+        sub,
+        "validate",
+        "check a recipe, its model folder and data, downloading nothing",
+        "Check a recipe without loading weights or downloading: every setting; model and\n"
+        "model_source (a local folder must exist and hold config.json and safetensors weights;\n"
+        "a hub id is not looked up); a local tokenizer is loaded and the template compared with\n"
+        "its chat_template; every data record is read. All problems are listed at once.",
+        "  loraforge validate recipe.yaml\n"
+        "  loraforge validate recipe.yaml --set data=huanhuan.json",
+    )
+    s.add_argument("recipe", help="recipe YAML file to check")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     s.set_defaults(func=cmd_validate)
     return p
 

@@ -10,13 +10,25 @@ matches no module is an error listing the model's linear modules.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge.errors import TargetModulesError
 
-__all__ = ["linear_module_names", "resolve_target_modules"]
+if TYPE_CHECKING:
+    from loraforge.recipe import LoraRecipe
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "check_model_source",
+    "linear_module_names",
+    "resolve_model_path",
+    "resolve_target_modules",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +106,154 @@ def resolve_target_modules(model: Any, target_modules: str | Sequence[str]) -> l
 
 # --------------------------------------------------------------------------- loading
 
-_PATH_PREFIXES = ("/", "./", "../", "~", ".\\")
+#: ``owner/name`` as ModelScope and the Hugging Face hub spell model ids (the Hugging Face hub
+#: also knows a few bare names such as ``gpt2``).
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+#: The files a tokenizer needs (tokenizer.json, tokenizer_config.json, vocab/merges, a
+#: SentencePiece ``.model``, chat_template.jinja, config.json, remote tokenizer code): every
+#: pattern leaves the weights out, so fetching them costs megabytes, not the model's gigabytes.
+TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
+
+ModelFiles = Literal["all", "tokenizer"]
+_HUBS = {"modelscope": "ModelScope", "huggingface": "the Hugging Face hub"}
+
+
+def _is_hub_id(model: str, source: str) -> bool:
+    """Whether ``model`` is shaped like a model id of the hub ``source`` fetches from."""
+    if source != "huggingface" and "/" not in model:  # ModelScope ids are always owner/name
+        return False
+    return bool(_HUB_ID.fullmatch(model)) and ".." not in model and not model.endswith(".")
+
+
+def _where(model: str) -> str:
+    """How a relative path was resolved, for messages."""
+    path = Path(model).expanduser()
+    return "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+
+
+def _locate(
+    model: str, source: str, revision: str | None, files: ModelFiles
+) -> tuple[Path | None, list[str]]:
+    """Decide, without downloading, whether ``model`` is a local folder or a hub id.
+
+    Returns the local folder (``None`` for a hub id) and the problems found.
+    """
+    if not model:
+        return None, [
+            "model: required: a local model folder or a hub id such as LLM-Research/phi-4"
+        ]
+    if source not in ("auto", "local", *_HUBS):
+        return None, [
+            f"model_source: must be one of 'auto', 'local', {', '.join(map(repr, _HUBS))}"
+        ]
+    local = Path(model).expanduser()
+    exists = local.exists()
+    path_like = model.startswith((".", "/", "~")) or not _is_hub_id(model, source)
+    if source in _HUBS:  # modelscope or huggingface: a hub id, never a folder
+        if not path_like:
+            return None, []
+        if exists:
+            return None, [
+                f"model: {model!r} is a local folder{_where(model)}, but model_source: {source} "
+                f"downloads hub ids (owner/name) from {_HUBS[source]}; set model_source: local "
+                "(or auto) to use the folder"
+            ]
+        return None, [
+            f"model: {model!r} is not a hub id (owner/name) that model_source: {source} can "
+            f"download, and no such local folder exists{_where(model)}"
+        ]
+    if source == "auto" and not exists and not path_like:  # a hub id, fetched from ModelScope
+        owner = model.split("/")[0]
+        if "/" in model and Path(owner).is_dir():
+            return None, [
+                f"model: local folder {model!r} does not exist{_where(model)}, but {owner!r} "
+                "does: with "
+                f"model_source: auto, {model!r} would be downloaded from ModelScope as a hub id. "
+                "Fix the path, or set model_source: modelscope to download the hub id"
+            ]
+        return None, []
+    # a local folder: model_source local, or auto with an existing folder or a path
+    if not exists:
+        bare = source == "auto" and not model.startswith((".", "/", "~"))
+        hint = "; a hub id is written owner/name, e.g. LLM-Research/phi-4" if bare else ""
+        return None, [f"model: local folder {model!r} does not exist{_where(model)}{hint}"]
+    problems: list[str] = []
+    if not local.is_dir():
+        problems.append(f"model: {model!r} is a file, not a model folder")
+        return None, problems
+    if revision is not None:
+        problems.append(
+            f"model_revision: {revision!r} selects a hub revision, but model {model!r} is a "
+            "local folder; remove model_revision"
+        )
+    if files == "all":
+        problems += _folder_problems(model, local)
+    return local, problems
+
+
+def _folder_problems(model: str, local: Path) -> list[str]:
+    """A local model folder needs config.json and complete safetensors weights."""
+    problems = []
+    if not (local / "config.json").is_file():
+        problems.append(f"model: {model!r} has no config.json; is it a Hugging Face model folder?")
+    index = local / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append(f"model: {index} is unreadable ({type(exc).__name__}: {exc})")
+        else:
+            missing = [s for s in shards if not (local / s).is_file()]
+            if missing:
+                problems.append(
+                    f"model: {model!r} lacks {len(missing)} of the {len(shards)} weight files "
+                    f"its model.safetensors.index.json names (an unfinished download?): "
+                    f"{', '.join(missing[:5])}" + (", ..." if len(missing) > 5 else "")
+                )
+    elif not any(local.glob("*.safetensors")):
+        pickled = sorted(p.name for p in local.glob("*.bin"))
+        problems.append(
+            f"model: {model!r} holds no weights (*.safetensors)"
+            + (
+                f"; it has {', '.join(pickled[:3])}: loraforge loads safetensors only, so load "
+                "it once with transformers and save_pretrained() it to a new folder"
+                if pickled
+                else ""
+            )
+        )
+    return problems
+
+
+def check_model_source(recipe: LoraRecipe) -> list[str]:
+    """Check a recipe's ``model``, ``model_source`` and ``model_revision`` without downloading.
+
+    The rules (also those of `resolve_model_path`):
+
+    * ``model_source: local``: ``model`` must be an existing folder.
+    * ``model_source: auto``: an existing folder is used as is. A missing one is an error when
+      ``model`` looks like a path: it starts with ``.``, ``/`` or ``~``, or is not shaped like a
+      hub id ``owner/name`` (two or more separators, a backslash, a space...), or its first
+      part is an existing folder (``models/phi4`` next to a folder ``models``). Anything else is
+      a hub id, fetched from ModelScope.
+    * ``model_source: modelscope`` / ``huggingface``: ``model`` must be a hub id; a path (as
+      above) is an error, saying so when it is an existing folder. A hub id is downloaded even
+      when a folder of that name exists (a ModelScope ``cache_dir`` is laid out that way).
+    * A local folder must hold ``config.json`` and its safetensors weights (every shard its
+      ``model.safetensors.index.json`` names), and takes no ``model_revision``.
+
+    Relative folders are relative to the current folder.
+
+    Args:
+        recipe: the [`LoraRecipe`][loraforge.LoraRecipe] to check.
+
+    Returns:
+        One message per problem (empty when the model settings are consistent); a hub id is not
+        looked up online.
+    """
+    return _locate(recipe.model, recipe.model_source, recipe.model_revision, "all")[1]
 
 
 def resolve_model_path(
@@ -102,44 +261,57 @@ def resolve_model_path(
     source: str = "auto",
     revision: str | None = None,
     cache_dir: str | None = None,
+    *,
+    files: ModelFiles = "all",
 ) -> str:
     """Return a local folder for ``model``: the folder itself, or a hub snapshot.
 
-    ``source="auto"`` uses a local folder when one exists; a string that looks like a path
-    (starts with ``/``, ``./``, ``../`` or ``~``) must exist; anything else is a hub id fetched
-    with ModelScope's ``snapshot_download`` (``source="huggingface"``: the Hugging Face hub).
+    Whether ``model`` is a folder or a hub id follows the rules of `check_model_source`, checked
+    before anything is downloaded. A hub id is fetched with ModelScope's ``snapshot_download``
+    (``source="auto"`` or ``"modelscope"``) or huggingface_hub's (``source="huggingface"``).
+
+    Args:
+        model: a local folder or a hub id.
+        source: ``"auto"``, ``"local"``, ``"modelscope"`` or ``"huggingface"``.
+        revision: hub revision (branch, tag or commit); only for hub ids.
+        cache_dir: download cache folder for hub ids.
+        files: ``"all"`` (the default) for the whole model; ``"tokenizer"`` for the tokenizer
+            alone, for commands that need nothing else: only the small files matching
+            `TOKENIZER_FILES` are downloaded, and a local folder is not checked for weights.
+
+    Returns:
+        The local folder holding the model (or, with ``files="tokenizer"``, its tokenizer).
 
     Raises:
-        ModelError: a local folder that does not exist, or a download that failed.
+        ModelError: ``model`` does not fit ``source`` (every problem listed), a local folder
+            lacks config.json or weights, or a download failed.
     """
-    from pathlib import Path
-
     from loraforge.errors import ModelError
 
-    local = Path(model).expanduser()
-    if source == "local" or (
-        source == "auto" and (local.exists() or model.startswith(_PATH_PREFIXES))
-    ):
-        if not local.is_dir():
-            raise ModelError(f"model: local folder {model!r} does not exist (or is not a folder)")
-        if not (local / "config.json").is_file():
-            raise ModelError(
-                f"model: {model!r} has no config.json; is it a Hugging Face model folder?"
-            )
+    local, problems = _locate(model, source, revision, files)
+    if problems:
+        raise ModelError("; ".join(problems))
+    if local is not None:
         return str(local)
+    patterns = list(TOKENIZER_FILES) if files == "tokenizer" else None
     try:
         if source == "huggingface":
             from huggingface_hub import snapshot_download as hf_download
 
-            return str(hf_download(model, revision=revision, cache_dir=cache_dir))
+            return str(
+                hf_download(model, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+            )
         from modelscope import snapshot_download as ms_download
 
-        return str(ms_download(model, revision=revision or "master", cache_dir=cache_dir))
+        return str(
+            ms_download(
+                model, revision=revision or "master", cache_dir=cache_dir, allow_patterns=patterns
+            )
+        )
     except Exception as exc:
-        hub = "the Hugging Face hub" if source == "huggingface" else "ModelScope"
         raise ModelError(
-            f"model: {model!r} is not a local folder and could not be downloaded from {hub}: "
-            f"{type(exc).__name__}: {exc}"
+            f"model: {model!r} is not a local folder and could not be downloaded from "
+            f"{_HUBS.get(source, 'ModelScope')}: {type(exc).__name__}: {exc}"
         ) from exc
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,16 @@ class LoraRecipe:
     )
     # data
     template: str = _f("phi-4", "Prompt template name, or 'package.module:Class'.")
-    data: str = _f("", "Training data: a .json array or .jsonl file.")
+    data: str = _f(
+        "",
+        "Training data: a .json array or .jsonl file (in a recipe file, relative to its folder).",
+    )
     data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = _f(
         "auto", "Record format; 'auto' detects it from the first record."
     )
-    eval_data: str | None = _f(None, "Optional held-out data file (same format).")
+    eval_data: str | None = _f(
+        None, "Optional held-out data file (same format, and relative to the same folder)."
+    )
     eval_fraction: float = _f(
         0.0, "Share of the training records held out for evaluation (0 = none)."
     )
@@ -214,7 +220,22 @@ class LoraRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> LoraRecipe:
-        """Read a recipe from a YAML file (``yaml.safe_load``), then apply ``overrides``."""
+        """Read a recipe from a YAML file (``yaml.safe_load``), then apply ``overrides``.
+
+        A relative ``data`` or ``eval_data`` path in the file is relative to the file's folder
+        (the data travels with its recipe); one in ``overrides`` (``--set data=...``) is relative
+        to the current folder. Both are made absolute, so the recipe means the same files
+        wherever it is used or saved; ``~`` is expanded. ``model``, ``cache_dir`` and
+        ``output_dir`` are used as written: a relative one is relative to the current folder.
+
+        Args:
+            path: the YAML file.
+            overrides: settings that replace the file's (as ``--set key=value`` gives them).
+
+        Raises:
+            RecipeError: the file is missing or not a YAML mapping, or any setting is invalid
+                (every problem at once, with the file named).
+        """
         p = Path(path)
         if not p.is_file():
             raise RecipeError([f"recipe file {str(p)!r} does not exist"])
@@ -230,7 +251,9 @@ class LoraRecipe:
             raise RecipeError(
                 [f"expected a mapping of settings, got {type(values).__name__}"], source=str(p)
             )
-        return cls.from_dict({**values, **(overrides or {})}, source=str(p))
+        values = absolute_data_paths(values, os.path.abspath(p.parent))
+        given = absolute_data_paths(overrides or {}, os.getcwd())
+        return cls.from_dict({**values, **given}, source=str(p))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), in field order."""
@@ -241,11 +264,20 @@ class LoraRecipe:
         return out
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        """The recipe as YAML with ``loraforge_version``; written to ``path`` when given."""
+        """The recipe as YAML with ``loraforge_version``; written to ``path`` when given.
+
+        When written to a file, a relative ``data`` or ``eval_data`` path is written absolute
+        (resolved against the current folder, as training reads it), since
+        [`from_yaml`][loraforge.LoraRecipe.from_yaml] reads relative paths in a file as relative
+        to the file's folder.
+        """
         from loraforge import __version__
 
+        values = self.to_dict()
+        if path is not None:
+            values = absolute_data_paths(values, os.getcwd())
         text = yaml.safe_dump(
-            {"loraforge_version": __version__, **self.to_dict()},
+            {"loraforge_version": __version__, **values},
             sort_keys=False,
             allow_unicode=True,
         )
@@ -270,6 +302,19 @@ class LoraRecipe:
 
 
 # ---------------------------------------------------------------------- coercion & validation
+
+#: Settings that name data files: relative to the recipe file's folder when read from one.
+_DATA_PATHS = ("data", "eval_data")
+
+
+def absolute_data_paths(values: Mapping[str, Any], base: str) -> dict[str, Any]:
+    """``values`` with each relative data path joined to ``base`` (and ``~`` expanded)."""
+    out = dict(values)
+    for key in _DATA_PATHS:
+        value = out.get(key)
+        if isinstance(value, str) and value:
+            out[key] = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+    return out
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

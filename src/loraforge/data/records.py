@@ -80,12 +80,27 @@ def _iter_records(source: Any) -> Iterator[_Record]:
         yield _Record(i, None, value)
 
 
+#: Suffixes of formats that are not JSON: refused by name instead of failing as "invalid JSONL".
+#: Any other suffix (.txt, none...) is read as a JSON array when it starts with "[", else JSONL.
+_NOT_JSON = frozenset(
+    {".csv", ".tsv", ".xlsx", ".xls", ".parquet", ".arrow", ".feather", ".pkl", ".pickle"}
+    | {".gz", ".zip", ".bz2", ".xz", ".zst", ".yaml", ".yml"}
+)
+
+
 def _read_file(path: Path) -> Iterator[_Record]:
     name = str(path)
     if not path.exists():
         raise DataError("no such file (give a .json array or a .jsonl file)", source=name)
     if path.is_dir():
         raise DataError("is a folder; give a .json array or a .jsonl file", source=name)
+    if path.suffix.lower() in _NOT_JSON:
+        raise DataError(
+            f"{path.suffix} files are not read; loraforge reads a .json file holding an array of "
+            "records, or a .jsonl file with one JSON record per line (convert a table with "
+            "pandas: .to_json('data.jsonl', orient='records', lines=True, force_ascii=False))",
+            source=name,
+        )
     raw = path.read_bytes()
     bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:

@@ -54,7 +54,7 @@ from typing import Any
 from loraforge.data.builder import DataReport, DroppedRecord
 from loraforge.data.templates import template_id
 from loraforge.errors import OutputDirError, RecipeError
-from loraforge.recipe import LoraRecipe
+from loraforge.recipe import LoraRecipe, absolute_data_paths
 
 __all__ = [
     "CHECKPOINTS",
@@ -531,11 +531,12 @@ _RESUMABLE_CHANGES = frozenset(
 
 
 def _changed_settings(old: LoraRecipe, recipe: LoraRecipe) -> list[str]:
-    return [
-        k
-        for k in old.to_dict()
-        if k not in _RESUMABLE_CHANGES and getattr(old, k) != getattr(recipe, k)
-    ]
+    """Settings that differ, data paths compared as absolute paths (a recipe built in Python may
+    name its data relative to the working folder; a saved recipe names it absolutely)."""
+    cwd = os.getcwd()
+    before = absolute_data_paths(old.to_dict(), cwd)
+    now = absolute_data_paths(recipe.to_dict(), cwd)
+    return [k for k in before if k not in _RESUMABLE_CHANGES and before[k] != now[k]]
 
 
 def _check_same_run(out: Path, recipe: LoraRecipe) -> None:
@@ -771,7 +772,7 @@ def save_run(
             "peft": peft.__version__,
         },
         "metrics": metrics,
-        "recipe": recipe.to_dict(),
+        "recipe": absolute_data_paths(recipe.to_dict(), os.getcwd()),
     }
 
     def save_adapter(p: Path) -> None:

@@ -3,8 +3,8 @@
 [`train`][loraforge.train] reads top to bottom as the steps of a run, each a function of its own
 with a typed input and output:
 
-1. check what needs no model (the template, the machine's settings, every data record), before
-   anything is written or downloaded;
+1. check what needs no model (the template, the model settings, the machine's settings, every
+   data record), before anything is written or downloaded;
 2. open the run folder (checked, locked; a finished run is not trained again);
 3. load the tokenizer (its end-of-turn marker must be stoppable) and build the examples;
 4. load the base model and prepare it (padding token, LoRA targets);
@@ -40,7 +40,7 @@ from loraforge.data.templates import (
     check_stoppable,
     get_template,
 )
-from loraforge.errors import DataError
+from loraforge.errors import DataError, ModelError
 from loraforge.fast.attention import attention_implementation, set_attention
 from loraforge.fast.liger import apply_liger
 from loraforge.fast.lora_ops import apply_lean_functions
@@ -55,6 +55,7 @@ from loraforge.fast.plan import (
     plan_fast_path,
 )
 from loraforge.models import (
+    check_model_source,
     enable_checkpointing,
     ensure_pad_token,
     load_model,
@@ -245,6 +246,10 @@ def train(
 
     template = get_template(recipe.template)  # 1: nothing is written or loaded yet
     check_recordable(template)  # inference can rebuild it from the run folder (or a warning)
+    if model is None:  # the model settings, without downloading anything
+        problems = check_model_source(recipe)
+        if problems:
+            raise ModelError("; ".join(problems))
     device = DeviceInfo.probe()  # None on the CPU
     check_environment(recipe, device)
     check_data(recipe)
