@@ -65,6 +65,13 @@ def test_train_chat_merge_through_cli(recipe_file, capsys, tmp_path):
     assert "adapter in" in capsys.readouterr().out
     assert main(["-q", "chat", str(out), "--prompt", RECORDS[3]["instruction"]]) == 0
     assert capsys.readouterr().out.strip() == RECORDS[3]["output"]
+    # each repeated --prompt is answered, on its own and in order
+    asked = [RECORDS[1]["instruction"], RECORDS[3]["instruction"]]
+    assert main(["-q", "chat", str(out), "--prompt", asked[0], "--prompt", asked[1]]) == 0
+    assert capsys.readouterr().out.strip().split("\n\n") == [
+        f"you> {asked[0]}\nmodel> {RECORDS[1]['output']}",
+        f"you> {asked[1]}\nmodel> {RECORDS[3]['output']}",
+    ]
     assert main(["-q", "merge", str(out), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     # an occupied output folder is refused with a clear message, exit code 2
