@@ -96,7 +96,7 @@ def test_detached_head_passes_hidden_states_and_restores_the_head():
 
 def test_head_is_detachable_only_when_the_logits_are_the_heads_output():
     model = _lora()
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ids = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]])}
     ok, why = head_is_detachable(model, ids)
     assert ok, why
     assert model.training  # the check's eval mode is undone

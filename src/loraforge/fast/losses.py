@@ -171,12 +171,13 @@ def _frozen_linear(module: Any) -> bool:
     return type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters())
 
 
-def head_is_detachable(model: Any, sample_ids: Any) -> tuple[bool, str]:
+def head_is_detachable(model: Any, inputs: dict[str, Any]) -> tuple[bool, str]:
     """Whether the loss may apply ``model``'s output embedding itself, in chunks, and why not.
 
     The head must be a frozen ``torch.nn.Linear`` (nothing else is on the allow-list), and the
-    model's logits must be exactly ``head(hidden)``: checked on the real model with
-    ``sample_ids`` (a short ``(1, T)`` id tensor on the model's device), by comparing the logits
+    model's logits must be exactly ``head(hidden)``: checked on the real model with ``inputs``
+    (a short batch as the training path feeds it, e.g. one packed row with its ``position_ids``
+    and ``cu_seq_lens``; ``labels`` and ``logits_to_keep`` are ignored), by comparing the logits
     the model computes with ``head`` applied to what it returns while the head passes hidden
     states through. A model that scales, caps or otherwise transforms its logits after the head
     fails the check and keeps the model's own logits (``logits_to_keep`` still applies).
@@ -186,14 +187,15 @@ def head_is_detachable(model: Any, sample_ids: Any) -> tuple[bool, str]:
     head = model.get_output_embeddings()
     if head is None or not _frozen_linear(head):
         return False, f"the output embedding is {type(head).__name__}, not a frozen nn.Linear"
+    batch = {k: v for k, v in inputs.items() if k not in ("labels", "logits_to_keep")}
+    keep = torch.arange(batch["input_ids"].shape[1], device=batch["input_ids"].device)
     was_training = model.training
-    keep = torch.arange(sample_ids.shape[1], device=sample_ids.device)
     try:
         model.eval()
         with torch.no_grad():
-            reference = model(input_ids=sample_ids, logits_to_keep=keep).logits
+            reference = model(**batch, logits_to_keep=keep).logits
             with detached_head(model) as real:
-                hidden = model(input_ids=sample_ids, logits_to_keep=keep).logits
+                hidden = model(**batch, logits_to_keep=keep).logits
                 recomputed = real(hidden.to(real.weight.dtype))
     finally:
         model.train(was_training)
@@ -201,7 +203,7 @@ def head_is_detachable(model: Any, sample_ids: Any) -> tuple[bool, str]:
         return False, "the model's logits are not lm_head(hidden) (shapes differ)"
     ref = reference.float()
     err = (recomputed.float() - ref).abs().max().item()
-    tol = 1e-4 if ref.dtype == torch.float32 and reference.dtype == torch.float32 else 2e-2
+    tol = 1e-4 if reference.dtype == torch.float32 else 2e-2
     scale = max(ref.abs().max().item(), 1.0)
     if not err <= tol * scale:
         return False, f"the model's logits differ from lm_head(hidden) by {err:.3g}"

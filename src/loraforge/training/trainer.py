@@ -271,7 +271,7 @@ def train(
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
         fingerprint = data_fingerprint(recipe)
         start = _start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
-        detach = plan.packing and recipe.chunked_loss and _head_detachable(model, data)
+        detach = plan.packing and recipe.chunked_loss and _head_detachable(model, batches)
         trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, callbacks)  # 9
         fit = run_fit(trainer, model, batches, start)  # 10
         metrics = _metrics(fit, batches, plan, model, targets)
@@ -460,13 +460,19 @@ def _lora_counts(model: Any, targets: Sequence[str]) -> dict[str, int]:
     return {t: sum(1 for n in names if n.endswith("." + t + ".lora_A")) for t in targets}
 
 
-def _head_detachable(model: Any, data: TrainData) -> bool:
-    """Whether the loss may apply ``lm_head`` in chunks: checked on the real model."""
+def _head_detachable(model: Any, batches: Batches) -> bool:
+    """Whether the loss may apply ``lm_head`` in chunks: checked on the real model, with a
+    short packed row made by the training collator."""
     import torch
 
-    sample = data.train[0]["input_ids"][:16]
+    first = batches.train[0][0]  # the first example of the first packed row
+    sample = {"input_ids": first["input_ids"][:16], "labels": first["labels"][:16]}
     device = next(model.parameters()).device
-    ok, why = head_is_detachable(model, torch.tensor([sample], device=device))
+    inputs = {
+        k: v.to(device) if torch.is_tensor(v) else v
+        for k, v in batches.collator([[sample]]).items()
+    }
+    ok, why = head_is_detachable(model, inputs)
     logger.info("chunked loss: %s", "on" if ok else f"off ({why})")
     return ok
 
