@@ -340,23 +340,57 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
         raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
 
 
+# Weights in pickle-based formats: unpickling one can run arbitrary code, so loraforge never does.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "scaler", "rng_state")  # Trainer files
+
+
+def _pickled_weights(path: str) -> list[str]:
+    """The pickle-format weight files in a model folder holding no ``*.safetensors``."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return []
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES) and not p.name.startswith(_NOT_WEIGHTS)
+    )
+
+
 def load_model(
     path: str, *, dtype: Any, trust_remote_code: bool = False, device: str | None = None
 ) -> Any:
-    """Load a causal LM from a local folder in ``dtype`` (on ``device`` when given)."""
+    """Load a causal LM from a local folder in ``dtype`` (on ``device`` when given).
+
+    Only safetensors weights are loaded (``use_safetensors=True``): a pickle (``.bin``, ``.pt``,
+    ...) is never unpickled, since unpickling can run any code the file holds.
+
+    Raises:
+        ModelError: the folder holds pickle weights and no safetensors (naming the files and how
+            to convert them), or the model cannot be loaded.
+    """
     from transformers import AutoModelForCausalLM
 
     from loraforge.errors import ModelError
 
+    pickled = _pickled_weights(path)
+    if pickled:
+        raise ModelError(
+            f"model: {path!r} holds its weights as pickle ({', '.join(pickled)}), not safetensors; "
+            "loraforge never unpickles weights (unpickling can run any code the file holds). "
+            "Convert them to safetensors where you trust the file (load it and save_pretrained() "
+            "it: that writes model.safetensors), or use a copy of the model that ships "
+            "*.safetensors"
+        )
     model: Any
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    except TypeError:  # transformers < 4.56 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(
-            path, torch_dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load a causal language model from {path!r}: {exc}") from exc
     if device is not None:

@@ -6,14 +6,19 @@ tokenizes it segment by segment and emits ``input_ids``, ``attention_mask`` and 
 every position that is not part of a trained assistant answer is ``-100``. Nothing is lost
 silently: every record that is not emitted is counted in the [`DataReport`][loraforge.DataReport]
 with its index and the reason.
+
+Hostile records cost bounded work: a text far longer than ``max_length`` tokens can hold is
+tokenized only as far as truncation needs (see ``loraforge.data.tokenize``), and a dropped
+record is summarised in the report by a bounded ``repr`` whatever its size or nesting depth.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+import reprlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from loraforge.data.records import (
@@ -48,14 +53,77 @@ OnBadRecord = Literal["raise", "skip"]
 # --------------------------------------------------------------------------- report
 
 
+# a dropped record deeper than this is not kept as a value (it could not be copied, compared,
+# printed or serialised without overflowing the stack); its text and summary are
+MAX_RECORD_DEPTH = 100
+
+_SUMMARY = reprlib.Repr()
+_SUMMARY.maxlevel = 4
+_SUMMARY.maxstring = _SUMMARY.maxother = 160
+_SUMMARY.maxlist = _SUMMARY.maxtuple = _SUMMARY.maxdict = _SUMMARY.maxset = 8
+_SUMMARY_CHARS = 500
+
+
+def summarize(value: Any) -> str:
+    """A ``repr`` of ``value`` of at most 500 characters, whatever its size or depth (a value
+    that cannot be repr'd is named by its type)."""
+    try:
+        text = _SUMMARY.repr(value)
+    except Exception:  # a broken __repr__ of a user's object
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= _SUMMARY_CHARS else text[: _SUMMARY_CHARS - 3] + "..."
+
+
+def nested_deeper_than(value: Any, depth: int) -> bool:
+    """Whether ``value`` nests lists, tuples or mappings more than ``depth`` levels deep
+    (iterative, memory in proportion to ``depth``: safe for any depth or size, cycles
+    included)."""
+    stack: list[Iterator[Any]] = [iter((value,))]  # one iterator per level being walked
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, Mapping):
+                children: Iterator[Any] = iter(v.values())
+            elif isinstance(v, (list, tuple)):
+                children = iter(v)
+            else:
+                continue
+            if len(stack) > depth:
+                return True
+            stack.append(children)
+            break
+        else:
+            stack.pop()
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class DroppedRecord:
-    """A record that was read but not emitted (``record``: the raw value as read)."""
+    """A record that was read but not emitted.
+
+    Attributes:
+        index: the 0-based record index in its source.
+        reason: why it was dropped, naming the source, line, record and field.
+        line: the 1-based line of a JSONL file, else ``None``.
+        record: the value as read; ``None`` when it nests more than ``MAX_RECORD_DEPTH`` (100)
+            levels deep (see ``raw`` and ``summary``).
+        raw: the record's line exactly as read from a JSONL file, else ``None``.
+        summary: a ``repr`` of the record bounded to 500 characters (what the data report
+            stores).
+    """
 
     index: int
     reason: str
     line: int | None = None
-    record: Any = None
+    record: Any = field(default=None, repr=False)
+    raw: str | None = field(default=None, repr=False, compare=False)
+    summary: str = field(default="", compare=False)
+
+
+def _dropped(rec: _Record, reason: str) -> DroppedRecord:
+    deep = nested_deeper_than(rec.value, MAX_RECORD_DEPTH)
+    return DroppedRecord(
+        rec.index, reason, rec.line, None if deep else rec.value, rec.raw, summarize(rec.value)
+    )
 
 
 def _stats(values: Sequence[int]) -> dict[str, float]:
@@ -75,8 +143,9 @@ def _stats(values: Sequence[int]) -> dict[str, float]:
 class DataReport:
     """What [`SFTDatasetBuilder.build`][loraforge.SFTDatasetBuilder.build] did with its input.
 
-    Token statistics are measured before truncation; ``supervised_fraction`` on the emitted
-    examples (the share of tokens whose label is not ``-100``).
+    Token statistics are measured before truncation (for a text too long to ever fit, as far
+    as truncation needs: at least ``max_length + 1`` tokens); ``supervised_fraction`` on the
+    emitted examples (the share of tokens whose label is not ``-100``).
     """
 
     source: str = ""
@@ -92,8 +161,22 @@ class DataReport:
     tokens_emitted: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
+        """A JSON-ready dict of bounded size: each dropped record as its index, line, reason and
+        ``record_repr`` (its bounded [summary][loraforge.DroppedRecord], never the value)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["truncated"] = list(self.truncated)
+        data["dropped"] = [
+            {
+                "index": d.index,
+                "line": d.line,
+                "reason": d.reason,
+                "record_repr": d.summary or summarize(d.record),
+            }
+            for d in self.dropped
+        ]
+        for key in ("prompt_tokens", "response_tokens", "total_tokens"):
+            data[key] = dict(data[key])
+        return data
 
     def format_text(self) -> str:
         """A human-readable summary."""
@@ -139,6 +222,7 @@ class Example:
     truncated: bool = False
     prompt_tokens: int = 0
     response_tokens: int = 0
+    cut: bool = False  # a text was tokenized only as far as truncation needs: counts are bounds
 
     @property
     def attention_mask(self) -> list[int]:
@@ -234,7 +318,9 @@ class SFTDatasetBuilder:
         last = max((s.turn for s in segments if s.trainable), default=-2)
         return [s.trainable and s.turn == last for s in segments]
 
-    def _assemble(self, segments: Sequence[Segment], seg_ids: Sequence[list[int]]) -> Example:
+    def _assemble(
+        self, segments: Sequence[Segment], seg_ids: Sequence[list[int]], cut: bool = False
+    ) -> Example:
         ids: list[int] = []
         labels: list[int] = []
         for trainable, part in zip(self._trainable(segments), seg_ids, strict=True):
@@ -245,7 +331,7 @@ class SFTDatasetBuilder:
         truncated = len(ids) > self.max_length
         if truncated:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return Example(ids, labels, truncated, prompt, response)
+        return Example(ids, labels, truncated, prompt, response, cut)
 
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Example:
         """Tokenize one conversation into an [`Example`][loraforge.data.builder.Example]
@@ -289,9 +375,13 @@ class SFTDatasetBuilder:
 
         def flush() -> None:
             nonlocal supervised
-            seg_ids = self.segment_tokenizer.encode_many([segs for _, segs in chunk])
-            for (rec, segs), ids in zip(chunk, seg_ids, strict=True):
-                ex = self._assemble(segs, ids)
+            # no content segment needs more than max_length + 1 tokens: one more than fits
+            seg_ids, cuts = self.segment_tokenizer.encode_many_bounded(
+                [segs for _, segs in chunk], self.max_length + 1
+            )
+            for (rec, segs), ids, cut in zip(chunk, seg_ids, cuts, strict=True):
+                ex = self._assemble(segs, ids, cut)
+                least = "at least " if cut else ""
                 stats["prompt"].append(ex.prompt_tokens)
                 stats["response"].append(ex.response_tokens)
                 stats["total"].append(ex.prompt_tokens + ex.response_tokens)
@@ -300,14 +390,14 @@ class SFTDatasetBuilder:
                     self._drop(
                         report,
                         rec,
-                        f"{ex.prompt_tokens + ex.response_tokens} tokens > "
+                        f"{least}{ex.prompt_tokens + ex.response_tokens} tokens > "
                         f"max_length={self.max_length} (truncation='drop')",
                     )
                     continue
                 if n_sup == 0:
                     why = (
                         f"no supervised token left after cutting to max_length={self.max_length}"
-                        f" (prompt alone is {ex.prompt_tokens} tokens)"
+                        f" (prompt alone is {least}{ex.prompt_tokens} tokens)"
                         if ex.truncated
                         else "no supervised token"
                     )
@@ -339,7 +429,7 @@ class SFTDatasetBuilder:
             if err is not None:
                 if self.on_bad_record == "raise":
                     raise err
-                report.dropped.append(DroppedRecord(rec.index, str(err), rec.line, rec.value))
+                report.dropped.append(_dropped(rec, str(err)))
             if len(chunk) >= chunk_size:
                 flush()
         flush()
@@ -372,4 +462,4 @@ class SFTDatasetBuilder:
         return datasets.Dataset.from_dict(cols, features=features)
 
     def _drop(self, report: DataReport, rec: _Record, reason: str) -> None:
-        report.dropped.append(DroppedRecord(rec.index, reason, rec.line, rec.value))
+        report.dropped.append(_dropped(rec, reason))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ class _Record:
     index: int
     line: int | None
     value: Any
+    raw: str | None = None  # the line's text as read, for a record of a JSONL file
 
 
 def _source_name(source: Any) -> str:
@@ -104,7 +107,7 @@ def _read_file(path: Path) -> Iterator[_Record]:
     raw = path.read_bytes()
     bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        text = raw[bom:].decode("utf-8")
+        text = str(memoryview(raw)[bom:], "utf-8")  # no copy of the bytes
     except UnicodeDecodeError as exc:
         line = raw[: bom + exc.start].count(b"\n") + 1
         raise DataError(
@@ -112,14 +115,15 @@ def _read_file(path: Path) -> Iterator[_Record]:
             source=name,
             line=line,
         ) from None
-    stripped = text.lstrip()
+    del raw  # a generator keeps its locals alive: hold the text only
+    lead = _LEADING_SPACE.match(text)
+    start = lead.end() if lead else 0
     if path.suffix.lower() == ".jsonl" or (
-        path.suffix.lower() != ".json" and not stripped.startswith("[")
+        path.suffix.lower() != ".json" and not text.startswith("[", start)
     ):
         index = 0
-        # split on "\n" only: str.splitlines() would also split inside records at U+2028 etc.
-        for lineno, row in enumerate(text.split("\n"), start=1):
-            if not row.strip():
+        for lineno, row in _lines(text):
+            if not row or row.isspace():
                 continue
             try:
                 value = json.loads(row)
@@ -134,7 +138,7 @@ def _read_file(path: Path) -> Iterator[_Record]:
                 raise DataError(
                     f"unreadable JSON ({_json_problem(exc)})", source=name, line=lineno
                 ) from None
-            yield _Record(index, lineno, value)
+            yield _Record(index, lineno, value, row)
             index += 1
         return
     try:
@@ -157,6 +161,21 @@ def _read_file(path: Path) -> Iterator[_Record]:
         yield _Record(i, None, rec)
 
 
+_LEADING_SPACE = re.compile(r"\s*")  # what str.lstrip() strips
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, every surrogate is unpaired
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of ``text`` split on ``"\\n"`` only (``str.splitlines()`` would
+    also split inside records at U+2028 etc.), one line copied at a time (``str.split`` would
+    copy the whole file at once)."""
+    start, lineno = 0, 1
+    while (end := text.find("\n", start)) >= 0:
+        yield lineno, text[start:end]
+        start, lineno = end + 1, lineno + 1
+    yield lineno, text[start:]  # the whole text, not a copy, for a one-line file
+
+
 def _json_problem(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply to read"
@@ -175,11 +194,30 @@ def detect_format(record: Any) -> Literal["alpaca", "messages", "sharegpt"]:
             return "sharegpt"
         if "instruction" in record or "output" in record:
             return "alpaca"
-    keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+    keys = _keys(record) if isinstance(record, Mapping) else type(record).__name__
     raise DataError(
         f"cannot tell the record format from {keys}; expected alpaca (instruction, input, output), "
         "messages (OpenAI) or conversations (ShareGPT), or set the format explicitly"
     )
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel = 2
+
+
+def _short(value: Any) -> str:
+    """A repr of a user's value short enough for an error message, whatever its size or depth."""
+    return _SHORT.repr(value)
+
+
+def _keys(record: Mapping[Any, Any], most: int = 12) -> str:
+    """The first keys of ``record``, sorted, as a bounded list (keys of any type)."""
+    keys = sorted(
+        (_short(k) for _, k in zip(range(most + 1), record, strict=False)),
+    )
+    more = len(record) - most
+    return "[" + ", ".join(keys[:most]) + (f", ... {more} more" if more > 0 else "") + "]"
 
 
 def _expect_str(rec: Mapping[str, Any], key: str, *, required: bool, nonempty: bool = False) -> str:
@@ -198,14 +236,14 @@ def _expect_str(rec: Mapping[str, Any], key: str, *, required: bool, nonempty: b
 
 def _check_text(value: str, field: str) -> None:
     """Reject text a tokenizer cannot take: an unpaired surrogate (JSON allows ``"\\ud800"``)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    # a search, not value.encode(): no copy of a long text
+    bad = None if value.isascii() else _SURROGATE.search(value)
+    if bad is not None:
         raise DataError(
-            f"holds an unpaired surrogate (U+{ord(value[exc.start]):04X}) at character "
-            f"{exc.start}; it is not valid Unicode text",
+            f"holds an unpaired surrogate (U+{ord(bad.group()):04X}) at character "
+            f"{bad.start()}; it is not valid Unicode text",
             field=field,
-        ) from None
+        )
 
 
 def to_messages(
@@ -283,7 +321,7 @@ def to_messages(
                 sorted(_SHAREGPT_ROLES) if fmt == "sharegpt" else ["system", "user", "assistant"]
             )
             raise DataError(
-                f"unknown {role_key} {raw_role!r}; valid: {', '.join(valid)}",
+                f"unknown {role_key} {_short(raw_role)}; valid: {', '.join(valid)}",
                 field=f"{where}.{role_key}",
             )
         content = turn.get(content_key)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import reprlib
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from loraforge.data.builder import MAX_RECORD_DEPTH, nested_deeper_than, summarize
 from loraforge.errors import DiskFullError
 
 __all__ = [
@@ -300,27 +300,82 @@ def _newest_marked(root: Path) -> tuple[Path | None, int]:
 # --------------------------------------------------------------------------- skipped records
 
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 10_000
-_REPR.maxlevel = 20
+_WRITE_CHUNK = 1 << 20
+
+
+def _one_line(text: str) -> str:
+    """``text`` (JSON) safe for readers that split lines on more than ``"\\n"``
+    (``str.splitlines()``): ``\\r`` can only be whitespace between tokens in JSON, and
+    U+0085/U+2028/U+2029 only characters inside strings, so the JSON value is unchanged."""
+    if not any(ch in text for ch in _LINE_BREAKS):
+        return text
+    return text.replace("\r", " ").translate(_ESCAPE_BREAKS)
+
+
+_LINE_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+_ESCAPE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+_JSON_SPACE = " \t\r\n"
+
+
+def _skipped_line(d: Any) -> str:
+    """One line of ``skipped.jsonl`` for a dropped record: its line's text verbatim when it came
+    from a JSONL file, else the value as JSON, else (too deep, not JSON) its bounded repr."""
+    entry: dict[str, Any] = {"index": d.index, "line": d.line, "reason": d.reason}
+    head = json_text(entry)[:-1]  # '{"index": .., "reason": ".."' to append the record to
+    raw = getattr(d, "raw", None)
+    if isinstance(raw, str):
+        return _one_line(f'{head}, "record": {raw.strip(_JSON_SPACE)}}}')
+    record = getattr(d, "record", None)
+    if record is not None and not nested_deeper_than(record, MAX_RECORD_DEPTH):
+        try:
+            return _one_line(f'{head}, "record": {json_text(record)}}}')
+        except (ValueError, TypeError, RecursionError):
+            pass  # a circular reference, an unserialisable key, ...
+    summary = getattr(d, "summary", "") or summarize(record)
+    return _one_line(json_text({**entry, "record_repr": summary}))
 
 
 def write_skipped_records(path: str | Path, dropped: Sequence[Any]) -> None:
     """Write one JSON line per dropped record: index, line, reason and the raw record.
 
-    The file is replaced atomically; with nothing dropped, a stale file is removed. A record that
-    cannot be written as JSON (nested deeper than the encoder allows, non-JSON Python values)
-    keeps a truncated ``repr`` under ``record_repr``.
+    A record read from a JSONL file is written as the text of its line, exactly as read (only
+    ``\\r``, U+0085, U+2028 and U+2029 are escaped so that no reader splits the line: the JSON
+    value is the same); any other record as JSON, or, when it cannot be written as JSON (nested
+    more than 100 levels deep, non-JSON Python values), a ``repr`` bounded to 500 characters
+    under ``record_repr``. Lines are streamed to a temporary file, fsynced and renamed into
+    place; with nothing dropped, a stale file is removed.
+
+    Raises:
+        DiskFullError: the disk filled up while writing (naming the folder; no partial file is
+            left behind).
     """
     path = Path(path)
-    if not dropped:
-        path.unlink(missing_ok=True)
-        return
-    lines = []
-    for d in dropped:
-        entry: dict[str, Any] = {"index": d.index, "line": d.line, "reason": d.reason}
+    with disk_full_errors(path.parent, "writing the skipped records to"):
+        if not dropped:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
-            lines.append(json_text({**entry, "record": getattr(d, "record", None)}))
-        except (ValueError, TypeError, RecursionError):
-            lines.append(json_text({**entry, "record_repr": _REPR.repr(d.record)}))
-    _write_atomic(path, "\n".join(lines) + "\n")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                buf = bytearray()
+                for d in dropped:
+                    buf += (_skipped_line(d) + "\n").encode("utf-8")
+                    if len(buf) >= _WRITE_CHUNK:
+                        _write_all(fd, buf)
+                        buf.clear()
+                _write_all(fd, buf)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
