@@ -302,7 +302,10 @@ def test_train_on_a_pickle_model_raises_model_error(tmp_path):
     sentinel = tmp_path / "pwned"
     folder = _pickle_model_folder(tmp_path / "m", sentinel)
     recipe = demo_recipe(folder, tmp_path / "run", max_steps=1)
-    with pytest.raises(ModelError, match=r"pytorch_model\.bin\), not safetensors"):
+    # train() refuses it among the model settings, before loading (check_model_source)
+    with pytest.raises(
+        ModelError, match=r"holds no weights \(\*\.safetensors\); it has pytorch_model\.bin"
+    ):
         train(recipe)
     assert not sentinel.exists()
 

@@ -785,7 +785,7 @@ def test_source_loads_nothing_unsafely():
     """No pickle, no unsafe YAML, torch.load only with weights_only=True, no hard-coded
     trust_remote_code=True, safetensors for every save."""
     problems = []
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         for name, call in _calls(ast.parse(path.read_text(encoding="utf-8"))):
             kw = {k.arg: k.value for k in call.keywords}
             where = f"{path.name}:{call.lineno} {name}"
