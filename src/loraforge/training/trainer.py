@@ -54,6 +54,7 @@ from loraforge.fast.plan import (
     enable_selective_checkpointing,
     plan_fast_path,
 )
+from loraforge.fast.rope import install_fused_rope
 from loraforge.models import (
     check_model_source,
     enable_checkpointing,
@@ -442,6 +443,8 @@ def apply_plan_and_lora(
         dtype = next(model.parameters()).dtype
         mixed = dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
         apply_lean_functions(model, autocast_dtype=dtype if mixed else None)
+    if plan.liger_kernels:  # Liger's fused RoPE, per attention instance, checked first
+        logger.info("rope: %s", install_fused_rope(model)[1])
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
