@@ -329,6 +329,10 @@ def main() -> None:
 
         overrides[k] = yaml.safe_load(v)
     if args.child:
+        import logging  # loraforge's plan lines (fast path, fused layers, RoPE) go to stderr
+
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        logging.getLogger("loraforge").setLevel(logging.INFO)
         print(
             "RESULT "
             + json.dumps(child(args.child, args.assets, args.warmup, args.steps, overrides)),
@@ -382,6 +386,9 @@ def main() -> None:
                 flush=True,
             )
             continue
+        plan = [x for x in proc.stderr.splitlines() if x.startswith("loraforge.")]
+        if plan:  # what the run chose: fast path, fused layers and their check, RoPE, loss
+            print("\n".join(f"  {x}" for x in plan[-12:]), flush=True)
         prof = [x for x in proc.stdout.splitlines() if x.startswith("PROFILE")]
         if prof:
             print("\n".join(prof[:400]), flush=True)
