@@ -249,7 +249,7 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
     import loraforge.fast.packing as packing
     from loraforge import LoraRecipe, train
 
-    lf_train = sys.modules["loraforge.training.trainer"]
+    lf_train = sys.modules["loraforge.training.steps"]
     if os.environ.get("LORAFORGE_BLOCKING_COPIES"):  # A/B: what non-blocking batch copies give
         lf_train._NON_BLOCKING_COPIES = False
 
@@ -260,7 +260,7 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
         return meter.wrap(lambda b: original(self, b))(batch)
 
     packing.PackedCollator.__call__ = counted
-    lf_train._PadCollator.__call__ = lambda self, f: meter.wrap(
+    lf_train.PadCollator.__call__ = lambda self, f: meter.wrap(
         lambda b: lf_train.pad_collate(b, self.pad_token_id)
     )(f)
     recipe = LoraRecipe(

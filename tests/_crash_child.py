@@ -171,14 +171,14 @@ def _install(spec: dict[str, Any]) -> None:
 
     transformers.trainer.rotate_checkpoints = rotate_checkpoints
 
-    start_point = lf_train._start_point
+    start_point = lf_train.start_point
 
     def _start_point(*args: Any, **kw: Any) -> Any:
         start = start_point(*args, **kw)
         journal(spec, f"resume-from {start.checkpoint.name if start.checkpoint else 'none'}")
         return start
 
-    lf_train._start_point = _start_point
+    lf_train.start_point = _start_point
 
     save_run = lf_train.save_run
 

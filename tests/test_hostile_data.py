@@ -31,7 +31,7 @@ from loraforge.data.templates import Segment
 from loraforge.demo import demo_recipe, prepare_tiny_base
 from loraforge.models import load_model
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
-from loraforge.training import guards
+from loraforge.training import files, guards
 
 TOKENIZER = build_tiny_tokenizer()
 RECORDS = json.loads(sample_data_path().read_text(encoding="utf-8"))[:6]
@@ -92,7 +92,7 @@ def test_deep_skipped_record_from_a_file_is_summarised_and_written_verbatim(tmp_
     repr(dropped)  # printable
     # the report: bounded, JSON-ready (this raised RecursionError in dataclasses.asdict)
     data_report = report.to_dict()
-    text = guards.json_text(data_report, indent=2)
+    text = files.json_text(data_report, indent=2)
     assert len(text) < 4000
     assert data_report["dropped"] == [
         {"index": 1, "line": 2, "reason": dropped.reason, "record_repr": dropped.summary}
@@ -129,7 +129,7 @@ def test_record_10000_deep_in_memory_is_skipped_with_a_bounded_repr(tmp_path, ma
     [dropped] = b.report.dropped
     assert dropped.index == 1 and dropped.record is None and dropped.raw is None
     assert len(dropped.summary) <= 500
-    assert len(guards.json_text(b.report.to_dict())) < 4000
+    assert len(files.json_text(b.report.to_dict())) < 4000
     path = tmp_path / "skipped.jsonl"
     guards.write_skipped_records(path, b.report.dropped)
     [entry] = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]

@@ -31,7 +31,7 @@ from loraforge.data.templates import (
 from loraforge.data.tokenize import SegmentTokenizer
 from loraforge.errors import ModelError
 from loraforge.models import load_model, load_tokenizer, pick_dtype, resolve_model_path
-from loraforge.training.output import prepare_merge_folder
+from loraforge.training.output import RUN_FILE, prepare_merge_folder
 
 __all__ = ["ChatModel", "load_for_inference"]
 
@@ -46,7 +46,7 @@ _ALLOW_CODE = (
 
 
 def _read_run(path: Path) -> dict[str, Any]:
-    run_file = path / "loraforge.json"
+    run_file = path / RUN_FILE
     if not run_file.is_file():
         raise ModelError(
             f"{str(path)!r} is not a loraforge output folder (no loraforge.json); "

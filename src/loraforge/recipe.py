@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from loraforge.data.builder import OnBadRecord, RecordFormat, TrainOn, Truncation
 from loraforge.errors import RecipeError
 
 __all__ = ["DEFAULT_BATCH_SIZE", "LoraRecipe"]
@@ -66,7 +67,7 @@ class LoraRecipe:
         "",
         "Training data: a .json array or .jsonl file (in a recipe file, relative to its folder).",
     )
-    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = _f(
+    data_format: RecordFormat = _f(  # noqa: RUF009 (a Literal alias: immutable)
         "auto", "Record format; 'auto' detects it from the first record."
     )
     eval_data: str | None = _f(
@@ -77,14 +78,14 @@ class LoraRecipe:
     )
     system_prompt: str | None = _f(None, "System prompt for records that bring none.")
     max_length: int = _f(384, "Longest example in tokens.")
-    truncation: Literal["cut_end", "drop"] = _f(
+    truncation: Truncation = _f(  # noqa: RUF009 (a Literal alias: immutable)
         "cut_end",
         "What to do with longer examples: keep the first max_length tokens, or drop them.",
     )
-    train_on: Literal["all_assistant", "last_assistant", "all"] = _f(
+    train_on: TrainOn = _f(  # noqa: RUF009 (a Literal alias: immutable)
         "all_assistant", "Which tokens are supervised."
     )
-    on_bad_record: Literal["raise", "skip"] = _f(
+    on_bad_record: OnBadRecord = _f(  # noqa: RUF009 (a Literal alias: immutable)
         "raise", "Stop on a malformed record, or skip it and list it in the data report."
     )
     input_separator: str = _f(

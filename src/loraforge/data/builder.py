@@ -19,7 +19,7 @@ import logging
 import reprlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from loraforge.data.records import (
     RecordFormat,
@@ -272,10 +272,10 @@ class SFTDatasetBuilder:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
             problems.append(f"max_length must be an integer >= 2, got {max_length!r}")
         for name, value, valid in (
-            ("format", format, ("auto", "alpaca", "messages", "sharegpt")),
-            ("train_on", train_on, ("all_assistant", "last_assistant", "all")),
-            ("truncation", truncation, ("cut_end", "drop")),
-            ("on_bad_record", on_bad_record, ("raise", "skip")),
+            ("format", format, get_args(RecordFormat)),
+            ("train_on", train_on, get_args(TrainOn)),
+            ("truncation", truncation, get_args(Truncation)),
+            ("on_bad_record", on_bad_record, get_args(OnBadRecord)),
         ):
             if value not in valid:
                 problems.append(f"{name} must be one of {', '.join(valid)}; got {value!r}")

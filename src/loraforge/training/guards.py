@@ -1,28 +1,23 @@
 """Run guards: a fault stops a run loudly and never costs more than the work since the last
 complete checkpoint.
 
-* **Complete checkpoints.** [`mark_complete`][loraforge.guards.mark_complete] writes, after the
-  Trainer has saved a checkpoint, a ``.complete`` manifest listing every file with its size and
-  SHA-256 (files and manifest fsynced, the manifest renamed into place). A checkpoint counts as
-  complete only if the manifest is there and every file still matches it
-  ([`check_checkpoint`][loraforge.guards.check_checkpoint]), so a save cut short by ``kill -9``
-  (or, where the filesystem honours fsync, a power cut) or an old checkpoint half-deleted by the
-  Trainer's rotation is never resumed.
-* **Non-finite training.** [`NonFiniteGuard`][loraforge.nonfinite.NonFiniteGuard] (module
-  :mod:`loraforge.nonfinite`) stops the run at the first non-finite loss or gradient, naming the
-  step and its records, before any checkpoint holds the update.
-* **Full disk.** [`DiskSpaceGuard`][loraforge.guards.DiskSpaceGuard] stops the run before a
-  checkpoint save that cannot fit; [`disk_full_errors`][loraforge.guards.disk_full_errors] turns
-  ``ENOSPC`` during a save into [`DiskFullError`][loraforge.DiskFullError] naming the folder.
-* **Skipped records.** [`write_skipped_records`][loraforge.guards.write_skipped_records] writes
-  every record the dataset builder dropped, with its reason and raw value, to ``skipped.jsonl``.
+* **Complete checkpoints**: [`loraforge.training.checkpoints`][loraforge.training.checkpoints].
+* **Non-finite training**: [`NonFiniteGuard`][loraforge.training.nonfinite.NonFiniteGuard]
+  stops the run at the first non-finite loss or gradient, naming the step and its records,
+  before any checkpoint holds the update.
+* **Full disk**: [`DiskSpaceGuard`][loraforge.training.guards.DiskSpaceGuard] stops the run
+  before a checkpoint save that cannot fit;
+  [`disk_full_errors`][loraforge.training.guards.disk_full_errors] turns ``ENOSPC`` during a save
+  into [`DiskFullError`][loraforge.DiskFullError] naming the folder.
+* **Skipped records**:
+  [`write_skipped_records`][loraforge.training.guards.write_skipped_records] writes every record
+  the dataset builder dropped, with its reason and raw value, to ``skipped.jsonl``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -35,158 +30,30 @@ from transformers import TrainerCallback
 
 from loraforge.data.builder import MAX_RECORD_DEPTH, nested_deeper_than, summarize
 from loraforge.errors import DiskFullError
+from loraforge.training.checkpoints import COMPLETE_MARKER, newest_marked, scan_checkpoints
+from loraforge.training.files import fsync_dir, json_text
 
 __all__ = [
-    "COMPLETE_MARKER",
     "NONFINITE_FILE",
     "SKIPPED_FILE",
     "DiskSpaceGuard",
-    "check_checkpoint",
     "disk_full_errors",
-    "fsync_dir",
     "is_disk_full",
-    "json_text",
-    "mark_complete",
     "parameters_finite",
-    "scan_checkpoints",
     "write_skipped_records",
 ]
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = ".complete"
 NONFINITE_FILE = "nonfinite_batch.json"
 SKIPPED_FILE = "skipped.jsonl"
-_MANIFEST_FORMAT = "loraforge-checkpoint/1"
-_WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
 _MB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- files
 
 
-def json_text(value: Any, *, indent: int | None = None) -> str:
-    """JSON that can always be written as UTF-8: readable non-ASCII where possible, ``\\uXXXX``
-    escapes when the value holds unpaired surrogates; non-JSON values as their ``str``."""
-    text = json.dumps(value, ensure_ascii=False, indent=indent, default=str)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(value, ensure_ascii=True, indent=indent, default=str)
-    return text
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or creation in ``folder`` durable (best effort)."""
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it into place."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * _MB):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
-def _checkpoint_files(ckpt: Path) -> list[Path]:
-    return sorted(
-        p for p in ckpt.rglob("*") if p.is_file() and not p.name.startswith(COMPLETE_MARKER)
-    )
-
-
-def mark_complete(ckpt: str | Path, step: int) -> None:
-    """Fsync every file of ``ckpt`` and write its ``.complete`` manifest (atomically)."""
-    ckpt = Path(ckpt)
-    files: dict[str, dict[str, Any]] = {}
-    for p in _checkpoint_files(ckpt):
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-        size, sha = _digest(p)
-        files[p.relative_to(ckpt).as_posix()] = {"size": size, "sha256": sha}
-    fsync_dir(ckpt)
-    manifest = {"format": _MANIFEST_FORMAT, "step": step, "files": files}
-    _write_atomic(ckpt / COMPLETE_MARKER, json.dumps(manifest, indent=1))
-
-
-def check_checkpoint(ckpt: str | Path) -> str | None:
-    """``None`` if ``ckpt`` is a complete checkpoint, else why not (for a log line)."""
-    ckpt = Path(ckpt)
-    marker = ckpt / COMPLETE_MARKER
-    if not marker.is_file():
-        return "no .complete marker: its save was interrupted"
-    try:
-        manifest = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "its .complete marker is unreadable"
-    if isinstance(manifest, int):  # loraforge 0.1.0 wrote the bare step number
-        if not (ckpt / "trainer_state.json").is_file() or not any(
-            (ckpt / w).is_file() for w in _WEIGHTS
-        ):
-            return "old-style .complete marker but weights or trainer_state.json missing"
-        return None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or manifest.get("format") != _MANIFEST_FORMAT:
-        return "its .complete marker is not a loraforge manifest"
-    if "trainer_state.json" not in files or not any(w in files for w in _WEIGHTS):
-        return "its manifest lists no weights or no trainer_state.json"
-    for rel, meta in files.items():
-        p = ckpt / rel
-        if not p.is_file():
-            return f"{rel} is missing (deleted part-way?)"
-        if p.stat().st_size != meta.get("size"):
-            return f"{rel} has {p.stat().st_size} bytes, the manifest says {meta.get('size')}"
-    for rel, meta in files.items():
-        if _digest(ckpt / rel)[1] != meta.get("sha256"):
-            return f"{rel} does not match its SHA-256 in the manifest (corrupted?)"
-    return None
-
-
-def _step_of(p: Path) -> int | None:
-    tail = p.name.rsplit("-", 1)[-1]
-    return int(tail) if p.name.startswith("checkpoint-") and tail.isdigit() else None
-
-
-def scan_checkpoints(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint under ``root`` (or ``None``), and every checkpoint that is
-    not complete with the reason. Older complete checkpoints are in neither."""
-    root = Path(root)
-    if not root.is_dir():
-        return None, []
-    found = sorted(
-        ((s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None),
-        reverse=True,
-    )
-    newest: Path | None = None
-    bad: list[tuple[Path, str]] = []
-    for _, p in found:
-        problem = check_checkpoint(p)
-        if problem is not None:
-            bad.append((p, problem))
-        elif newest is None:
-            newest = p
-    return newest, bad
 
 
 def parameters_finite(model: Any) -> bool:
@@ -256,7 +123,7 @@ class DiskSpaceGuard(TrainerCallback):
         self.slack_bytes = slack_bytes
 
     def _needed(self, root: Path, model: Any) -> int:
-        newest, _ = _newest_marked(root)
+        newest, _ = newest_marked(root)
         if newest is not None:
             try:
                 manifest = json.loads((newest / COMPLETE_MARKER).read_text(encoding="utf-8"))
@@ -284,17 +151,6 @@ class DiskSpaceGuard(TrainerCallback):
                 f"({kept}). Free some space and resume.",
                 folder=str(root),
             )
-
-
-def _newest_marked(root: Path) -> tuple[Path | None, int]:
-    """The newest checkpoint holding a manifest (not verified: cheap)."""
-    best: tuple[int, Path] | None = None
-    if root.is_dir():
-        for p in root.iterdir():
-            s = _step_of(p)
-            if s is not None and (p / COMPLETE_MARKER).is_file() and (best is None or s > best[0]):
-                best = (s, p)
-    return (best[1], best[0]) if best else (None, -1)
 
 
 # --------------------------------------------------------------------------- skipped records

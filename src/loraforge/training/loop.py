@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from loraforge.errors import TrainingDivergedError
 from loraforge.fast.losses import detached_head
-from loraforge.training import guards
+from loraforge.training import checkpoints, guards
 from loraforge.training.nonfinite import NonFiniteGuard
 
 __all__ = [
@@ -134,7 +134,7 @@ class MarkComplete(TrainerCallback):
             (ckpt / DATA_FINGERPRINT_FILE).write_text(
                 json.dumps(self.data_fingerprint, indent=1), encoding="utf-8"
             )
-            guards.mark_complete(ckpt, state.global_step)
+            checkpoints.mark_complete(ckpt, state.global_step)
 
 
 def quiet_progress(trainer: Any) -> None:

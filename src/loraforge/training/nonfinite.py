@@ -29,7 +29,9 @@ from typing import Any
 from transformers import TrainerCallback
 
 from loraforge.errors import TrainingDivergedError
-from loraforge.training.guards import NONFINITE_FILE, _write_atomic, json_text, scan_checkpoints
+from loraforge.training.checkpoints import scan_checkpoints
+from loraforge.training.files import json_text, write_atomic
+from loraforge.training.guards import NONFINITE_FILE
 
 __all__ = ["NonFiniteGuard"]
 
@@ -239,7 +241,7 @@ class NonFiniteGuard(TrainerCallback):
         written = True
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(batch_file, json_text(info, indent=2))
+            write_atomic(batch_file, json_text(info, indent=2))
         except OSError:
             written = False
         self._reset()

@@ -58,7 +58,6 @@ from loraforge.recipe import LoraRecipe, absolute_data_paths
 
 __all__ = [
     "CHECKPOINTS",
-    "COMPLETE_MARKER",
     "LOCK_FILE",
     "MERGE_MARKER",
     "RUN_FILE",
@@ -73,7 +72,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-COMPLETE_MARKER = ".complete"
 RUN_FILE = "loraforge.json"
 RECIPE_FILE = "recipe.yaml"
 DATA_REPORT_FILE = "data_report.json"
@@ -417,7 +415,7 @@ class RunFolder:
     # ------------------------------------------------------------------ resume
 
     def _prepare_resume(self, out: Path) -> None:
-        from loraforge.training.guards import scan_checkpoints
+        from loraforge.training.checkpoints import scan_checkpoints
 
         recipe = self.recipe
         if (out / RUN_FILE).exists():
@@ -697,7 +695,8 @@ def _atomic_write(dst_dir: Path, files: dict[str, Any]) -> None:
     to be moved are recorded in the run marker first (they are loraforge's). The run file is
     removed first and moved in last, so a folder whose move was cut short never looks finished.
     """
-    from loraforge.training.guards import disk_full_errors, fsync_dir
+    from loraforge.training.files import fsync_dir
+    from loraforge.training.guards import disk_full_errors
 
     for old in dst_dir.glob(f"{STAGING_PREFIX}*"):  # left by a process that was killed
         shutil.rmtree(old, ignore_errors=True)
@@ -746,7 +745,8 @@ def save_run(
     import transformers
 
     from loraforge import __version__
-    from loraforge.training.guards import SKIPPED_FILE, json_text
+    from loraforge.training.files import json_text
+    from loraforge.training.guards import SKIPPED_FILE
 
     data = report.to_dict()
     for d in data["dropped"]:  # the raw records are in skipped.jsonl

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import OutputDirError
-from loraforge.training.guards import check_checkpoint
+from loraforge.training.checkpoints import check_checkpoint
 
 __all__ = ["ResumePoint", "data_fingerprint", "load_checkpoint_adapter", "resume_point"]
 

@@ -24,74 +24,38 @@ the output folder's layout and its atomic saving live in
 from __future__ import annotations
 
 import logging
-import math
-import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
-from loraforge.data.records import check_records
-from loraforge.data.templates import (
-    PromptTemplate,
-    check_recordable,
-    check_stoppable,
-    get_template,
-)
-from loraforge.errors import DataError, ModelError
-from loraforge.fast.attention import attention_implementation, set_attention
-from loraforge.fast.liger import apply_liger
-from loraforge.fast.lora_ops import apply_lean_functions
-from loraforge.fast.losses import PackedLoss, head_is_detachable
-from loraforge.fast.packing import PackedCollator, PackedDataset
-from loraforge.fast.plan import (
-    DeviceInfo,
-    FastPlan,
-    ModelShape,
-    check_environment,
-    enable_selective_checkpointing,
-    plan_fast_path,
-)
-from loraforge.fast.rope import install_fused_rope
-from loraforge.models import (
-    check_model_source,
-    enable_checkpointing,
-    ensure_pad_token,
-    load_model,
-    load_tokenizer,
-    pick_dtype,
-    resolve_model_path,
-    resolve_target_modules,
-)
+from loraforge.data.builder import DataReport
+from loraforge.data.templates import check_recordable, check_stoppable, get_template
+from loraforge.errors import ModelError
+from loraforge.fast.plan import DeviceInfo, check_environment
+from loraforge.models import check_model_source, load_tokenizer
 from loraforge.recipe import LoraRecipe
-from loraforge.training.guards import SKIPPED_FILE, DiskSpaceGuard, disk_full_errors
-from loraforge.training.guards import write_skipped_records as _write_skipped
-from loraforge.training.loop import (
-    MarkComplete,
-    PlainLog,
-    build_hf_trainer,
-    frozen_gc,
-    lighter_steps,
-    quiet_progress,
-)
-from loraforge.training.nonfinite import NonFiniteGuard
-from loraforge.training.output import CHECKPOINTS, RunFolder, open_run_folder, save_run
-from loraforge.training.resume import (
-    ResumePoint,
-    data_fingerprint,
-    load_checkpoint_adapter,
-    resume_point,
+from loraforge.training.output import open_run_folder, save_run
+from loraforge.training.resume import data_fingerprint
+from loraforge.training.steps import (
+    apply_plan_and_lora,
+    build_data,
+    build_trainer,
+    check_data,
+    head_detachable,
+    lay_out_steps,
+    load_base_model,
+    model_path_of,
+    plan_run,
+    prepare_base_model,
+    run_fit,
+    run_metrics,
+    start_point,
 )
 
-__all__ = ["StepLayout", "TrainResult", "pad_collate", "train"]
+__all__ = ["TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
-_NON_BLOCKING_COPIES = True  # the benchmark turns it off to measure what it is worth
-# transformers >= 5.20 renamed gradient to activation checkpointing; PEFT still asks by the old
-# name on every forward pass. Filtered around the fit only (warnings.catch_warnings).
-_PEFT_RENAME_WARNING = r".*is_gradient_checkpointing.*deprecated"
 
 
 @dataclass(slots=True)
@@ -112,108 +76,6 @@ class TrainResult:
     metrics: dict[str, Any]
     data_report: DataReport
     log_history: list[dict[str, Any]] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- step types
-
-
-@dataclass(frozen=True, slots=True)
-class TrainData:
-    """The examples of a run (step 3)."""
-
-    train: Any  # a datasets.Dataset with input_ids, attention_mask, labels, record_index
-    eval: Any | None
-    report: DataReport
-    eval_report: DataReport | None
-
-
-@dataclass(frozen=True, slots=True)
-class StepLayout:
-    """What one optimizer step holds on this run (logged, and saved in ``loraforge.json``).
-
-    Attributes:
-        packed: micro-batches are packed rows of whole examples (else padded batches).
-        micro_batch: ``"<= N tokens (packed row)"`` or ``"B examples (padded)"``.
-        micro_batches_per_step: ``grad_accum``.
-        examples_per_step: mean examples in one optimizer step.
-        tokens_per_step: mean real (unpadded) tokens in one optimizer step.
-        supervised_tokens_per_step: mean supervised tokens in one optimizer step.
-        steps_per_epoch: optimizer steps in one pass over the data.
-        total_steps: optimizer steps of the run (the learning-rate schedule's length).
-        warmup_steps: steps of learning-rate warm-up.
-    """
-
-    packed: bool
-    micro_batch: str
-    micro_batches_per_step: int
-    examples_per_step: float
-    tokens_per_step: float
-    supervised_tokens_per_step: float
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-    def describe(self) -> str:
-        return (
-            f"one optimizer step = {self.micro_batches_per_step} x {self.micro_batch}: "
-            f"{self.examples_per_step:.1f} examples, {self.tokens_per_step:,.0f} tokens, "
-            f"{self.supervised_tokens_per_step:,.0f} supervised tokens on average; "
-            f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all "
-            f"(learning-rate schedule over {self.total_steps} steps, {self.warmup_steps} warm-up)"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Batches:
-    """The datasets and collator the Trainer iterates (step 7)."""
-
-    train: Any
-    eval: Any | None
-    collator: Any
-    layout: StepLayout
-
-
-@dataclass(frozen=True, slots=True)
-class Fit:
-    """What fitting produced (step 10)."""
-
-    train_loss: float | None
-    history: list[dict[str, Any]]
-    steps: int
-    epochs: float | None
-    runtime_s: float
-    final_eval: dict[str, Any]
-
-
-# --------------------------------------------------------------------------- collator
-
-
-def pad_collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a list of examples: ``input_ids`` with ``pad_token_id``, ``attention_mask``
-    with 0 and ``labels`` with -100 (so padding is never supervised and never masks EOS)."""
-    import torch
-
-    n = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), n), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(features), n), dtype=torch.long)
-    labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
-    for i, f in enumerate(features):
-        k = len(f["input_ids"])
-        ids[i, :k] = torch.as_tensor(f["input_ids"])
-        mask[i, :k] = 1
-        labels[i, :k] = torch.as_tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-@dataclass(frozen=True, slots=True)
-class _PadCollator:
-    pad_token_id: int
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return pad_collate(features, self.pad_token_id)
-
-
-# --------------------------------------------------------------------------- train
 
 
 def train(
@@ -259,7 +121,7 @@ def train(
             return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
         out = run.path
         set_seed(recipe.seed)
-        model_path = None if model is not None and tokenizer is not None else _model_path(recipe)
+        model_path = None if model is not None and tokenizer is not None else model_path_of(recipe)
         if tokenizer is None:
             assert model_path is not None
             tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
@@ -271,11 +133,11 @@ def train(
         model = apply_plan_and_lora(recipe, model, plan, targets)  # 6
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
         fingerprint = data_fingerprint(recipe)
-        start = _start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
-        detach = plan.packing and recipe.chunked_loss and _head_detachable(model, batches)
+        start = start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
+        detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches)
         trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, callbacks)  # 9
         fit = run_fit(trainer, model, batches, start)  # 10
-        metrics = _metrics(fit, batches, plan, model, targets)
+        metrics = run_metrics(fit, batches, plan, model, targets)
         save_run(  # 11
             out,
             model,
@@ -290,419 +152,3 @@ def train(
         )
         logger.info("saved adapter and run files to %s", out)
     return TrainResult(out, metrics, data.report, fit.history)
-
-
-# --------------------------------------------------------------------------- 2-4: data, model
-
-
-def check_data(recipe: LoraRecipe) -> None:
-    """Read and check every record of the training and evaluation data (no tokenizer needed)."""
-    for path in (recipe.data, recipe.eval_data):
-        if path:
-            check_records(
-                path,
-                recipe.data_format,
-                input_separator=recipe.input_separator,
-                on_bad_record=recipe.on_bad_record,
-            )
-
-
-def _model_path(recipe: LoraRecipe) -> str:
-    return resolve_model_path(
-        recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
-    )
-
-
-def _with_record_index(ds: Any, report: DataReport) -> Any:
-    """Give each example the index of the record it was built from (the builder emits the
-    records in order, minus the dropped ones)."""
-    dropped = {d.index for d in report.dropped}
-    index = [i for i in range(report.records_read) if i not in dropped]
-    if len(index) != len(ds):  # the builder's report disagrees with its output: trace nothing
-        index = [-1] * len(ds)
-    return ds.add_column("record_index", index)
-
-
-def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
-    """Tokenize, mask and truncate the data; write the dropped records to ``skipped.jsonl``
-    (and ``eval_skipped.jsonl``); hold out ``eval_fraction`` of the examples if asked."""
-    builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
-    train_ds = builder.build(recipe.data)
-    report = builder.report
-    assert report is not None
-    logger.info("data:\n%s", report.format_text())
-    _write_skipped(out / SKIPPED_FILE, report.dropped)
-    train_ds = _with_record_index(train_ds, report)
-    eval_ds, eval_report = None, None
-    if recipe.eval_data:
-        eval_ds = builder.build(recipe.eval_data)
-        eval_report = builder.report
-        assert eval_report is not None
-        _write_skipped(out / f"eval_{SKIPPED_FILE}", eval_report.dropped)
-    elif recipe.eval_fraction > 0:
-        n_eval = math.ceil(len(train_ds) * recipe.eval_fraction)
-        if not 1 <= n_eval < len(train_ds):
-            raise DataError(
-                f"eval_fraction={recipe.eval_fraction} of {len(train_ds)} examples leaves "
-                f"{n_eval} for evaluation and {len(train_ds) - n_eval} for training; both need at "
-                "least one (more data, another eval_fraction, or eval_data)",
-                source=recipe.data,
-            )
-        split = train_ds.train_test_split(test_size=n_eval, seed=recipe.seed)
-        train_ds, eval_ds = split["train"], split["test"]
-    return TrainData(train_ds, eval_ds, report, eval_report)
-
-
-def load_base_model(recipe: LoraRecipe, model_path: str | None) -> Any:
-    """Load the base model in the recipe's dtype (onto the GPU when there is one)."""
-    import torch
-
-    assert model_path is not None
-    model = load_model(
-        model_path, dtype=pick_dtype(recipe.dtype), trust_remote_code=recipe.trust_remote_code
-    )
-    return model.to("cuda") if torch.cuda.is_available() else model
-
-
-def prepare_base_model(
-    model: Any, tokenizer: Any, template: PromptTemplate, recipe: LoraRecipe
-) -> list[str]:
-    """Give the tokenizer a padding token that is no stop token, switch the cache off, and
-    resolve the LoRA target modules against the model; returns the targets."""
-    note = ensure_pad_token(tokenizer, model, template.end_of_turn)
-    if note:
-        logger.warning(note)
-    model.config.use_cache = False
-    return resolve_target_modules(model, recipe.target_modules)
-
-
-# --------------------------------------------------------------------------- 5-6: plan, LoRA
-
-
-def plan_run(
-    recipe: LoraRecipe,
-    model: Any,
-    device: DeviceInfo | None,
-    data: TrainData,
-    targets: Sequence[str],
-) -> FastPlan:
-    """The fast path's plan for this model, data and machine (logged)."""
-    import torch
-
-    head = model.get_output_embeddings()
-    plan = plan_fast_path(
-        recipe,
-        ModelShape.from_model(model),
-        device,
-        longest_example=max(len(x) for x in data.train["input_ids"]),
-        supervised_fraction=data.report.supervised_fraction or 1.0,
-        chunkable_head=type(head) is torch.nn.Linear and "lm_head" not in targets,
-    )
-    logger.info("fast path: %s", plan.describe())
-    if not plan.fits:
-        logger.warning(
-            "fast path: the planned activations do not fit max_memory_gib=%s even with every "
-            "layer checkpointed; expect an out-of-memory error (lower max_length or pack_tokens, "
-            "or raise max_memory_gib)",
-            recipe.max_memory_gib,
-        )
-    return plan
-
-
-def apply_plan_and_lora(
-    recipe: LoraRecipe, model: Any, plan: FastPlan, targets: Sequence[str]
-) -> Any:
-    """Kernels, attention and checkpointing on the base model, then LoRA and the lean functions;
-    returns the PEFT model."""
-    from peft import LoraConfig, get_peft_model
-
-    if plan.liger_kernels:
-        replaced = apply_liger(model, skip_lean=recipe.fused_lora)
-        logger.info("liger: %s", ", ".join(replaced) or "nothing left to it by the lean functions")
-    set_attention(model, attention_implementation(plan.attention))
-    if plan.gradient_checkpointing == "full":
-        enable_checkpointing(model)
-    elif plan.gradient_checkpointing == "partial":
-        enable_checkpointing(model, layers=plan.checkpoint_layers)
-    elif plan.gradient_checkpointing == "selective":
-        enable_selective_checkpointing(model)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=recipe.lora_r,
-            lora_alpha=recipe.lora_alpha,
-            lora_dropout=recipe.lora_dropout,
-            target_modules=list(targets),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
-    if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
-        import torch
-
-        dtype = next(model.parameters()).dtype
-        mixed = dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
-        apply_lean_functions(model, autocast_dtype=dtype if mixed else None)
-    if plan.liger_kernels:  # Liger's fused RoPE, per attention instance, checked first
-        logger.info("rope: %s", install_fused_rope(model)[1])
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info(
-        "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
-        recipe.lora_r,
-        recipe.lora_alpha,
-        ", ".join(f"{t} x{c}" for t, c in _lora_counts(model, targets).items()),
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-    )
-    return model
-
-
-def _lora_counts(model: Any, targets: Sequence[str]) -> dict[str, int]:
-    names = [n for n, _ in model.named_modules()]
-    return {t: sum(1 for n in names if n.endswith("." + t + ".lora_A")) for t in targets}
-
-
-def _head_detachable(model: Any, batches: Batches) -> bool:
-    """Whether the loss may apply ``lm_head`` in chunks: checked on the real model, with a
-    short packed row made by the training collator."""
-    import torch
-
-    first = batches.train[0][0]  # the first example of the first packed row
-    sample = {"input_ids": first["input_ids"][:16], "labels": first["labels"][:16]}
-    device = next(model.parameters()).device
-    inputs = {
-        k: v.to(device) if torch.is_tensor(v) else v
-        for k, v in batches.collator([[sample]]).items()
-    }
-    ok, why = head_is_detachable(model, inputs)
-    logger.info("chunked loss: %s", "on" if ok else f"off ({why})")
-    return ok
-
-
-# --------------------------------------------------------------------------- 7-8: steps, resume
-
-
-def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: int) -> Batches:
-    """Packed rows or padded batches, and what one optimizer step holds (logged)."""
-    train_ds, eval_ds = data.train, data.eval
-    if plan.packing:
-        assert plan.pack_tokens is not None
-        train_ds = PackedDataset(train_ds, plan.pack_tokens, seed=recipe.seed)
-        if eval_ds is not None:
-            eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
-        collator: Any = PackedCollator(pad_id)
-        micro = f"<= {plan.pack_tokens} tokens (packed row)"
-        micro_batches = len(train_ds)
-        logger.info(
-            "packed %d examples into %d rows of <= %d tokens (%.0f%% full)",
-            len(train_ds.input_ids),
-            len(train_ds),
-            plan.pack_tokens,
-            100 * train_ds.fill,
-        )
-    else:
-        collator = _PadCollator(pad_id)
-        micro = f"{recipe.micro_batch_size} examples (padded)"
-        micro_batches = math.ceil(len(train_ds) / recipe.micro_batch_size)
-    steps_per_epoch = max(math.ceil(micro_batches / recipe.grad_accum), 1)
-    total = (
-        recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
-    )
-    ids = data.train["input_ids"]
-    labels = data.train["labels"]
-    n = len(ids)
-    tokens = sum(len(x) for x in ids)
-    supervised = sum(sum(1 for t in x[1:] if t != IGNORE_INDEX) for x in labels)
-    examples_per_step = n / steps_per_epoch
-    layout = StepLayout(
-        packed=plan.packing,
-        micro_batch=micro,
-        micro_batches_per_step=recipe.grad_accum,
-        examples_per_step=examples_per_step,
-        tokens_per_step=tokens / n * examples_per_step,
-        supervised_tokens_per_step=supervised / n * examples_per_step,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total,
-        warmup_steps=math.ceil(recipe.warmup_ratio * total),
-    )
-    logger.info("steps: %s", layout.describe())
-    return Batches(train_ds, eval_ds, collator, layout)
-
-
-def _start_point(
-    run: RunFolder,
-    layout: StepLayout,
-    fingerprint: dict[str, Any],
-    allow_changed_data: bool,
-) -> ResumePoint:
-    if run.checkpoint is None:  # not resuming, or nothing to resume from
-        return ResumePoint(None)
-    start = resume_point(
-        run.path / CHECKPOINTS,
-        layout.total_steps,
-        fingerprint,
-        allow_changed_data=allow_changed_data,
-    )
-    if start.finished:
-        logger.info(
-            "resume: %s is at the run's last step (%d); nothing left to train, saving it",
-            start.checkpoint,
-            start.step,
-        )
-    elif start.checkpoint is not None:
-        logger.info("resuming from %s (step %d)", start.checkpoint, start.step)
-    return start
-
-
-# --------------------------------------------------------------------------- 9-10: trainer, fit
-
-
-def build_trainer(
-    recipe: LoraRecipe,
-    out: Path,
-    model: Any,
-    batches: Batches,
-    detach_head: bool,
-    fingerprint: dict[str, Any],
-    callbacks: Sequence[Any],
-) -> Any:
-    """The ``transformers.Trainer`` with loraforge's guards, loss and arguments."""
-    import torch
-    from transformers import TrainingArguments
-
-    on_gpu = torch.cuda.is_available()
-    dtype = next(model.parameters()).dtype
-    guard = NonFiniteGuard(
-        out,
-        examples=batches.train.input_ids
-        if isinstance(batches.train, PackedDataset)
-        else batches.train["input_ids"],
-        record_indices=_record_indices(batches.train),
-        source=recipe.data,
-    )
-    layout = batches.layout
-    loss = PackedLoss(model.get_output_embeddings() if detach_head else None)
-    args = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=1 if layout.packed else recipe.micro_batch_size,
-        per_device_eval_batch_size=1 if layout.packed else recipe.micro_batch_size,
-        gradient_accumulation_steps=recipe.grad_accum,
-        max_steps=layout.total_steps,  # one definition of the run's length: the layout's
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=layout.warmup_steps,
-        optim=recipe.optimizer,
-        weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm,
-        seed=recipe.seed,
-        logging_steps=recipe.logging_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        eval_strategy="no" if batches.eval is None else ("steps" if recipe.eval_steps else "epoch"),
-        eval_steps=recipe.eval_steps,
-        report_to=list(recipe.report_to) or "none",
-        bf16=dtype == torch.bfloat16 and on_gpu,
-        fp16=dtype == torch.float16 and on_gpu,
-        use_cpu=not on_gpu,
-        remove_unused_columns=False,
-        dataloader_pin_memory=on_gpu,
-        # batches go to the GPU from pinned memory without the CPU waiting for the GPU to finish
-        # the previous step (a blocking copy idles the GPU while the next step is prepared)
-        accelerator_config={"non_blocking": on_gpu and _NON_BLOCKING_COPIES},
-        disable_tqdm=False,
-        # the non-finite guard stops the run instead; the filter reads the loss every step,
-        # which makes the GPU wait for the CPU
-        logging_nan_inf_filter=False,
-    )
-    recipe.to_yaml(out / "recipe.yaml")
-    trainer = build_hf_trainer(
-        guard=guard,
-        detach_head=detach_head,
-        model=model,
-        args=args,
-        train_dataset=batches.train,
-        eval_dataset=batches.eval,
-        data_collator=batches.collator,
-        compute_loss_func=loss if layout.packed else None,
-        # the guards check before a save is marked complete
-        callbacks=[
-            guard,
-            DiskSpaceGuard(),
-            PlainLog(),
-            MarkComplete(out / "recipe.yaml", fingerprint),
-            *callbacks,
-        ],
-    )
-    quiet_progress(trainer)
-    return trainer
-
-
-def _record_indices(ds: Any) -> list[int]:
-    if isinstance(ds, PackedDataset):
-        return list(ds.dataset["record_index"])
-    return list(ds["record_index"])
-
-
-def run_fit(trainer: Any, model: Any, batches: Batches, start: ResumePoint) -> Fit:
-    """Train (from ``start``), then evaluate once more if there is evaluation data."""
-    began = time.perf_counter()
-    train_loss: float | None = None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PEFT_RENAME_WARNING, category=FutureWarning)
-        if start.finished:
-            assert start.checkpoint is not None
-            history = load_checkpoint_adapter(model, start.checkpoint)
-            trainer.state.global_step = start.step
-            trainer.state.log_history = history
-            losses = [h["loss"] for h in history if "loss" in h]
-            train_loss = sum(losses) / len(losses) if losses else None
-        else:
-            checkpoints = trainer.args.output_dir
-            with (
-                disk_full_errors(checkpoints, "saving a checkpoint to"),
-                lighter_steps(model),
-                frozen_gc(),
-            ):
-                resume_from = str(start.checkpoint) if start.checkpoint else None
-                result = trainer.train(resume_from_checkpoint=resume_from)
-            train_loss = result.training_loss
-        runtime = time.perf_counter() - began
-        final_eval = trainer.evaluate() if batches.eval is not None else {}
-    return Fit(
-        train_loss=train_loss,
-        history=list(trainer.state.log_history),
-        steps=trainer.state.global_step,
-        epochs=trainer.state.epoch,
-        runtime_s=round(runtime, 3),
-        final_eval=final_eval,
-    )
-
-
-# --------------------------------------------------------------------------- 11: save
-
-
-def _metrics(
-    fit: Fit, batches: Batches, plan: FastPlan, model: Any, targets: Sequence[str]
-) -> dict[str, Any]:
-    losses = [h["loss"] for h in fit.history if "loss" in h]
-    ids = batches.train.input_ids if isinstance(batches.train, PackedDataset) else None
-    ids = ids if ids is not None else batches.train["input_ids"]
-    trainable, _ = model.get_nb_trainable_parameters()
-    metrics: dict[str, Any] = {
-        "train_loss": fit.train_loss,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "steps": fit.steps,
-        "epochs": fit.epochs,
-        "runtime_s": fit.runtime_s,
-        "train_examples": len(ids),
-        "train_tokens_per_epoch": int(sum(len(x) for x in ids)),
-        "fast_path": plan.describe(),
-        "step": asdict(batches.layout),
-        "trainable_parameters": trainable,
-        "lora_target_modules": _lora_counts(model, targets),
-    }
-    metrics.update(fit.final_eval)
-    return metrics
