@@ -48,7 +48,10 @@ def test_inspect_data_default_sample(capsys):
 
 def test_validate_ok_and_errors(recipe_file, capsys, tmp_path):
     assert main(["validate", str(recipe_file)]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out and "step:" in out  # what one optimizer step holds, said up front
+    assert main(["validate", str(recipe_file), "--set", "packing=on", "--set", "batch_size=4"]) == 2
+    assert "batch_size: not used with packing: on" in capsys.readouterr().err
     assert (
         main(["validate", str(recipe_file), "--set", "lora_rank=4", "--set", "lora_dropout=3"]) == 2
     )

@@ -341,3 +341,14 @@ def test_batch_size_is_never_silently_dropped_by_packing():
     packed = LoraRecipe(model="m", data="d.json", packing="on")
     assert packed.batch_size is None and packed.micro_batch_size == 4
     assert LoraRecipe(model="m", data="d.json", batch_size=2).micro_batch_size == 2
+
+
+def test_step_summary_says_what_a_step_holds_for_each_packing_setting():
+    auto = LoraRecipe(model="m", data="d.json")
+    assert (
+        auto.step_summary().startswith("on a GPU packed rows")
+        and "on the CPU 4 padded" in auto.step_summary()
+    )
+    assert LoraRecipe(model="m", data="d.json", batch_size=2).step_summary() == "2 padded examples"
+    on = LoraRecipe(model="m", data="d.json", packing="on", pack_tokens=1024, grad_accum=2)
+    assert on.step_summary().startswith("2 x packed rows of up to 1024 tokens")

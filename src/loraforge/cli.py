@@ -270,8 +270,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"{key + ':':<10} {path}: {read} records" + (f", {len(bad)} to skip" if bad else "")
         )
         skipped += bad
+    from loraforge.fast.plan import DeviceInfo, check_environment
+
+    try:  # what this machine can honour (liger, varlen attention, pack_tokens on a CPU...)
+        check_environment(recipe, DeviceInfo.probe())
+    except RecipeError as exc:
+        problems += exc.problems
     if problems:
         raise RecipeError(problems, source=args.recipe)
+    lines.append(f"{'step:':<10} {recipe.step_summary()}")
     print(f"{args.recipe}: OK")
     for line in lines:
         print(f"  {line}")
@@ -285,7 +292,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from loraforge.training.trainer import train
 
-    result = train(_recipe(args), resume=args.resume)
+    result = train(_recipe(args), resume=args.resume, allow_changed_data=args.allow_changed_data)
     m = result.metrics
     loss = (
         f"loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}"
@@ -445,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in output_dir from its last complete checkpoint",
+    )
+    s.add_argument(
+        "--allow-changed-data",
+        action="store_true",
+        help="with --resume: go on although the data files changed since the checkpoint",
     )
     s.set_defaults(func=cmd_train)
 

@@ -296,6 +296,21 @@ class LoraRecipe:
         4 when it is unset."""
         return DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size
 
+    def step_summary(self) -> str:
+        """What one optimizer step holds under this recipe, in words (``loraforge validate``
+        prints it; a run logs the measured figures)."""
+        accum = f"{self.grad_accum} x " if self.grad_accum > 1 else ""
+        padded = f"{accum}{self.micro_batch_size} padded examples"
+        rows = f"{accum}packed rows of up to {self.pack_tokens or 'a planned number of'} tokens"
+        if self.packing == "on":
+            return f"{rows} (examples per step vary with their lengths)"
+        if self.packing == "off" or self.batch_size is not None:
+            return padded
+        return (
+            f"on a GPU {rows} (examples per step vary; set batch_size for a fixed number), "
+            f"on the CPU {padded}"
+        )
+
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Each field's one-line help (used by the docs and ``--help``)."""
