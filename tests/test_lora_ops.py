@@ -150,7 +150,7 @@ def test_lean_lora_equals_peft_with_the_same_dropout_masks(monkeypatch):
         if hasattr(m, "lora_dropout"):
             m.lora_dropout["default"] = _SeededDropout(0.1, ref_seeds)
     seeds = itertools.count(1000)
-    monkeypatch.setattr(lora_ops, "_new_seed", lambda: next(seeds))
+    monkeypatch.setattr(lora_ops, "new_seed", lambda: next(seeds))
     _assert_same(plain, fused)
     assert next(seeds) == next(ref_seeds) == 1008  # one mask per adapted layer
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from loraforge.data.records import (
+    RawRecord,
     RecordFormat,
-    _parse_records,
-    _Record,
-    _source_name,
     load_records,
+    parse_records,
+    source_name,
     to_messages,
 )
 from loraforge.data.templates import PromptTemplate, Segment, get_template
@@ -119,7 +119,7 @@ class DroppedRecord:
     summary: str = field(default="", compare=False)
 
 
-def _dropped(rec: _Record, reason: str) -> DroppedRecord:
+def _dropped(rec: RawRecord, reason: str) -> DroppedRecord:
     deep = nested_deeper_than(rec.value, MAX_RECORD_DEPTH)
     return DroppedRecord(
         rec.index, reason, rec.line, None if deep else rec.value, rec.raw, summarize(rec.value)
@@ -365,13 +365,13 @@ class SFTDatasetBuilder:
     def _build(self, source: Any, chunk_size: int) -> Any:
         import datasets
 
-        name = _source_name(source)
+        name = source_name(source)
         report = DataReport(source=name)
         cols: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         stats: dict[str, list[int]] = {"prompt": [], "response": [], "total": []}
         supervised = 0
         fmt: str | None = None if self.format == "auto" else self.format
-        chunk: list[tuple[_Record, list[Segment]]] = []
+        chunk: list[tuple[RawRecord, list[Segment]]] = []
 
         def flush() -> None:
             nonlocal supervised
@@ -411,7 +411,7 @@ class SFTDatasetBuilder:
                 supervised += n_sup
             chunk.clear()
 
-        records = _parse_records(
+        records = parse_records(
             source,
             self.format,
             system_prompt=self.system_prompt,
@@ -461,5 +461,5 @@ class SFTDatasetBuilder:
         features = datasets.Features({k: datasets.Sequence(datasets.Value("int32")) for k in cols})
         return datasets.Dataset.from_dict(cols, features=features)
 
-    def _drop(self, report: DataReport, rec: _Record, reason: str) -> None:
+    def _drop(self, report: DataReport, rec: RawRecord, reason: str) -> None:
         report.dropped.append(_dropped(rec, reason))

@@ -39,14 +39,14 @@ _SHAREGPT_ROLES = {
 
 
 @dataclass(frozen=True, slots=True)
-class _Record:
+class RawRecord:
     index: int
     line: int | None
     value: Any
     raw: str | None = None  # the line's text as read, for a record of a JSONL file
 
 
-def _source_name(source: Any) -> str:
+def source_name(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return f"<{type(source).__name__}>"
@@ -63,7 +63,7 @@ def load_records(source: Any) -> Iterator[tuple[int, int | None, Any]]:
         yield rec.index, rec.line, rec.value
 
 
-def _iter_records(source: Any) -> Iterator[_Record]:
+def _iter_records(source: Any) -> Iterator[RawRecord]:
     if isinstance(source, (str, os.PathLike)):
         yield from _read_file(Path(source))
         return
@@ -71,16 +71,16 @@ def _iter_records(source: Any) -> Iterator[_Record]:
         raise DataError(
             "expected a sequence of records (list of dicts), a file path or a datasets.Dataset, "
             "got a single mapping",
-            source=_source_name(source),
+            source=source_name(source),
         )
     if not isinstance(source, Iterable):
         raise DataError(
             "expected a list of records, a .json/.jsonl path or a datasets.Dataset, "
             f"got {type(source).__name__}",
-            source=_source_name(source),
+            source=source_name(source),
         )
     for i, value in enumerate(source):
-        yield _Record(i, None, value)
+        yield RawRecord(i, None, value)
 
 
 #: Suffixes of formats that are not JSON: refused by name instead of failing as "invalid JSONL".
@@ -91,7 +91,7 @@ _NOT_JSON = frozenset(
 )
 
 
-def _read_file(path: Path) -> Iterator[_Record]:
+def _read_file(path: Path) -> Iterator[RawRecord]:
     name = str(path)
     if not path.exists():
         raise DataError("no such file (give a .json array or a .jsonl file)", source=name)
@@ -138,7 +138,7 @@ def _read_file(path: Path) -> Iterator[_Record]:
                 raise DataError(
                     f"unreadable JSON ({_json_problem(exc)})", source=name, line=lineno
                 ) from None
-            yield _Record(index, lineno, value, row)
+            yield RawRecord(index, lineno, value, row)
             index += 1
         return
     try:
@@ -158,7 +158,7 @@ def _read_file(path: Path) -> Iterator[_Record]:
             source=name,
         )
     for i, rec in enumerate(value):
-        yield _Record(i, None, rec)
+        yield RawRecord(i, None, rec)
 
 
 _LEADING_SPACE = re.compile(r"\s*")  # what str.lstrip() strips
@@ -349,16 +349,16 @@ def to_messages(
     return msgs
 
 
-def _parse_records(
+def parse_records(
     source: Any,
     format: RecordFormat = "auto",
     *,
     system_prompt: str | None = None,
     input_separator: str = "\n",
-) -> Iterator[tuple[_Record, str | None, list[dict[str, str]] | DataError]]:
+) -> Iterator[tuple[RawRecord, str | None, list[dict[str, str]] | DataError]]:
     """Yield ``(record, format, conversation)`` for every record, the conversation replaced by a
     [`DataError`][loraforge.DataError] naming file, line, index and field when it is invalid."""
-    name = _source_name(source)
+    name = source_name(source)
     fmt = None if format == "auto" else format
     for rec in _iter_records(source):
         try:
@@ -389,7 +389,7 @@ def check_records(
             record, naming its file, line or index and field; also when no record is usable.
     """
     read, problems = 0, []
-    for _, _, msgs in _parse_records(source, format, input_separator=input_separator):
+    for _, _, msgs in parse_records(source, format, input_separator=input_separator):
         read += 1
         if isinstance(msgs, DataError):
             if on_bad_record == "raise":
@@ -397,6 +397,6 @@ def check_records(
             problems.append(msgs)
     if read == len(problems):
         raise DataError(
-            f"no usable record ({read} read, {len(problems)} bad)", source=_source_name(source)
+            f"no usable record ({read} read, {len(problems)} bad)", source=source_name(source)
         )
     return read, problems

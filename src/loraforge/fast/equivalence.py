@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.fast import lora_ops
-from loraforge.fast.lora_ops import _lean_norm, _lora_linear, _lora_mlp, _norm_eps
+from loraforge.fast.lora_ops import lean_norm, lora_linear, lora_mlp, norm_eps
 
 __all__ = [
     "TOLERANCES",
@@ -165,7 +165,7 @@ def rms_norm_refusal(module: nn.Module) -> str | None:
         return "no 1-D floating-point weight"
     if w.is_meta:
         return "weight on the meta device"
-    eps = _norm_eps(module)
+    eps = norm_eps(module)
     if eps is None:
         return "no variance_epsilon/eps"
     if module._modules or len(list(module.parameters())) != 1:
@@ -307,7 +307,7 @@ def check_linear(
 
     def got(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with _precision(w.device, regime):
-            out: torch.Tensor = _lora_linear(layer, adapter, regime, x, a, b, p, _SEED)
+            out: torch.Tensor = lora_linear(layer, adapter, regime, x, a, b, p, _SEED)
         return out
 
     inputs = [x, *_probe_adapter(layer, adapter, gen)]
@@ -351,7 +351,7 @@ def check_mlp(
 
     def got(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         with _precision(w.device, regime):
-            out: torch.Tensor = _lora_mlp(mlp, adapters, regime, x, weights, masks)
+            out: torch.Tensor = lora_mlp(mlp, adapters, regime, x, weights, masks)
         return out
 
     inputs = [x]
@@ -373,7 +373,7 @@ def check_norm(kind: str, name: str, norm: Any) -> CheckResult:
         return out
 
     def got(x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = _lean_norm(norm, x)
+        out: torch.Tensor = lean_norm(norm, x)
         return out
 
     return compare(kind, name, [x], ("input",), want, got, tolerance(w.dtype, w.device))

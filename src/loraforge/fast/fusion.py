@@ -424,9 +424,9 @@ class _FusedLinear(_Installed):
             return self._own(reason, x, args, kwargs)
         name = self.plan.adapter
         p = _dropout_p(m.lora_dropout[name])
-        seed = lora_ops._new_seed() if p > 0.0 else 0
+        seed = lora_ops.new_seed() if p > 0.0 else 0
         a, b = m.lora_A[name].weight, m.lora_B[name].weight
-        return lora_ops._lora_linear(m, name, self.plan.regime, x, a, b, p, seed)
+        return lora_ops.lora_linear(m, name, self.plan.regime, x, a, b, p, seed)
 
 
 class _FusedMLP(_Installed):
@@ -454,11 +454,11 @@ class _FusedMLP(_Installed):
         masks, weights = [], []
         for proj, plan in zip(parts, self.plans, strict=True):
             p = _dropout_p(proj.lora_dropout[plan.adapter])
-            masks.append((p, lora_ops._new_seed() if p > 0.0 else 0))
+            masks.append((p, lora_ops.new_seed() if p > 0.0 else 0))
             weights += [proj.lora_A[plan.adapter].weight, proj.lora_B[plan.adapter].weight]
         adapters = (self.plans[0].adapter, self.plans[1].adapter)
         regime = self.plans[0].regime
-        return lora_ops._lora_mlp(mlp, adapters, regime, x, tuple(weights), tuple(masks))
+        return lora_ops.lora_mlp(mlp, adapters, regime, x, tuple(weights), tuple(masks))
 
 
 class _LeanNorm(_Installed):
@@ -475,7 +475,7 @@ class _LeanNorm(_Installed):
             reason = f"input {_name(x.dtype)} on a {_name(w.dtype)} weight"
         if reason:
             return self._own(reason, x, args, kwargs)
-        return lora_ops._lean_norm(self.module, x)
+        return lora_ops.lean_norm(self.module, x)
 
 
 def uninstall(model: nn.Module, groups: tuple[str, ...]) -> int:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from loraforge.fast.equivalence import compare, rms_norm_refusal, tolerance
-from loraforge.fast.lora_ops import _norm_eps, lean_norm_candidates
+from loraforge.fast.lora_ops import lean_norm_candidates, norm_eps
 
 __all__ = ["apply_liger", "liger_available"]
 
@@ -147,7 +147,7 @@ def _liger_norm(cls: Any, norm: nn.Module) -> nn.Module:
     w: Any = norm.weight
     with torch.device("meta"):  # no weight allocated: the norm's own parameter is moved in
         new: nn.Module = cls(
-            w.shape[0], eps=_norm_eps(norm), offset=0.0, casting_mode="llama", in_place=False
+            w.shape[0], eps=norm_eps(norm), offset=0.0, casting_mode="llama", in_place=False
         )
     new.weight = w
     return new.train(norm.training)

@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 
-def _new_seed() -> int:
+def new_seed() -> int:
     """A dropout seed from torch's CPU generator (no device synchronisation)."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
@@ -233,7 +233,7 @@ class RMSNormFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- on PEFT's modules
 
 
-def _lora_linear(
+def lora_linear(
     module: Any,
     adapter: str,
     regime: torch.dtype | None,
@@ -262,7 +262,7 @@ def _lora_linear(
         )
 
 
-def _lora_mlp(
+def lora_mlp(
     mlp: Any,
     adapters: tuple[str, str],
     regime: torch.dtype | None,
@@ -284,7 +284,7 @@ def _lora_mlp(
         return LoraSwiGLUFunction.apply(x.to(dtype), w1, a1, b1, w2, a2, b2, lora1, lora2)
 
 
-def _norm_eps(module: Any) -> float | None:
+def norm_eps(module: Any) -> float | None:
     """A norm's epsilon: its ``variance_epsilon`` or ``eps``, if a finite number."""
     for attr in ("variance_epsilon", "eps"):
         eps = getattr(module, attr, None)
@@ -293,10 +293,10 @@ def _norm_eps(module: Any) -> float | None:
     return None
 
 
-def _lean_norm(module: Any, x: torch.Tensor) -> Any:
+def lean_norm(module: Any, x: torch.Tensor) -> Any:
     """The norm's ``module(x)`` through :class:`RMSNormFunction`."""
     with torch.autocast(x.device.type, enabled=False):
-        return RMSNormFunction.apply(x, module.weight, _norm_eps(module))
+        return RMSNormFunction.apply(x, module.weight, norm_eps(module))
 
 
 # --------------------------------------------------------------------------- entry points

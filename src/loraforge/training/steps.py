@@ -47,8 +47,12 @@ from loraforge.models import (
     resolve_target_modules,
 )
 from loraforge.recipe import LoraRecipe
-from loraforge.training.guards import SKIPPED_FILE, DiskSpaceGuard, disk_full_errors
-from loraforge.training.guards import write_skipped_records as _write_skipped
+from loraforge.training.guards import (
+    SKIPPED_FILE,
+    DiskSpaceGuard,
+    disk_full_errors,
+    write_skipped_records,
+)
 from loraforge.training.loop import (
     MarkComplete,
     PlainLog,
@@ -227,14 +231,14 @@ def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
     report = builder.report
     assert report is not None
     logger.info("data:\n%s", report.format_text())
-    _write_skipped(out / SKIPPED_FILE, report.dropped)
+    write_skipped_records(out / SKIPPED_FILE, report.dropped)
     train_ds = _with_record_index(train_ds, report)
     eval_ds, eval_report = None, None
     if recipe.eval_data:
         eval_ds = builder.build(recipe.eval_data)
         eval_report = builder.report
         assert eval_report is not None
-        _write_skipped(out / f"eval_{SKIPPED_FILE}", eval_report.dropped)
+        write_skipped_records(out / f"eval_{SKIPPED_FILE}", eval_report.dropped)
     elif recipe.eval_fraction > 0:
         n_eval = math.ceil(len(train_ds) * recipe.eval_fraction)
         if not 1 <= n_eval < len(train_ds):
