@@ -672,3 +672,21 @@ def test_apply_liger_keeps_a_module_liger_computes_differently(monkeypatch, capl
     assert replaced == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert "LigerRMSNorm 64 torch.float32 (Phi3RMSNorm) differs from the module" in caplog.text
     assert "it would replace on model.norm (output: relative error 5.0e-01" in caplog.text
+
+
+def test_partial_checkpointing_checkpoints_the_first_layers_and_keeps_the_gradients():
+    from loraforge.models import enable_checkpointing
+
+    fused = _lora(0.1)
+    lora_ops.fuse_lora_forward(fused)
+    part = copy.deepcopy(fused)
+    enable_checkpointing(part.get_base_model(), layers=1)
+    flags = [layer.gradient_checkpointing for layer in _layers(part)]
+    assert flags == [True, False]
+    ids = torch.randint(0, 1000, (2, 40))
+    for model in (fused, part):
+        torch.manual_seed(11)
+        model(input_ids=ids, labels=ids).loss.backward()
+    ref = _grads(fused)
+    for n, g in _grads(part).items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-6, atol=1e-9)

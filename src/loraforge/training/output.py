@@ -55,6 +55,7 @@ from loraforge.data.builder import DataReport, DroppedRecord
 from loraforge.data.templates import template_id
 from loraforge.errors import OutputDirError, RecipeError
 from loraforge.recipe import LoraRecipe, absolute_data_paths
+from loraforge.training.files import fsync_dir
 
 __all__ = [
     "CHECKPOINTS",
@@ -120,15 +121,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     """Write ``value`` to a temporary file beside ``path``, fsync it, rename it into place."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -137,7 +129,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_marker(path: Path, fmt: str) -> dict[str, Any] | None:
@@ -509,7 +501,7 @@ def _clear_run_folder(folder: Path) -> list[str]:
         else:
             kept.append(p.name)
     _write_json(folder / RUN_MARKER, {**marker, "saved": []})
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return kept
 
 
@@ -695,7 +687,6 @@ def _atomic_write(dst_dir: Path, files: dict[str, Any]) -> None:
     to be moved are recorded in the run marker first (they are loraforge's). The run file is
     removed first and moved in last, so a folder whose move was cut short never looks finished.
     """
-    from loraforge.training.files import fsync_dir
     from loraforge.training.guards import disk_full_errors
 
     for old in dst_dir.glob(f"{STAGING_PREFIX}*"):  # left by a process that was killed
