@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,13 @@ from loraforge.data.templates import (
 )
 from loraforge.data.tokenize import SegmentTokenizer
 from loraforge.errors import ModelError
-from loraforge.models import load_model, load_tokenizer, pick_dtype, resolve_model_path
+from loraforge.models import (
+    load_model,
+    load_tokenizer,
+    peft_rename_warning_ignored,
+    pick_dtype,
+    resolve_model_path,
+)
 from loraforge.training.output import RUN_FILE, prepare_merge_folder
 
 __all__ = ["ChatModel", "load_for_inference"]
@@ -411,12 +416,7 @@ def load_for_inference(
     )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    with warnings.catch_warnings():
-        # transformers >= 5.20 renamed gradient to activation checkpointing and PEFT still asks
-        # by the old name; the FutureWarning tells a loraforge user nothing they can act on.
-        warnings.filterwarnings(
-            "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
-        )
+    with peft_rename_warning_ignored():
         model = PeftModel.from_pretrained(model, str(folder))
     if merge:
         model = model.merge_and_unload()

@@ -10,10 +10,12 @@ matches no module is an error listing the model's linear modules.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -453,3 +455,16 @@ def enable_checkpointing(model: Any, context_fn: Any = None, layers: int | None 
         blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for block in blocks[layers:]:
             block.gradient_checkpointing = False
+
+
+@contextlib.contextmanager
+def peft_rename_warning_ignored() -> Iterator[None]:
+    """Within the block, ignore PEFT's ``is_gradient_checkpointing`` FutureWarning (transformers
+    >= 5.20 renamed gradient to activation checkpointing, and PEFT asks by the old name on every
+    forward pass; a loraforge user can do nothing about it). Scoped: the caller's warning filters
+    are as before after the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+        )
+        yield

@@ -102,6 +102,7 @@ def check_checkpoint(ckpt: str | Path) -> str | None:
 
 
 def checkpoint_step(p: Path) -> int | None:
+    """The step of a ``checkpoint-N`` folder, or ``None`` for any other name."""
     tail = p.name.rsplit("-", 1)[-1]
     return int(tail) if p.name.startswith("checkpoint-") and tail.isdigit() else None
 

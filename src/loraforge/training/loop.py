@@ -29,9 +29,9 @@ from loraforge.errors import TrainingDivergedError
 from loraforge.fast.losses import detached_head
 from loraforge.training import checkpoints, guards
 from loraforge.training.nonfinite import NonFiniteGuard
+from loraforge.training.resume import DATA_FINGERPRINT_FILE
 
 __all__ = [
-    "DATA_FINGERPRINT_FILE",
     "MarkComplete",
     "PlainLog",
     "build_hf_trainer",
@@ -41,9 +41,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DATA_FINGERPRINT_FILE = "loraforge_data.json"
-"""Written into each checkpoint: the content hash of the data it was trained on."""
 
 
 class _LoraForgeTrainer(Trainer):

@@ -21,13 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import OutputDirError
-from loraforge.training.checkpoints import check_checkpoint
+from loraforge.training.checkpoints import check_checkpoint, checkpoint_step
 
-__all__ = ["ResumePoint", "data_fingerprint", "load_checkpoint_adapter", "resume_point"]
+__all__ = [
+    "DATA_FINGERPRINT_FILE",
+    "ResumePoint",
+    "data_fingerprint",
+    "load_checkpoint_adapter",
+    "resume_point",
+]
 
 logger = logging.getLogger(__name__)
 
-_FINGERPRINT_FILE = "loraforge_data.json"  # the name MarkComplete writes (training.loop)
+DATA_FINGERPRINT_FILE = "loraforge_data.json"
+"""Written into each checkpoint (by ``training.loop.MarkComplete``): the data it was trained on."""
 
 
 def _sha256(path: Path) -> str:
@@ -65,13 +72,10 @@ class ResumePoint:
 
 
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            tail = p.name.rsplit("-", 1)[-1]
-            if p.is_dir() and p.name.startswith("checkpoint-") and tail.isdigit():
-                found.append((int(tail), p))
-    return sorted((s, p) for s, p in found if check_checkpoint(p) is None)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return sorted((s, p) for s, p in found if s is not None and check_checkpoint(p) is None)
 
 
 def resume_point(
@@ -113,7 +117,7 @@ def resume_point(
 
 
 def _check_data(ckpt: Path, fingerprint: Mapping[str, Any], allow: bool) -> None:
-    saved_file = ckpt / _FINGERPRINT_FILE
+    saved_file = ckpt / DATA_FINGERPRINT_FILE
     if not saved_file.is_file():
         logger.warning("resume: %s records no data fingerprint (older loraforge)", ckpt)
         return

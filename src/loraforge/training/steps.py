@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from loraforge.models import (
     enable_checkpointing,
     ensure_pad_token,
     load_model,
+    peft_rename_warning_ignored,
     pick_dtype,
     resolve_model_path,
     resolve_target_modules,
@@ -97,11 +97,6 @@ logger = logging.getLogger(__name__)
 _NON_BLOCKING_COPIES = True  # the benchmark turns it off to measure what it is worth
 
 
-# transformers >= 5.20 renamed gradient to activation checkpointing; PEFT still asks by the old
-# name on every forward pass. Filtered around the fit only (warnings.catch_warnings).
-_PEFT_RENAME_WARNING = r".*is_gradient_checkpointing.*deprecated"
-
-
 @dataclass(frozen=True, slots=True)
 class TrainData:
     """The examples of a run (step 3)."""
@@ -110,6 +105,7 @@ class TrainData:
     eval: Any | None
     report: DataReport
     eval_report: DataReport | None
+    lengths: list[int]  # of the training examples, read once for the plan and the layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +114,8 @@ class StepLayout:
 
     Attributes:
         packed: micro-batches are packed rows of whole examples (else padded batches).
+        examples_per_epoch: training examples.
+        tokens_per_epoch: their tokens.
         micro_batch: ``"<= N tokens (packed row)"`` or ``"B examples (padded)"``.
         micro_batches_per_step: ``grad_accum``.
         examples_per_step: mean examples in one optimizer step.
@@ -129,6 +127,8 @@ class StepLayout:
     """
 
     packed: bool
+    examples_per_epoch: int
+    tokens_per_epoch: int
     micro_batch: str
     micro_batches_per_step: int
     examples_per_step: float
@@ -250,7 +250,8 @@ def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
             )
         split = train_ds.train_test_split(test_size=n_eval, seed=recipe.seed)
         train_ds, eval_ds = split["train"], split["test"]
-    return TrainData(train_ds, eval_ds, report, eval_report)
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    return TrainData(train_ds, eval_ds, report, eval_report, lengths)
 
 
 def load_base_model(recipe: LoraRecipe, model_path: str | None) -> Any:
@@ -291,7 +292,7 @@ def plan_run(
         recipe,
         ModelShape.from_model(model),
         device,
-        longest_example=max(len(x) for x in data.train["input_ids"]),
+        longest_example=max(data.lengths),
         supervised_fraction=data.report.supervised_fraction or 1.0,
         chunkable_head=type(head) is torch.nn.Linear and "lm_head" not in targets,
     )
@@ -403,14 +404,13 @@ def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: i
     total = (
         recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
     )
-    ids = data.train["input_ids"]
-    labels = data.train["labels"]
-    n = len(ids)
-    tokens = sum(len(x) for x in ids)
-    supervised = sum(sum(1 for t in x[1:] if t != IGNORE_INDEX) for x in labels)
+    n, tokens = len(data.lengths), sum(data.lengths)
+    supervised = tokens * data.report.supervised_fraction  # the builder measured it
     examples_per_step = n / steps_per_epoch
     layout = StepLayout(
         packed=plan.packing,
+        examples_per_epoch=n,
+        tokens_per_epoch=tokens,
         micro_batch=micro,
         micro_batches_per_step=recipe.grad_accum,
         examples_per_step=examples_per_step,
@@ -540,8 +540,7 @@ def run_fit(trainer: Any, model: Any, batches: Batches, start: ResumePoint) -> F
     """Train (from ``start``), then evaluate once more if there is evaluation data."""
     began = time.perf_counter()
     train_loss: float | None = None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PEFT_RENAME_WARNING, category=FutureWarning)
+    with peft_rename_warning_ignored():
         if start.finished:
             assert start.checkpoint is not None
             history = load_checkpoint_adapter(model, start.checkpoint)
@@ -575,8 +574,6 @@ def run_metrics(
     fit: Fit, batches: Batches, plan: FastPlan, model: Any, targets: Sequence[str]
 ) -> dict[str, Any]:
     losses = [h["loss"] for h in fit.history if "loss" in h]
-    ids = batches.train.input_ids if isinstance(batches.train, PackedDataset) else None
-    ids = ids if ids is not None else batches.train["input_ids"]
     trainable, _ = model.get_nb_trainable_parameters()
     metrics: dict[str, Any] = {
         "train_loss": fit.train_loss,
@@ -585,8 +582,8 @@ def run_metrics(
         "steps": fit.steps,
         "epochs": fit.epochs,
         "runtime_s": fit.runtime_s,
-        "train_examples": len(ids),
-        "train_tokens_per_epoch": int(sum(len(x) for x in ids)),
+        "train_examples": batches.layout.examples_per_epoch,
+        "train_tokens_per_epoch": batches.layout.tokens_per_epoch,
         "fast_path": plan.describe(),
         "step": asdict(batches.layout),
         "trainable_parameters": trainable,
