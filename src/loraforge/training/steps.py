@@ -390,8 +390,14 @@ def apply_plan_and_lora(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    if (ranks.several or launched()) and plan.distributed != "fsdp2":
-        model = model.to(ranks.device)
+    if (ranks.several or launched()) and _whole_on_device(model, plan):
+        model = model.to(ranks.device)  # the checks below then run on the device
+    elif plan.distributed == "fsdp2" and ranks.device != "cpu":
+        logger.info(
+            "FSDP2: the model stays in the CPU's memory until it is sharded (whole, it would "
+            "not fit the budget); the numeric checks of the lean functions and the fused RoPE "
+            "run there"
+        )
     if plan.liger_kernels:
         replaced = apply_liger(model, skip_lean=recipe.fused_lora)
         logger.info("liger: %s", ", ".join(replaced) or "nothing left to it by the lean functions")
@@ -438,6 +444,17 @@ def apply_plan_and_lora(
         100 * trainable / total,
     )
     return model
+
+
+def _whole_on_device(model: Any, plan: FastPlan) -> bool:
+    """Whether this process holds the whole model on its device: always under DDP; under FSDP2
+    until it is sharded, when the weights fit the budget (one large GPU, say)."""
+    if plan.distributed != "fsdp2":
+        return True
+    if plan.budget_bytes is None:  # the CPU
+        return True
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + 2**30 <= plan.budget_bytes  # and a layer's shards while it is sharded
 
 
 def _lora_counts(model: Any, targets: Sequence[str]) -> dict[str, int]:
