@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from conftest import SUBPROCESS_TIMEOUT
 
-pytestmark = pytest.mark.integration
-
 CHILD = Path(__file__).with_name("_dist_child.py")
 STEPS = 3
 COMMON = {"max_steps": STEPS, "learning_rate": 1e-3, "logging_steps": 1}
@@ -146,6 +144,7 @@ def _results(root: Path) -> list[dict]:
     return lines
 
 
+@pytest.mark.integration
 def test_the_launch_ran_every_run_on_both_processes(launch):
     root, _, first, _ = launch
     done = [r for r in _results(root) if "steps" in r]
@@ -157,6 +156,7 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
     assert first.returncode != 0  # the last run was killed
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("two", "overrides"),
     [
@@ -179,6 +179,7 @@ def test_two_processes_train_the_adapter_of_one(launch, two, overrides):
     assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 1e-4
 
 
+@pytest.mark.integration
 def test_strategies_are_logged_as_planned(launch):
     root, *_ = launch
     plans = {
@@ -192,6 +193,7 @@ def test_strategies_are_logged_as_planned(launch):
     assert "DDP: the whole model fits each process" in plans["ddp-dropout"]  # auto
 
 
+@pytest.mark.integration
 def test_the_saved_adapter_is_whole_and_loads_in_plain_peft(launch):
     import torch
     from peft import PeftModel, get_peft_model_state_dict
@@ -209,6 +211,7 @@ def test_the_saved_adapter_is_whole_and_loads_in_plain_peft(launch):
     assert {k: v.shape for k, v in saved.items()} == one_process_shapes
 
 
+@pytest.mark.integration
 def test_an_error_on_the_main_process_stops_every_process(launch):
     root, *_ = launch
     occupied = [e for e in _results(root) if e.get("error") == "OutputDirError"]
@@ -217,6 +220,7 @@ def test_an_error_on_the_main_process_stops_every_process(launch):
     assert "output_dir" in occupied[0]["message"]
 
 
+@pytest.mark.integration
 def test_a_non_finite_loss_on_one_process_stops_both_at_the_same_step(launch):
     root, *_ = launch
     diverged = [e for e in _results(root) if e.get("error") == "TrainingDivergedError"]
@@ -229,6 +233,7 @@ def test_a_non_finite_loss_on_one_process_stops_both_at_the_same_step(launch):
     assert batch["record_indices"]
 
 
+@pytest.mark.integration
 def test_a_run_killed_on_every_process_resumes_to_the_uninterrupted_adapter(launch):
     root, _, _, resumed = launch
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -241,6 +246,7 @@ def test_a_run_killed_on_every_process_resumes_to_the_uninterrupted_adapter(laun
     assert _max_diff(_adapter(one), _adapter(killed)) <= 1e-5
 
 
+@pytest.mark.integration
 def test_resuming_on_another_number_of_processes_is_refused(launch, tmp_path):
     import shutil
 
@@ -267,3 +273,108 @@ def test_fsdp2_needs_a_launcher(tmp_path):
     with pytest.raises(RecipeError, match="torchrun --nproc_per_node N"):
         train(recipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_accelerate_s_own_fsdp_plugin_is_refused(tmp_path, monkeypatch):
+    from loraforge import RecipeError, train
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+
+    base = prepare_tiny_base(tmp_path / "base")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RecipeError, match="distributed_type: MULTI_GPU"):
+        train(demo_recipe(base, tmp_path / "out", **PADDED))
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the planner
+
+GiB = 2**30
+
+
+def _phi4_shape():
+    from transformers import Phi3Config
+
+    from loraforge.fast.plan import ModelShape
+
+    config = Phi3Config(
+        hidden_size=5120,
+        num_hidden_layers=40,
+        vocab_size=100352,
+        intermediate_size=17920,
+        num_attention_heads=40,
+        num_key_value_heads=10,
+        tie_word_embeddings=False,
+    )
+    return ModelShape.from_config(config, "bfloat16")
+
+
+def _plan(processes: int, cap: float, distributed: str = "auto"):
+    from loraforge import LoraRecipe
+    from loraforge.fast.plan import DeviceInfo, plan_fast_path
+
+    h200 = DeviceInfo("NVIDIA H200", 140 * GiB, varlen_attention=True, liger=True)
+    recipe = LoraRecipe(model="m", data="d", max_memory_gib=cap, distributed=distributed)
+    return plan_fast_path(
+        recipe,
+        _phi4_shape(),
+        h200,
+        longest_example=400,
+        supervised_fraction=0.3,
+        processes=processes,
+    )
+
+
+def test_auto_picks_ddp_when_phi4_fits_each_card_and_fsdp2_when_it_does_not():
+    big = _plan(2, 80)
+    assert (big.distributed, big.processes) == ("ddp", 2)
+    assert big.describe().startswith("ddp over 2 processes")
+    small = _plan(2, 24)
+    assert small.distributed == "fsdp2" and small.fits
+    assert "the weights need >= 2 shards, sharded over all 2" in small.reason
+    assert small.estimated_bytes <= 24 * GiB
+    tiny = _plan(8, 16)
+    assert tiny.distributed == "fsdp2" and tiny.fits
+    need = int(tiny.reason.split("need >= ")[1].split(" ")[0])
+    assert 2 <= need <= 8
+
+
+def test_one_process_ignores_distributed():
+    one = _plan(1, 80, "fsdp2")
+    assert (one.distributed, one.processes) == ("none", 1)
+    assert "over" not in one.describe().split(";")[0]
+
+
+def test_ddp_asked_for_where_the_weights_fill_the_card_is_refused():
+    from loraforge import RecipeError
+
+    with pytest.raises(RecipeError, match="max_memory_gib"):
+        _plan(2, 24, "ddp")
+
+
+def test_sharded_weights_shrink_with_the_shards_but_keep_the_head_and_two_layers():
+    from loraforge.fast.plan import sharded_shape
+
+    shape = _phi4_shape()
+    sizes = [sharded_shape(shape, n).weight_bytes for n in (1, 2, 4, 8)]
+    assert sizes == sorted(sizes, reverse=True)
+    head = shape.vocab_size * shape.hidden_size * 2
+    assert sizes[-1] > head
+    assert sizes[1] < shape.weight_bytes * 0.6  # about half, plus the head and two layers
+
+
+@pytest.mark.parametrize("processes", [2, 4, 8])
+@pytest.mark.parametrize("cap", [16, 24, 40, 80])
+def test_auto_chooses_ddp_exactly_when_the_whole_model_plan_fits(processes, cap):
+    from loraforge import RecipeError
+
+    try:
+        whole_fits = _plan(processes, cap, "ddp").fits
+    except RecipeError:
+        whole_fits = False
+    try:
+        plan = _plan(processes, cap)
+    except RecipeError as exc:  # not even the shards fit: the message says so
+        assert not whole_fits
+        assert f"on each of {processes} processes under FSDP2" in str(exc)
+        return
+    assert plan.distributed == ("ddp" if whole_fits else "fsdp2")

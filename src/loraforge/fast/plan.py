@@ -560,7 +560,21 @@ def plan_fast_path(
                 else f"; it does not fit even sharded over all {processes}"
             )
     weights = sharded_shape(shape, processes) if strategy == "fsdp2" else shape
-    chosen = plan(weights)
+    try:
+        chosen = plan(weights)
+    except RecipeError as exc:
+        if strategy != "fsdp2":
+            raise
+        raise RecipeError(
+            [
+                f"max_memory_gib: {recipe.max_memory_gib:g} GiB per process: the model's weights "
+                f"take {shape.weight_bytes / GiB:.1f} GiB whole and "
+                f"{weights.weight_bytes / GiB:.1f} GiB on each of {processes} processes under "
+                "FSDP2 (its share, the output embedding and two layers gathered at a time), "
+                f"which leaves nothing for training ({exc.problems[0]}); train on more "
+                "processes or GPUs with more memory, or raise max_memory_gib"
+            ]
+        ) from None
     return replace(
         chosen,
         reason=f"{why}; {chosen.reason}",

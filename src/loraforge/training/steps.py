@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -234,6 +235,17 @@ def check_processes(recipe: LoraRecipe, ranks: Ranks) -> None:
                 "loraforge train recipe.yaml), or use 'auto' or 'ddp'"
             ]
         )
+    for plugin in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{plugin}", "").lower() == "true":
+            raise RecipeError(
+                [
+                    f"distributed: this launch asks accelerate for its {plugin} plugin "
+                    f"(distributed_type: {plugin} in the accelerate config, or --use_"
+                    f"{plugin.lower()}); loraforge shards with FSDP2 itself and keeps the "
+                    "adapter whole on every process: launch with distributed_type: MULTI_GPU "
+                    "(or torchrun) and set distributed: fsdp2 (or auto) in the recipe"
+                ]
+            )
     if ranks.several:
         logger.info("process %d of %d on %s", ranks.rank, ranks.world_size, ranks.device)
 
