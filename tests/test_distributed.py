@@ -245,6 +245,8 @@ def test_a_run_killed_on_every_process_resumes_to_the_uninterrupted_adapter(laun
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert resumed.stdout.count("done: 4 steps") == 1  # one line for the launch
     assert "resuming from" in resumed.stderr
+    assert "fused 8 of 8 LoRA layers" in resumed.stderr
+    assert "its own forward" not in resumed.stderr  # the lean functions ran under FSDP2
     killed = root / "killed"
     # uninterrupted: one process with the same micro-batches per step (the two-process runs
     # above equal it within 1e-5; a manual two-process run gave a difference of 0.0)
