@@ -299,7 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if m["first_loss"] is not None
         else f"mean loss {m['train_loss']:.4f}"
     )
-    print(f"done: {m['steps']} steps, {loss}; adapter in {result.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one line for a launch of several processes
+        print(f"done: {m['steps']} steps, {loss}; adapter in {result.output_dir}")
     return 0
 
 

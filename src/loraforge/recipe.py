@@ -153,6 +153,12 @@ class LoraRecipe:
     max_memory_gib: float | None = _f(
         40.0, "GPU memory the automatic choices aim to stay under (None = the whole card)."
     )
+    distributed: Literal["auto", "ddp", "fsdp2"] = _f(
+        "auto",
+        "Several processes (torchrun / accelerate launch): 'ddp' keeps a whole model on each GPU, "
+        "'fsdp2' shards the frozen base weights across them, 'auto' = DDP when the model fits "
+        "max_memory_gib per GPU, else FSDP2. One process ignores it.",
+    )
     output_dir: str = _f("output/loraforge", "Where the adapter, logs and checkpoints go.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a folder that holds another run.")
     save_steps: int = _f(100, "Save a checkpoint every this many optimizer steps.")

@@ -27,7 +27,7 @@ keeps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ModelError, RecipeError
@@ -45,6 +45,7 @@ __all__ = [
     "layer_activation_bytes",
     "plan_fast_path",
     "selective_checkpoint_context",
+    "sharded_shape",
 ]
 
 GiB = 2**30
@@ -436,6 +437,10 @@ class FastPlan:
             loss, reserve); ``None`` on the CPU.
         budget_bytes: the memory it planned under (``max_memory_gib`` or the card); ``None`` on
             the CPU.
+        distributed: ``"none"`` (one process), ``"ddp"`` (a whole model on each process) or
+            ``"fsdp2"`` (the frozen base weights sharded across the processes; the estimates are
+            per process).
+        processes: the processes training together.
     """
 
     packing: bool
@@ -447,6 +452,8 @@ class FastPlan:
     checkpoint_layers: int = 0
     estimated_bytes: int | None = None
     budget_bytes: int | None = None
+    distributed: str = "none"
+    processes: int = 1
 
     @property
     def fits(self) -> bool:
@@ -461,8 +468,12 @@ class FastPlan:
         ckpt = self.gradient_checkpointing
         if ckpt == "partial":
             ckpt = f"{self.checkpoint_layers} layers"
+        several = f"{self.distributed} over {self.processes} process" + (
+            "es; " if self.processes > 1 else "; "
+        )
+        several = several if self.distributed != "none" else ""
         return (
-            f"{pack}; attention {self.attention}; checkpointing "
+            f"{several}{pack}; attention {self.attention}; checkpointing "
             f"{ckpt}; liger {'on' if self.liger_kernels else 'off'}"
             f" ({self.reason})"
         )
@@ -482,6 +493,7 @@ def plan_fast_path(
     longest_example: int,
     supervised_fraction: float = 1.0,
     chunkable_head: bool = True,
+    processes: int = 1,
 ) -> FastPlan:
     """Resolve the recipe's ``auto`` fast-path settings for a model of ``shape`` on ``device``.
 
@@ -503,6 +515,11 @@ def plan_fast_path(
         supervised_fraction: the share of training tokens that are supervised; with packing,
             logits are computed only there.
         chunkable_head: the loss may apply ``lm_head`` in chunks (``chunked_loss``).
+        processes: the processes training together, each on a ``device`` of its own. With more
+            than one, ``distributed: auto`` picks DDP when the whole model and the planned
+            activations fit ``max_memory_gib`` on each device, else FSDP2 (the frozen base
+            weights sharded across all processes), and the reason says how many shards the
+            weights need; the memory estimates are per process.
 
     Returns:
         The [`FastPlan`][loraforge.fast.plan.FastPlan].
@@ -511,6 +528,87 @@ def plan_fast_path(
         RecipeError: on a GPU, the model's weights fill the memory the planner sizes for
             (:func:`check_environment` with the shape reports the same before loading).
     """
+    if processes < 2 and recipe.distributed != "fsdp2":
+        return _plan_one(
+            recipe, shape, device, longest_example, supervised_fraction, chunkable_head
+        )
+
+    def plan(weights: ModelShape) -> FastPlan:
+        return _plan_one(
+            recipe, weights, device, longest_example, supervised_fraction, chunkable_head
+        )
+
+    def fitting(weights: ModelShape) -> FastPlan | None:
+        try:
+            p = plan(weights)
+        except RecipeError:  # the weights alone fill the budget
+            return None
+        return p if p.fits else None
+
+    strategy, why = recipe.distributed, f"distributed: {recipe.distributed}"
+    if strategy == "auto":
+        whole = fitting(shape) if device is not None else plan(shape)
+        if whole is not None:
+            strategy = "ddp"
+            why = "DDP: the whole model fits each process" + ("" if device else " (CPU)")
+        else:
+            strategy = "fsdp2"
+            need = next(
+                (n for n in range(2, processes + 1) if fitting(sharded_shape(shape, n))), None
+            )
+            why = "FSDP2: the whole model does not fit one process's budget" + (
+                f"; the weights need >= {need} shards, sharded over all {processes}"
+                if need
+                else f"; it does not fit even sharded over all {processes}"
+            )
+    weights = sharded_shape(shape, processes) if strategy == "fsdp2" else shape
+    try:
+        chosen = plan(weights)
+    except RecipeError as exc:
+        if strategy != "fsdp2":
+            raise
+        raise RecipeError(
+            [
+                f"max_memory_gib: {recipe.max_memory_gib:g} GiB per process: the model's weights "
+                f"take {shape.weight_bytes / GiB:.1f} GiB whole and "
+                f"{weights.weight_bytes / GiB:.1f} GiB on each of {processes} processes under "
+                "FSDP2 (its share, the output embedding and two layers gathered at a time), "
+                f"which leaves nothing for training ({exc.problems[0]}); train on more "
+                "processes or GPUs with more memory, or raise max_memory_gib"
+            ]
+        ) from None
+    return replace(
+        chosen,
+        reason=f"{why}; {chosen.reason}",
+        distributed=strategy,
+        processes=processes,
+    )
+
+
+def sharded_shape(shape: ModelShape, shards: int) -> ModelShape:
+    """``shape`` with the weights one of ``shards`` FSDP2 processes holds: its share of the
+    decoder layers and the input embedding, the whole output embedding (kept whole for the
+    chunked loss) and two decoder layers gathered whole at a time (the one running and the one
+    fetched ahead)."""
+    e, h = shape.activation_bytes, shape.hidden_size
+    q = shape.num_attention_heads * shape.head_dim
+    k = shape.num_key_value_heads * shape.head_dim
+    layer = (h * (2 * q + 2 * k) + 3 * h * shape.intermediate_size + 2 * h) * e
+    head = shape.vocab_size * h * e
+    rest = max(shape.weight_bytes - head, 0)
+    per_process = -(-rest // shards) + head + 2 * layer
+    return replace(shape, weight_bytes=min(per_process, shape.weight_bytes))
+
+
+def _plan_one(
+    recipe: LoraRecipe,
+    shape: ModelShape,
+    device: DeviceInfo | None,
+    longest_example: int,
+    supervised_fraction: float,
+    chunkable_head: bool,
+) -> FastPlan:
+    """The plan of one process whose weights are ``shape.weight_bytes``."""
     packing = _packs(recipe, device)
     liger = recipe.liger_kernels == "on" or (
         recipe.liger_kernels == "auto" and device is not None and device.liger

@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 from loraforge.data.builder import MAX_RECORD_DEPTH, nested_deeper_than, summarize
 from loraforge.errors import DiskFullError
 from loraforge.training.checkpoints import COMPLETE_MARKER, newest_marked, scan_checkpoints
+from loraforge.training.distributed import Ranks, agreed
 from loraforge.training.files import fsync_dir, json_text
 
 __all__ = [
@@ -116,10 +117,12 @@ class DiskSpaceGuard(TrainerCallback):
 
     A checkpoint needs as much room as the previous one (its manifest says how much); before the
     first one, at least the trainable weights. Stopping *before* the save leaves the previous
-    checkpoint as the newest, and no half-written one behind.
+    checkpoint as the newest, and no half-written one behind. With several processes, the main
+    process (which writes the checkpoint) checks, and all of them stop together.
     """
 
-    def __init__(self, slack_bytes: int = 4 * _MB) -> None:
+    def __init__(self, ranks: Ranks | None = None, slack_bytes: int = 4 * _MB) -> None:
+        self.ranks = ranks or Ranks()
         self.slack_bytes = slack_bytes
 
     def _needed(self, root: Path, model: Any) -> int:
@@ -137,8 +140,13 @@ class DiskSpaceGuard(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not control.should_save:
             return
+        with agreed(self.ranks):
+            if self.ranks.main:
+                self._check(args, state, kw.get("model"))
+
+    def _check(self, args: Any, state: Any, model: Any) -> None:
         root = Path(args.output_dir)
-        need = self._needed(root, kw.get("model")) + self.slack_bytes
+        need = self._needed(root, model) + self.slack_bytes
         free = shutil.disk_usage(_existing(root)).free
         if free < need:
             newest, _ = scan_checkpoints(root)

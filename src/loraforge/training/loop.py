@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback
 from loraforge.errors import TrainingDivergedError
 from loraforge.fast.losses import detached_head
 from loraforge.training import checkpoints, guards
+from loraforge.training.distributed import Ranks, ReplicatedAdapter, agreed
 from loraforge.training.nonfinite import NonFiniteGuard
 from loraforge.training.resume import DATA_FINGERPRINT_FILE
 
@@ -47,12 +48,30 @@ class _LoraForgeTrainer(Trainer):
     """``transformers.Trainer`` with two hooks overridden (see the module's docstring)."""
 
     def __init__(
-        self, *args: Any, guard: NonFiniteGuard | None = None, detach_head: bool = False, **kw: Any
+        self,
+        *args: Any,
+        guard: NonFiniteGuard | None = None,
+        detach_head: bool = False,
+        replicated: ReplicatedAdapter | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
         self._guard = guard
         self._detach_head = detach_head
+        self._replicated = replicated
         self._n_params: int | None = None
+        self._micro = (-1, 0)  # (optimizer step, micro-batches of it seen on this process)
+
+    def _wrap_model(self, model: Any, training: bool = True, dataloader: Any = None) -> Any:
+        if self._replicated is not None and training:  # FSDP2: no DDP around the shards
+            return self._replicated.module
+        return super()._wrap_model(model, training=training, dataloader=dataloader)
+
+    def training_step(self, model: Any, inputs: Any, *args: Any, **kw: Any) -> Any:
+        loss = super().training_step(model, inputs, *args, **kw)
+        if self._replicated is not None and self.accelerator.sync_gradients:
+            self._replicated.average_gradients()  # after the step's last backward pass
+        return loss
 
     def compute_loss(
         self,
@@ -63,6 +82,8 @@ class _LoraForgeTrainer(Trainer):
     ) -> Any:
         import torch
 
+        if model.training and torch.is_grad_enabled():
+            torch.manual_seed(self._micro_batch_seed())
         with detached_head(self.model) if self._detach_head else contextlib.nullcontext():
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
@@ -70,6 +91,20 @@ class _LoraForgeTrainer(Trainer):
         if self._guard is not None and model.training and torch.is_grad_enabled():
             self._guard.record(loss, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _micro_batch_seed(self) -> int:
+        """A seed for this training micro-batch's random numbers (LoRA dropout) from the run's
+        seed and the micro-batch's place in the run: its optimizer step, its index in the step
+        and its process. Process ``r`` of ``N`` takes the step's micro-batches ``j * N + r``, the
+        one process of a run with ``N`` times the accumulation takes them all in that order: the
+        same micro-batch draws the same masks whatever the number of processes (and a resumed
+        run the masks of an uninterrupted one)."""
+        args, step = self.args, self.state.global_step
+        seen = self._micro[1] if self._micro[0] == step else 0
+        self._micro = (step, seen + 1)
+        index = (step * args.gradient_accumulation_steps + seen) * args.world_size
+        index += args.process_index
+        return (args.seed * 1_000_003 + index) % 2**63
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         ids = inputs.get("input_ids")
@@ -82,12 +117,17 @@ class _LoraForgeTrainer(Trainer):
 
 
 def build_hf_trainer(
-    *, guard: NonFiniteGuard | None = None, detach_head: bool = False, **kwargs: Any
+    *,
+    guard: NonFiniteGuard | None = None,
+    detach_head: bool = False,
+    replicated: ReplicatedAdapter | None = None,
+    **kwargs: Any,
 ) -> Trainer:
-    """A ``transformers.Trainer`` (``kwargs`` as its constructor takes them) that feeds ``guard``
-    and, with ``detach_head``, lets a [`PackedLoss`][loraforge.fast.losses.PackedLoss] holding
-    the real head apply it in chunks."""
-    return _LoraForgeTrainer(guard=guard, detach_head=detach_head, **kwargs)
+    """A ``transformers.Trainer`` (``kwargs`` as its constructor takes them) that feeds ``guard``;
+    with ``detach_head``, lets a [`PackedLoss`][loraforge.fast.losses.PackedLoss] holding the
+    real head apply it in chunks; with ``replicated`` (FSDP2), trains the sharded model through
+    it and averages the adapter's gradients over the processes at each optimizer step."""
+    return _LoraForgeTrainer(guard=guard, detach_head=detach_head, replicated=replicated, **kwargs)
 
 
 class PlainLog(TrainerCallback):
@@ -109,15 +149,20 @@ class MarkComplete(TrainerCallback):
     and the data fingerprint into it, fsync it and write its manifest
     (see [`loraforge.training.guards`][loraforge.training.guards])."""
 
-    def __init__(self, recipe_file: Path, data_fingerprint: Mapping[str, Any]) -> None:
+    def __init__(
+        self, recipe_file: Path, data_fingerprint: Mapping[str, Any], ranks: Ranks | None = None
+    ) -> None:
         self.recipe_file = recipe_file
         self.data_fingerprint = dict(data_fingerprint)
+        self.ranks = ranks or Ranks()
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # every process checks its weights; the main process marks; all stop if any fails
+        with agreed(self.ranks):
+            self._mark(args, state, kw.get("model"))
+
+    def _mark(self, args: Any, state: Any, model: Any) -> None:
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not ckpt.is_dir() or not state.is_world_process_zero:
-            return
-        model = kw.get("model")
         if model is not None and not guards.parameters_finite(model):
             raise TrainingDivergedError(
                 f"training diverged: non-finite weights at step {state.global_step}; "
@@ -125,6 +170,8 @@ class MarkComplete(TrainerCallback):
                 step=state.global_step,
                 kind="parameter",
             )
+        if not self.ranks.main or not ckpt.is_dir():
+            return
         with guards.disk_full_errors(ckpt, "marking the checkpoint"):
             if self.recipe_file.is_file():
                 shutil.copyfile(self.recipe_file, ckpt / "recipe.yaml")

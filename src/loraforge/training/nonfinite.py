@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from loraforge.errors import TrainingDivergedError
 from loraforge.training.checkpoints import scan_checkpoints
+from loraforge.training.distributed import Ranks, all_true, on_all, on_main
 from loraforge.training.files import json_text, write_atomic
 from loraforge.training.guards import NONFINITE_FILE
 
@@ -66,6 +67,10 @@ class NonFiniteGuard(TrainerCallback):
         check_gradients: also check gradients (leave on except with fp16 loss scaling, where
             overflowing gradients are expected and skipped by the grad scaler).
         defer: read each step's verdict one step late (None: on a GPU).
+        ranks: this process's place among several: the verdict is and-ed over all of them (on
+            the device, without waiting), so every process stops at the same step with the same
+            error, and the main process writes ``nonfinite_batch.json`` with every process's
+            rows.
     """
 
     def __init__(
@@ -77,7 +82,9 @@ class NonFiniteGuard(TrainerCallback):
         *,
         check_gradients: bool = True,
         defer: bool | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
+        self.ranks = ranks or Ranks()
         self.output_dir = Path(output_dir)
         self.examples = examples
         self.record_indices = record_indices
@@ -141,6 +148,8 @@ class NonFiniteGuard(TrainerCallback):
         if not flags:
             return
         flag = torch.cat(flags)
+        if self.ranks.several:  # the last flag: every process's flags were all true
+            flag = torch.cat([flag, all_true(self.ranks, flag.all()).reshape(1)])
         step = state.global_step + 1
         defer = flag.is_cuda if self.defer is None else self.defer
         if not defer:
@@ -193,6 +202,9 @@ class NonFiniteGuard(TrainerCallback):
             k = loss_flags.index(False)
             value = float(losses[k].float().sum())
             self._fail(step, "loss", value, pending, args)
+        own = values[:-1] if self.ranks.several else values
+        if all(own):  # another process's loss or gradient
+            self._fail(step, "", math.nan, pending, args)
         self._fail(step, "gradient", math.nan, pending, args)
 
     def _gradients_finite(self) -> Any:
@@ -216,34 +228,56 @@ class NonFiniteGuard(TrainerCallback):
 
     # ------------------------------------------------------------------ failure
     def _fail(self, step: int, kind: str, value: float, pending: list[Any], args: Any) -> None:
+        """Write the failing step's rows (the main process, with every process's rows) and
+        raise; ``kind`` is empty on a process whose own flags were all true."""
         try:
             rows, micro = _batch_rows(pending)
             matches, note = self._trace(rows)
         except Exception as exc:  # tracing is best effort; the error below must still be raised
             rows, micro, matches = [], [], []
             note = f"the batch could not be traced ({type(exc).__name__}: {exc})"
-        indices = sorted({i for m in matches for i in m})
-        checkpoint, _ = scan_checkpoints(Path(args.output_dir))
-        batch_file = self.output_dir / NONFINITE_FILE
-        info = {
-            "step": step,
+        local: dict[str, Any] = {
             "kind": kind,
             "value": repr(value),
-            "source": self.source,
-            "record_indices": indices,
             "note": note,
             "rows": [
                 {"micro_batch": k, "tokens": len(r), "record_indices": m}
                 for k, r, m in zip(micro, rows, matches, strict=True)
             ],
+        }
+        every = on_all(self.ranks, local)  # all processes fail at this step together
+        # the first process whose loss went non-finite (the cause), else whose gradients did
+        first = next((x for x in every if x["kind"] == "loss"), None)
+        first = first or next((x for x in every if x["kind"]), local)
+        kind, value_text = first["kind"] or "loss or gradient", first["value"]
+        if self.ranks.several:
+            for n, x in enumerate(every):
+                for r in x["rows"]:
+                    r["process"] = n
+        all_rows = [r for x in every for r in x["rows"]]
+        indices = sorted({i for r in all_rows for i in r["record_indices"]})
+        checkpoint, _ = scan_checkpoints(Path(args.output_dir))
+        batch_file = self.output_dir / NONFINITE_FILE
+        info = {
+            "step": step,
+            "kind": kind,
+            "value": value_text,
+            "source": self.source,
+            "record_indices": indices,
+            "note": first["note"],
+            "rows": all_rows,
             "last_complete_checkpoint": str(checkpoint) if checkpoint else None,
         }
-        written = True
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(batch_file, json_text(info, indent=2))
-        except OSError:
-            written = False
+
+        def write() -> bool:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                write_atomic(batch_file, json_text(info, indent=2))
+            except OSError:
+                return False
+            return True
+
+        written = on_main(self.ranks, write, f"writing {batch_file}")
         self._reset()
         kept = (
             f"the last complete checkpoint is {checkpoint}"
@@ -252,7 +286,7 @@ class NonFiniteGuard(TrainerCallback):
         )
         where = f"see {batch_file}" if written else f"{batch_file} could not be written"
         raise TrainingDivergedError(
-            f"training diverged at step {step}: non-finite {kind} ({value!r}); stopped before "
+            f"training diverged at step {step}: non-finite {kind} ({value_text}); stopped before "
             f"the optimizer applied it. The batch held records {indices or '(unknown)'} of "
             f"{info['source']} ({where}); {kept}. Check those records, lower the learning "
             "rate or max_grad_norm, then resume.",

@@ -505,9 +505,11 @@ def _clear_run_folder(folder: Path) -> list[str]:
     return kept
 
 
-# settings that may change between a run and its resume (they change no computed value)
+# settings that may change between a run and its resume (they change no computed value; DDP
+# and FSDP2 train the same adapter: tests/test_distributed.py)
 _RESUMABLE_CHANGES = frozenset(
     {
+        "distributed",
         "output_dir",
         "overwrite_output_dir",
         "logging_steps",

@@ -28,6 +28,7 @@ __all__ = [
     "ResumePoint",
     "data_fingerprint",
     "load_checkpoint_adapter",
+    "processes_fingerprint",
     "resume_point",
 ]
 
@@ -54,6 +55,16 @@ def data_fingerprint(recipe: Any) -> dict[str, dict[str, Any]]:
             path = Path(value)
             out[key] = {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
     return out
+
+
+def processes_fingerprint(ranks: Any) -> dict[str, dict[str, Any]]:
+    """``{"processes": {"count": N}}``: saved with each checkpoint beside the data's fingerprint,
+    so that a resume on another number of processes is refused (the step would hold another
+    number of micro-batches)."""
+    return {_PROCESSES: {"count": int(ranks.world_size)}}
+
+
+_PROCESSES = "processes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +133,10 @@ def _check_data(ckpt: Path, fingerprint: Mapping[str, Any], allow: bool) -> None
         logger.warning("resume: %s records no data fingerprint (older loraforge)", ckpt)
         return
     saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    _check_processes(ckpt, saved, fingerprint)
     changed = [
         key
-        for key in sorted(set(saved) | set(fingerprint))
+        for key in sorted((set(saved) | set(fingerprint)) - {_PROCESSES})
         if (saved.get(key) or {}).get("sha256") != (fingerprint.get(key) or {}).get("sha256")
     ]
     if not changed:
@@ -140,6 +152,20 @@ def _check_data(ckpt: Path, fingerprint: Mapping[str, Any], allow: bool) -> None
         "would train the rest of the run on other data. Restore the file, start a new "
         "output_dir, or allow it (train(..., allow_changed_data=True) / "
         "loraforge train --resume --allow-changed-data)"
+    )
+
+
+def _check_processes(ckpt: Path, saved: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
+    before = (saved.get(_PROCESSES) or {}).get("count", 1)  # older checkpoints: one process
+    now = (fingerprint.get(_PROCESSES) or {}).get("count", 1)
+    if before == now:
+        return
+    raise OutputDirError(
+        f"resume: {ckpt} was saved by a run of {before} process(es), and this run has {now}: an "
+        f"optimizer step would hold {now}/{before} times the micro-batches it held, so the rest "
+        "of the run would follow another schedule over other batches. Resume with the same "
+        f"number of processes (torchrun --nproc_per_node {before} ... / accelerate launch "
+        f"--num_processes {before} ...), or start a new output_dir"
     )
 
 

@@ -10,10 +10,12 @@ docstring for the page they make. The types they hand on:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from loraforge.data.records import check_records
 from loraforge.data.templates import (
     PromptTemplate,
 )
-from loraforge.errors import DataError
+from loraforge.errors import DataError, RecipeError
 from loraforge.fast.attention import attention_implementation, set_attention
 from loraforge.fast.liger import apply_liger
 from loraforge.fast.lora_ops import apply_lean_functions
@@ -47,6 +49,15 @@ from loraforge.models import (
     resolve_target_modules,
 )
 from loraforge.recipe import LoraRecipe
+from loraforge.training.distributed import (
+    Ranks,
+    ReplicatedAdapter,
+    launched,
+    on_all,
+    on_main,
+    one_gpu_per_process,
+    shard_base_model,
+)
 from loraforge.training.guards import (
     SKIPPED_FILE,
     DiskSpaceGuard,
@@ -62,7 +73,7 @@ from loraforge.training.loop import (
     quiet_progress,
 )
 from loraforge.training.nonfinite import NonFiniteGuard
-from loraforge.training.output import CHECKPOINTS, RunFolder
+from loraforge.training.output import CHECKPOINTS, RunFolder, open_run_folder
 from loraforge.training.resume import (
     ResumePoint,
     load_checkpoint_adapter,
@@ -79,6 +90,7 @@ __all__ = [
     "build_data",
     "build_trainer",
     "check_data",
+    "check_processes",
     "head_detachable",
     "lay_out_steps",
     "load_base_model",
@@ -86,8 +98,10 @@ __all__ = [
     "pad_collate",
     "plan_run",
     "prepare_base_model",
+    "quiet_unless_main",
     "run_fit",
     "run_metrics",
+    "shared_run_folder",
     "start_point",
 ]
 
@@ -114,6 +128,8 @@ class StepLayout:
 
     Attributes:
         packed: micro-batches are packed rows of whole examples (else padded batches).
+        processes: processes training together; each takes ``micro_batches_per_step`` of the
+            step's micro-batches.
         examples_per_epoch: training examples.
         tokens_per_epoch: their tokens.
         micro_batch: ``"<= N tokens (packed row)"`` or ``"B examples (padded)"``.
@@ -127,6 +143,7 @@ class StepLayout:
     """
 
     packed: bool
+    processes: int
     examples_per_epoch: int
     tokens_per_epoch: int
     micro_batch: str
@@ -139,8 +156,9 @@ class StepLayout:
     warmup_steps: int
 
     def describe(self) -> str:
+        several = f"{self.processes} processes x " if self.processes > 1 else ""
         return (
-            f"one optimizer step = {self.micro_batches_per_step} x {self.micro_batch}: "
+            f"one optimizer step = {several}{self.micro_batches_per_step} x {self.micro_batch}: "
             f"{self.examples_per_step:.1f} examples, {self.tokens_per_step:,.0f} tokens, "
             f"{self.supervised_tokens_per_step:,.0f} supervised tokens on average; "
             f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all "
@@ -207,6 +225,69 @@ def check_data(recipe: LoraRecipe) -> None:
             )
 
 
+def check_processes(recipe: LoraRecipe, ranks: Ranks) -> None:
+    """Refuse a distributed setting one process cannot honour."""
+    if recipe.distributed == "fsdp2" and not launched():
+        raise RecipeError(
+            [
+                "distributed: 'fsdp2' shards the model across processes a launcher starts, and "
+                "this is one process started without one; launch it (torchrun --nproc_per_node N "
+                "-m loraforge train recipe.yaml, or accelerate launch --num_processes N -m "
+                "loraforge train recipe.yaml), or use 'auto' or 'ddp'"
+            ]
+        )
+    for plugin in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{plugin}", "").lower() == "true":
+            raise RecipeError(
+                [
+                    f"distributed: this launch asks accelerate for its {plugin} plugin "
+                    f"(distributed_type: {plugin} in the accelerate config, or --use_"
+                    f"{plugin.lower()}); loraforge shards with FSDP2 itself and keeps the "
+                    "adapter whole on every process: launch with distributed_type: MULTI_GPU "
+                    "(or torchrun) and set distributed: fsdp2 (or auto) in the recipe"
+                ]
+            )
+    if ranks.several:
+        logger.info("process %d of %d on %s", ranks.rank, ranks.world_size, ranks.device)
+
+
+@contextlib.contextmanager
+def shared_run_folder(recipe: LoraRecipe, resume: bool, ranks: Ranks) -> Iterator[RunFolder]:
+    """The run folder, opened (checked, locked, prepared) by the main process alone; the other
+    processes wait for it and receive what it found (the checkpoint to resume from, a finished
+    run), or the error it raised."""
+    with contextlib.ExitStack() as stack:
+        opened: list[RunFolder] = []
+
+        def open_it() -> tuple[Any, Any]:
+            opened.append(stack.enter_context(open_run_folder(recipe, resume=resume)))
+            return opened[0].checkpoint, opened[0].finished
+
+        checkpoint, finished = on_main(ranks, open_it, "opening the run folder")
+        if opened:
+            yield opened[0]
+            return
+        run = RunFolder(recipe, resume=resume)  # not entered: the main process holds the lock
+        run.checkpoint, run.finished = checkpoint, finished
+        yield run
+
+
+@contextlib.contextmanager
+def quiet_unless_main(ranks: Ranks) -> Iterator[None]:
+    """Only the main process logs loraforge's progress; the others log warnings and errors
+    (loraforge's own logger, restored afterwards)."""
+    if ranks.main:
+        yield
+        return
+    log = logging.getLogger("loraforge")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def model_path_of(recipe: LoraRecipe) -> str:
     return resolve_model_path(
         recipe.model, recipe.model_source, recipe.model_revision, recipe.cache_dir
@@ -254,14 +335,18 @@ def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
     return TrainData(train_ds, eval_ds, report, eval_report, lengths)
 
 
-def load_base_model(recipe: LoraRecipe, model_path: str | None) -> Any:
-    """Load the base model in the recipe's dtype (onto the GPU when there is one)."""
+def load_base_model(recipe: LoraRecipe, model_path: str | None, ranks: Ranks) -> Any:
+    """Load the base model in the recipe's dtype: onto the GPU when there is one and one
+    process trains; with several, into the CPU's memory until the plan says whether each
+    process holds all of it (DDP) or a shard (FSDP2)."""
     import torch
 
     assert model_path is not None
     model = load_model(
         model_path, dtype=pick_dtype(recipe.dtype), trust_remote_code=recipe.trust_remote_code
     )
+    if ranks.several or launched():
+        return model
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
@@ -283,8 +368,9 @@ def plan_run(
     device: DeviceInfo | None,
     data: TrainData,
     targets: Sequence[str],
+    ranks: Ranks,
 ) -> FastPlan:
-    """The fast path's plan for this model, data and machine (logged)."""
+    """The fast path's plan for this model, data, machine and number of processes (logged)."""
     import torch
 
     head = model.get_output_embeddings()
@@ -295,6 +381,7 @@ def plan_run(
         longest_example=max(data.lengths),
         supervised_fraction=data.report.supervised_fraction or 1.0,
         chunkable_head=type(head) is torch.nn.Linear and "lm_head" not in targets,
+        processes=ranks.world_size,
     )
     logger.info("fast path: %s", plan.describe())
     if not plan.fits:
@@ -308,12 +395,22 @@ def plan_run(
 
 
 def apply_plan_and_lora(
-    recipe: LoraRecipe, model: Any, plan: FastPlan, targets: Sequence[str]
+    recipe: LoraRecipe, model: Any, plan: FastPlan, targets: Sequence[str], ranks: Ranks
 ) -> Any:
     """Kernels, attention and checkpointing on the base model, then LoRA and the lean functions;
-    returns the PEFT model."""
+    returns the PEFT model. Under DDP the model is first moved to this process's device; under
+    FSDP2 its frozen base weights are sharded across the processes last."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
+    if (ranks.several or launched()) and _whole_on_device(model, plan):
+        model = model.to(ranks.device)  # the checks below then run on the device
+    elif plan.distributed == "fsdp2" and ranks.device != "cpu":
+        logger.info(
+            "FSDP2: the model stays in the CPU's memory until it is sharded (whole, it would "
+            "not fit the budget); the numeric checks of the lean functions and the fused RoPE "
+            "run there"
+        )
     if plan.liger_kernels:
         replaced = apply_liger(model, skip_lean=recipe.fused_lora)
         logger.info("liger: %s", ", ".join(replaced) or "nothing left to it by the lean functions")
@@ -336,13 +433,19 @@ def apply_plan_and_lora(
         ),
     )
     if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
-        import torch
-
         dtype = next(model.parameters()).dtype
         mixed = dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
         apply_lean_functions(model, autocast_dtype=dtype if mixed else None)
     if plan.liger_kernels:  # Liger's fused RoPE, per attention instance, checked first
         logger.info("rope: %s", install_fused_rope(model)[1])
+    if plan.distributed == "fsdp2":
+        shard_base_model(model, ranks, keep_whole=[model.get_output_embeddings()])
+        logger.info(
+            "FSDP2: the frozen base weights sharded over %d processes; the adapter (and "
+            "lm_head) whole on each, in %s",
+            ranks.world_size,
+            next(p for p in model.parameters() if p.requires_grad).dtype,
+        )
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
@@ -356,30 +459,47 @@ def apply_plan_and_lora(
     return model
 
 
+def _whole_on_device(model: Any, plan: FastPlan) -> bool:
+    """Whether this process holds the whole model on its device: always under DDP; under FSDP2
+    until it is sharded, when the weights fit the budget (one large GPU, say)."""
+    if plan.distributed != "fsdp2":
+        return True
+    if plan.budget_bytes is None:  # the CPU
+        return True
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + 2**30 <= plan.budget_bytes  # and a layer's shards while it is sharded
+
+
 def _lora_counts(model: Any, targets: Sequence[str]) -> dict[str, int]:
     names = [n for n, _ in model.named_modules()]
     return {t: sum(1 for n in names if n.endswith("." + t + ".lora_A")) for t in targets}
 
 
-def head_detachable(model: Any, batches: Batches) -> bool:
+def head_detachable(model: Any, batches: Batches, ranks: Ranks) -> bool:
     """Whether the loss may apply ``lm_head`` in chunks: checked on the real model, with a
-    short packed row made by the training collator."""
+    short packed row made by the training collator (on every process, the same row; all
+    processes take the same verdict)."""
     import torch
 
     first = batches.train[0][0]  # the first example of the first packed row
     sample = {"input_ids": first["input_ids"][:16], "labels": first["labels"][:16]}
-    device = next(model.parameters()).device
+    device = torch.device(ranks.device)
     inputs = {
         k: v.to(device) if torch.is_tensor(v) else v
         for k, v in batches.collator([[sample]]).items()
     }
     ok, why = head_is_detachable(model, inputs)
+    verdicts = on_all(ranks, (ok, why))
+    ok, why = next(((o, w) for o, w in verdicts if not o), (ok, why))
     logger.info("chunked loss: %s", "on" if ok else f"off ({why})")
     return ok
 
 
-def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: int) -> Batches:
-    """Packed rows or padded batches, and what one optimizer step holds (logged)."""
+def lay_out_steps(
+    recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: int, ranks: Ranks
+) -> Batches:
+    """Packed rows or padded batches, and what one optimizer step holds (logged). With several
+    processes, a step holds ``grad_accum`` micro-batches on each."""
     train_ds, eval_ds = data.train, data.eval
     if plan.packing:
         assert plan.pack_tokens is not None
@@ -400,7 +520,8 @@ def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: i
         collator = PadCollator(pad_id)
         micro = f"{recipe.micro_batch_size} examples (padded)"
         micro_batches = math.ceil(len(train_ds) / recipe.micro_batch_size)
-    steps_per_epoch = max(math.ceil(micro_batches / recipe.grad_accum), 1)
+    per_step = recipe.grad_accum * ranks.world_size
+    steps_per_epoch = max(math.ceil(micro_batches / per_step), 1)
     total = (
         recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * recipe.num_epochs)
     )
@@ -409,6 +530,7 @@ def lay_out_steps(recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: i
     examples_per_step = n / steps_per_epoch
     layout = StepLayout(
         packed=plan.packing,
+        processes=ranks.world_size,
         examples_per_epoch=n,
         tokens_per_epoch=tokens,
         micro_batch=micro,
@@ -457,8 +579,12 @@ def build_trainer(
     detach_head: bool,
     fingerprint: dict[str, Any],
     callbacks: Sequence[Any],
+    plan: FastPlan,
+    ranks: Ranks,
 ) -> Any:
-    """The ``transformers.Trainer`` with loraforge's guards, loss and arguments."""
+    """The ``transformers.Trainer`` with loraforge's guards, loss and arguments (under FSDP2,
+    training the sharded model through a
+    [`ReplicatedAdapter`][loraforge.training.distributed.ReplicatedAdapter])."""
     import torch
     from transformers import TrainingArguments
 
@@ -471,6 +597,7 @@ def build_trainer(
         else batches.train["input_ids"],
         record_indices=_record_indices(batches.train),
         source=recipe.data,
+        ranks=ranks,
     )
     layout = batches.layout
     loss = PackedLoss(model.get_output_embeddings() if detach_head else None)
@@ -506,11 +633,17 @@ def build_trainer(
         # the non-finite guard stops the run instead; the filter reads the loss every step,
         # which makes the GPU wait for the CPU
         logging_nan_inf_filter=False,
+        # several processes: the loss is divided by the step's supervised tokens over all of
+        # them (not a mean of per-process means), and every adapter weight is used each step
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
     )
-    recipe.to_yaml(out / "recipe.yaml")
+    one_gpu_per_process(args)  # never DataParallel over the GPUs one process sees
+    on_main(ranks, lambda: recipe.to_yaml(out / "recipe.yaml"), "writing recipe.yaml")
     trainer = build_hf_trainer(
         guard=guard,
         detach_head=detach_head,
+        replicated=ReplicatedAdapter(model, ranks) if plan.distributed == "fsdp2" else None,
         model=model,
         args=args,
         train_dataset=batches.train,
@@ -520,9 +653,9 @@ def build_trainer(
         # the guards check before a save is marked complete
         callbacks=[
             guard,
-            DiskSpaceGuard(),
+            DiskSpaceGuard(ranks),
             PlainLog(),
-            MarkComplete(out / "recipe.yaml", fingerprint),
+            MarkComplete(out / "recipe.yaml", fingerprint, ranks),
             *callbacks,
         ],
     )

@@ -3,8 +3,8 @@
 [`train`][loraforge.train] reads top to bottom as the steps of a run, each a function of its own
 with a typed input and output:
 
-1. check what needs no model (the template, the model settings, the machine's settings, every
-   data record), before anything is written or downloaded;
+1. check what needs no model (the template, the model settings, the machine's settings, the
+   processes a launcher started, every data record), before anything is written or downloaded;
 2. open the run folder (checked, locked; a finished run is not trained again);
 3. load the tokenizer (its end-of-turn marker must be stoppable) and build the examples;
 4. load the base model and prepare it (padding token, LoRA targets);
@@ -15,6 +15,11 @@ with a typed input and output:
 9. build the ``transformers.Trainer``;
 10. fit;
 11. save the adapter and the run's files.
+
+Launched as several processes (``torchrun``, ``accelerate launch``), every process runs the same
+page: the main process alone checks the data, prepares the run folder, builds the examples and
+saves, and the others receive what it found or the error it raised
+([`loraforge.training.distributed`][loraforge.training.distributed]).
 
 The Trainer is composed, with one subclass in [`loraforge.training.loop`][loraforge.training.loop];
 the output folder's layout and its atomic saving live in
@@ -35,21 +40,25 @@ from loraforge.errors import ModelError
 from loraforge.fast.plan import DeviceInfo, check_environment
 from loraforge.models import check_model_source, load_tokenizer
 from loraforge.recipe import LoraRecipe
-from loraforge.training.output import open_run_folder, save_run
-from loraforge.training.resume import data_fingerprint
+from loraforge.training.distributed import join, on_main
+from loraforge.training.output import save_run
+from loraforge.training.resume import data_fingerprint, processes_fingerprint
 from loraforge.training.steps import (
     apply_plan_and_lora,
     build_data,
     build_trainer,
     check_data,
+    check_processes,
     head_detachable,
     lay_out_steps,
     load_base_model,
     model_path_of,
     plan_run,
     prepare_base_model,
+    quiet_unless_main,
     run_fit,
     run_metrics,
+    shared_run_folder,
     start_point,
 )
 
@@ -113,42 +122,53 @@ def train(
         problems = check_model_source(recipe)
         if problems:
             raise ModelError("; ".join(problems))
-    device = DeviceInfo.probe()  # None on the CPU
+    ranks = join()  # one process, or this one's place among those a launcher started
+    device = DeviceInfo.probe(ranks.local_rank)  # None on the CPU
     check_environment(recipe, device)
-    check_data(recipe)
-    with open_run_folder(recipe, resume=resume) as run:  # 2 (locked until the run ends)
+    check_processes(recipe, ranks)
+    on_main(ranks, lambda: check_data(recipe), "checking the data")
+    with shared_run_folder(recipe, resume, ranks) as run, quiet_unless_main(ranks):  # 2
         if run.finished is not None:  # a resume of a run that finished with these settings
             return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
         out = run.path
         set_seed(recipe.seed)
-        model_path = None if model is not None and tokenizer is not None else model_path_of(recipe)
+        model_path = None
+        if model is None or tokenizer is None:  # downloaded once (by the main process)
+            model_path = on_main(ranks, lambda: model_path_of(recipe), "resolving the model")
+            model_path = model_path if ranks.main else model_path_of(recipe)
         if tokenizer is None:
             assert model_path is not None
             tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
         check_stoppable(template, tokenizer)  # generation can stop on its end-of-turn marker
-        data = build_data(recipe, tokenizer, out)  # 3
-        model = model if model is not None else load_base_model(recipe, model_path)  # 4
+        data = on_main(ranks, lambda: build_data(recipe, tokenizer, out), "building the data")  # 3
+        model = model if model is not None else load_base_model(recipe, model_path, ranks)  # 4
         targets = prepare_base_model(model, tokenizer, template, recipe)
-        plan = plan_run(recipe, model, device, data, targets)  # 5
-        model = apply_plan_and_lora(recipe, model, plan, targets)  # 6
-        batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
-        fingerprint = data_fingerprint(recipe)
+        plan = plan_run(recipe, model, device, data, targets, ranks)  # 5
+        model = apply_plan_and_lora(recipe, model, plan, targets, ranks)  # 6
+        batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id, ranks)  # 7
+        fingerprint = data_fingerprint(recipe) | processes_fingerprint(ranks)
         start = start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
-        detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches)
-        trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, callbacks)  # 9
+        detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches, ranks)
+        trainer = build_trainer(  # 9
+            recipe, out, model, batches, detach, fingerprint, callbacks, plan, ranks
+        )
         fit = run_fit(trainer, model, batches, start)  # 10
-        metrics = run_metrics(fit, batches, plan, model, targets)
-        save_run(  # 11
-            out,
-            model,
-            tokenizer,
-            recipe,
-            template,
-            model_path,
-            data.report,
-            metrics,
-            fit.history,
-            data.eval_report,
+        metrics = on_main(ranks, lambda: run_metrics(fit, batches, plan, model, targets))
+        on_main(  # 11
+            ranks,
+            lambda: save_run(
+                out,
+                model,
+                tokenizer,
+                recipe,
+                template,
+                model_path,
+                data.report,
+                metrics,
+                fit.history,
+                data.eval_report,
+            ),
+            "saving the run",
         )
         logger.info("saved adapter and run files to %s", out)
     return TrainResult(out, metrics, data.report, fit.history)
