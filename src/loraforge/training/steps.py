@@ -36,6 +36,7 @@ from loraforge.fast.plan import (
     enable_selective_checkpointing,
     plan_fast_path,
 )
+from loraforge.fast.quant import check_quantized
 from loraforge.fast.rope import install_fused_rope
 from loraforge.models import (
     enable_checkpointing,
@@ -260,8 +261,13 @@ def load_base_model(recipe: LoraRecipe, model_path: str | None) -> Any:
 
     assert model_path is not None
     model = load_model(
-        model_path, dtype=pick_dtype(recipe.dtype), trust_remote_code=recipe.trust_remote_code
+        model_path,
+        dtype=pick_dtype(recipe.dtype),
+        trust_remote_code=recipe.trust_remote_code,
+        quantization=recipe.quantization,  # a quantized model is placed as it loads
     )
+    if recipe.quantization != "none":
+        return model
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
@@ -270,6 +276,7 @@ def prepare_base_model(
 ) -> list[str]:
     """Give the tokenizer a padding token that is no stop token, switch the cache off, and
     resolve the LoRA target modules against the model; returns the targets."""
+    check_quantized(model, recipe.quantization)  # also a model given to train()
     note = ensure_pad_token(tokenizer, model, template.end_of_turn)
     if note:
         logger.warning(note)
