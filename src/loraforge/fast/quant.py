@@ -225,8 +225,9 @@ def check_quantized(model: Any, quantization: str, path: str = "the model") -> N
     if found == "none":
         raise ModelError(
             f"quantization: {quantization!r}, but no linear layer of {path} is quantized "
-            "(bitsandbytes left them all as they were: a model type or layer kind it does not support?); set "
-            "quantization: none, or load the model with transformers' BitsAndBytesConfig"
+            "(bitsandbytes left them all as they were: a model type or layer kind it does not "
+            "support?); set quantization: none, or load the model with transformers' "
+            "BitsAndBytesConfig"
         )
     raise ModelError(
         f"quantization: {quantization!r}, but the linear layers of {path} are {found}; set "
