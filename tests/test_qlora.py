@@ -15,13 +15,13 @@ import torch
 
 pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install '.[qlora]')")
 
-from loraforge import LoraRecipe, ModelError, RecipeError, load_for_inference, train  # noqa: E402
-from loraforge.demo import demo_recipe, prepare_tiny_base  # noqa: E402
-from loraforge.fast import quant  # noqa: E402
-from loraforge.fast.lora_ops import apply_lean_functions  # noqa: E402
-from loraforge.fast.plan import ModelShape, check_environment  # noqa: E402
-from loraforge.models import load_model  # noqa: E402
-from loraforge.tiny import sample_data_path  # noqa: E402
+from loraforge import LoraRecipe, ModelError, RecipeError, load_for_inference, train
+from loraforge.demo import demo_recipe, prepare_tiny_base
+from loraforge.fast import quant
+from loraforge.fast.lora_ops import apply_lean_functions
+from loraforge.fast.plan import ModelShape, check_environment
+from loraforge.models import load_model
+from loraforge.tiny import sample_data_path
 
 RECORDS = json.loads(sample_data_path().read_text(encoding="utf-8"))[:8]
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -131,9 +131,7 @@ def test_the_allow_list_names_what_it_refuses(base):
     plain = load_model(str(base), dtype=torch.float32)
     layer = plain.model.layers[0].mlp.down_proj
     q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4").to(
-        "cpu"
-    )
+    q.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4").to("cpu")
     q.compute_dtype = torch.float32
     plain.model.layers[0].mlp.down_proj = q
     peft_model = get_peft_model(plain, LoraConfig(r=4, target_modules=["down_proj"])).train()
@@ -195,7 +193,7 @@ def test_an_already_quantized_folder_is_refused(tmp_path, base):
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="already quantized.*gptq"):
+    with pytest.raises(ModelError, match=r"already quantized.*gptq"):
         load_model(str(folder), dtype=torch.float32, quantization="nf4")
 
 
