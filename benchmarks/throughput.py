@@ -34,11 +34,17 @@ sys.path.insert(0, str(HERE.parent / "src"))
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 TUTORIAL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = ("tutorial", "trl_liger", "loraforge")
+# QLoRA (issue 14): NF4 base, double quantization, bf16 compute; with --cap-gib the process is
+# capped as a smaller card would be (torch.cuda.set_per_process_memory_fraction)
+QLORA_SETUPS = ("trl_qlora", "loraforge_qlora")
 # optimizer steps per setup: about 80k timed tokens for the packed setups (TRL packs 8,192-token
 # rows, loraforge's plan 2,048 under 40 GiB); the tutorial's steps are 4 x ~110 tokens
-WARMUP = {"tutorial": 3, "trl_liger": 3, "loraforge": 5}
-STEPS = {"tutorial": 30, "trl_liger": 10, "loraforge": 40}
+WARMUP = {"tutorial": 3, "trl_liger": 3, "loraforge": 5, "trl_qlora": 2, "loraforge_qlora": 3}
+STEPS = {"tutorial": 30, "trl_liger": 10, "loraforge": 40, "trl_qlora": 4, "loraforge_qlora": 12}
 GPU = os.environ.get("LORAFORGE_BENCH_CPU") is None
+# loraforge's max_memory_gib under each --cap-gib: the peak targets of issue 14 (allocated memory
+# at most 22 GiB on a 24 GiB card, 15 GiB on a 16 GiB card; the CUDA context lies outside both)
+QLORA_BUDGET = {24.0: 22.0, 16.0: 15.0}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -76,6 +82,75 @@ def build_model(assets: Path):
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg)
     torch.set_default_dtype(torch.float32)
+    return model
+
+
+def build_nf4_model(assets: Path):
+    """A random-initialised model of Phi-4's shape whose decoder linear layers are bitsandbytes
+    NF4 (double quantization, bf16 compute), as ``from_pretrained`` with transformers'
+    ``BitsAndBytesConfig`` gives them, built one layer at a time on the GPU so that the 16-bit
+    weights (29 GB) never exist at once. Embeddings, norms and ``lm_head`` are bf16."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = AutoConfig.from_pretrained(str(assets / "phi4" / "config.json"))
+    cfg.use_cache = False
+    if os.environ.get("LORAFORGE_BENCH_TINY"):  # a CPU dry run of the code path
+        cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = 2, 256, 512
+        cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    torch.set_default_dtype(torch.float32)
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            w = torch.empty(
+                child.out_features, child.in_features, dtype=torch.bfloat16, device=device
+            )
+            w.normal_(0, cfg.initializer_range)
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                w.cpu() if device == "cpu" else w,
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+            ).to(device)
+            del w
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(
+                    torch.zeros(child.out_features, dtype=torch.bfloat16, device=device),
+                    requires_grad=False,
+                )
+            setattr(module, child_name, q)
+    # everything else (embeddings, norms, lm_head, rotary buffers): materialise and initialise
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding) or module is head:
+                module.weight.normal_(0, cfg.initializer_range)
+            elif hasattr(module, "variance_epsilon"):
+                module.weight.fill_(1.0)
+        rotary = model.model.rotary_emb  # its buffers were on the meta device: build it anew
+        with torch.device(device):
+            model.model.rotary_emb = type(rotary)(config=cfg)
+    # what transformers sets on a model loaded with BitsAndBytesConfig: PEFT then wraps the 4-bit
+    # layers in its lora.bnb.Linear4bit, and TRL keeps the LoRA weights in bf16 (its QLoRA path)
+    model.is_loaded_in_4bit = True
+    if device == "cuda":
+        model.hf_device_map = {"": 0}
     return model
 
 
@@ -189,7 +264,7 @@ def run_tutorial(assets: Path, warmup: int, steps: int, out: Path) -> dict:
     return meter.result()
 
 
-def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path) -> dict:
+def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path, model=None) -> dict:
     """TRL SFTTrainer: BFD packing to 8,192 tokens, padding-free, flex_attention, gradient
     checkpointing, Liger kernels, LoRA on all linear layers."""
     from datasets import Dataset
@@ -204,8 +279,8 @@ def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path) -> dict:
             "completion_mask": [[int(x != -100) for x in lab] for lab in built["labels"]],
         }
     )
-    model = build_model(assets)
-    model.set_attn_implementation("flex_attention")
+    model = build_model(assets) if model is None else model
+    model.set_attn_implementation("flex_attention" if GPU else "sdpa")
     meter = Meter(warmup)
     cfg = SFTConfig(
         output_dir=str(out),
@@ -244,6 +319,13 @@ def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path) -> dict:
     return meter.result()
 
 
+def run_trl_qlora(assets: Path, warmup: int, steps: int, out: Path) -> dict:
+    """TRL's QLoRA: SFTTrainer on the NF4 base (bnb, double quantization, bf16 compute), BFD
+    packing to 8,192 tokens, padding-free, flex_attention, gradient checkpointing, Liger, LoRA r=8
+    on all linear layers (the anchor of issue 14)."""
+    return run_trl_liger(assets, warmup, steps, out, model=build_nf4_model(assets))
+
+
 def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides) -> dict:
     """loraforge's default recipe (tutorial LoRA hyper-parameters on all linear layers)."""
     import loraforge.fast.packing as packing
@@ -276,7 +358,9 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
         **overrides,
     )
     tok = tokenizer_of(assets)
-    model = build_model(assets)
+    model = (
+        build_nf4_model(assets) if overrides.get("quantization") == "nf4" else build_model(assets)
+    )
     callbacks = [meter.callback()]
     if os.environ.get("LORAFORGE_PROFILE"):
         from profiling import profiler_callback
@@ -293,11 +377,16 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
 # ----------------------------------------------------------------------------- driver
 
 
-def child(name: str, assets: Path, warmup: int, steps: int, overrides: dict) -> dict:
+def child(
+    name: str, assets: Path, warmup: int, steps: int, overrides: dict, cap_gib: float | None = None
+) -> dict:
     import torch
 
     gpu = torch.cuda.is_available()
     if gpu:
+        if cap_gib is not None:  # emulate a smaller card: allocations past the cap fail
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -305,6 +394,13 @@ def child(name: str, assets: Path, warmup: int, steps: int, overrides: dict) -> 
             r = run_tutorial(assets, warmup, steps, Path(tmp))
         elif name == "trl_liger":
             r = run_trl_liger(assets, warmup, steps, Path(tmp))
+        elif name == "trl_qlora":
+            r = run_trl_qlora(assets, warmup, steps, Path(tmp))
+        elif name == "loraforge_qlora":
+            qlora = {"quantization": "nf4", **overrides}
+            if cap_gib is not None:
+                qlora.setdefault("max_memory_gib", QLORA_BUDGET.get(cap_gib, cap_gib))
+            r = run_loraforge(assets, warmup, steps, Path(tmp) / "run", **qlora)
         else:
             r = run_loraforge(assets, warmup, steps, Path(tmp) / "run", **overrides)
     r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
@@ -320,6 +416,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="timed optimizer steps (default: per setup)")
     ap.add_argument("--set", action="append", default=[], help="loraforge recipe override k=v")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--cap-gib",
+        type=float,
+        help="cap each setup's process at this many GiB of GPU memory (a smaller card)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     overrides = {}
@@ -335,7 +436,9 @@ def main() -> None:
         logging.getLogger("loraforge").setLevel(logging.INFO)
         print(
             "RESULT "
-            + json.dumps(child(args.child, args.assets, args.warmup, args.steps, overrides)),
+            + json.dumps(
+                child(args.child, args.assets, args.warmup, args.steps, overrides, args.cap_gib)
+            ),
             flush=True,
         )
         return
@@ -376,6 +479,8 @@ def main() -> None:
         ]
         for kv in args.set:
             cmd += ["--set", kv]
+        if args.cap_gib is not None:
+            cmd += ["--cap-gib", str(args.cap_gib)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -404,14 +509,17 @@ def main() -> None:
             flush=True,
         )
     by = {r["name"]: r for r in runs}
-    if "loraforge" in by:
-        for base in ("tutorial", "trl_liger"):
-            if base in by:
-                print(
-                    f"loraforge / {base}: {by['loraforge']['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x"
-                )
+    pairs = [
+        ("loraforge", "tutorial"),
+        ("loraforge", "trl_liger"),
+        ("loraforge_qlora", "trl_qlora"),
+    ]
+    pairs += [("loraforge_qlora", "loraforge")]  # the price of 4 bits
+    for mine, base in pairs:
+        if mine in by and base in by:
+            print(f"{mine} / {base}: {by[mine]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = card.replace(" ", "-")
+    slug = card.replace(" ", "-") + (f"-cap{args.cap_gib:g}GiB" if args.cap_gib else "")
     path = args.out / f"{slug}-{dt.date.today().isoformat()}.json"
     path.write_text(
         json.dumps(
@@ -422,6 +530,7 @@ def main() -> None:
                 "transformers": transformers.__version__,
                 "loraforge": loraforge.__version__,
                 "epoch_tokens": ds_tokens,
+                "cap_gib": args.cap_gib,
                 "matmul_params": n_mm,
                 "runs": runs,
             },

@@ -336,6 +336,7 @@ def _load_run(args: argparse.Namespace, merge: bool = False) -> Any:
         merge=merge,
         trust_remote_code=args.trust_remote_code,
         allow_template_import=args.allow_template_import,
+        quantization=getattr(args, "quantization", "none"),
     )
 
 
@@ -481,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", help="system prompt (default: the recipe's)")
     s.add_argument("--base-model", help="base model folder or hub id, if it moved")
     s.add_argument("--merge", action="store_true", help="merge the adapter first (faster)")
+    s.add_argument(
+        "--quantization",
+        choices=("none", "nf4", "int8"),
+        default="none",
+        help="run on a base quantized by bitsandbytes as it loads, for a small card (default: "
+        "%(default)s, the 16-bit base); not with --merge",
+    )
     s.add_argument(
         "--max-new-tokens",
         type=int,

@@ -297,7 +297,10 @@ class ChatModel:
 
         Raises:
             OutputDirError: ``out_dir`` holds other files, a model being merged, or a run.
+            ModelError: the base model was loaded quantized (``quantization="nf4"``): a merge
+                goes onto the 16-bit weights only (load it with ``quantization="none"``).
         """
+        _refuse_quantized_merge(self.model)
         out = prepare_merge_folder(out_dir, model=self.model, tokenizer=self.tokenizer)
         model = self.model
         if hasattr(model, "merge_and_unload"):
@@ -341,6 +344,7 @@ def load_for_inference(
     trust_remote_code: bool = False,
     allow_template_import: bool = False,
     template: str | PromptTemplate | type[PromptTemplate] | None = None,
+    quantization: str = "none",
 ) -> ChatModel:
     """Load a trained adapter for chatting.
 
@@ -353,7 +357,10 @@ def load_for_inference(
         path: the output folder of [`train`][loraforge.train].
         base_model: a local folder or hub id overriding the recorded base model (for a moved
             model).
-        merge: merge the adapter into the base weights (faster generation).
+        merge: merge the adapter into the base weights (faster generation). The base is
+            loaded in ``dtype`` (16-bit on a GPU) and the adapter merged there, also when it was
+            trained on a 4-bit base (QLoRA): never into quantized weights, where re-quantizing
+            would round most of the adapter away.
         device: ``"cuda"``, ``"cpu"``...; default: CUDA when available.
         dtype: ``"auto"`` (bfloat16 on a capable GPU, else float32) or a dtype name.
         trust_remote_code: let transformers run Python code shipped with the run folder's
@@ -362,19 +369,31 @@ def load_for_inference(
         allow_template_import: import the template class path the run records when the template
             is neither registered nor rebuildable from its recorded form (a class overriding
             ``segments()``); only for folders you trust.
+        quantization: ``"none"`` (the default: the base in ``dtype``), or ``"nf4"``/``"int8"``
+            to run the adapter on a base quantized by bitsandbytes as it loads, for a card too
+            small for the 16-bit weights (a QLoRA adapter then runs on the kind of base it was
+            trained on). Not with ``merge``.
         template: use this template (a name, ``"package.module:Class"``, class or instance)
             instead of the recorded one, e.g. a class defined in your own script. A warning is
             logged when it renders differently from the recorded form.
 
     Raises:
-        ModelError: the folder is not a loraforge output, the base model cannot be found, or the
-            folder asks to run code that ``trust_remote_code`` does not allow.
+        ModelError: the folder is not a loraforge output, the base model cannot be found, the
+            folder asks to run code that ``trust_remote_code`` does not allow, or ``merge`` is
+            asked together with ``quantization``.
         TemplateError: the template can only be found by importing code that
             ``allow_template_import`` does not allow.
     """
     import torch
     from peft import PeftModel
 
+    if merge and quantization != "none":
+        raise ModelError(
+            f"merge=True with quantization={quantization!r}: loraforge merges an adapter onto the "
+            "16-bit base weights only (merging into quantized weights re-quantizes them and rounds "
+            "most of the adapter away); merge with quantization='none' (the merged model can be "
+            "quantized when it is loaded), or chat unmerged on the quantized base"
+        )
     folder = Path(path)
     run = _read_run(folder)
     saved = _read_recipe(folder)
@@ -406,9 +425,14 @@ def load_for_inference(
         "run folder",
     )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _log_base_quantization(base, quantization, dtype)
     model = _load_refusing_code(
         lambda: load_model(
-            model_path, dtype=pick_dtype(dtype), device=device, trust_remote_code=trust_remote_code
+            model_path,
+            dtype=pick_dtype(dtype),
+            device=device,
+            trust_remote_code=trust_remote_code,
+            quantization=quantization,
         ),
         Path(model_path) / "config.json",
         trust_remote_code,
@@ -419,9 +443,43 @@ def load_for_inference(
     with peft_rename_warning_ignored():
         model = PeftModel.from_pretrained(model, str(folder))
     if merge:
+        _refuse_quantized_merge(model)
         model = model.merge_and_unload()
     model.eval()
     return ChatModel(model, tokenizer, chosen, system_prompt=saved.get("system_prompt"))
+
+
+def _log_base_quantization(base: Mapping[str, Any], quantization: str, dtype: str) -> None:
+    """Say on which base an adapter trained on a quantized base (QLoRA) now runs."""
+    trained = base.get("quantization")
+    if not isinstance(trained, Mapping) or not trained.get("method"):
+        return
+    if quantization == "none":
+        logger.info(
+            "the adapter was trained on a %s base (QLoRA); loading the base's 16-bit weights "
+            "(dtype %s) under it, as a merge does",
+            trained["method"],
+            str(pick_dtype(dtype)).removeprefix("torch."),
+        )
+    else:
+        logger.info(
+            "the adapter was trained on a %s base (QLoRA); running it on a %s base",
+            trained["method"],
+            quantization,
+        )
+
+
+def _refuse_quantized_merge(model: Any) -> None:
+    from loraforge.fast.quant import model_quantization
+
+    method = model_quantization(model)
+    if method != "none":
+        raise ModelError(
+            f"merge: the base model is loaded {method}-quantized; loraforge merges an adapter "
+            "onto the 16-bit base weights only (merging into quantized weights re-quantizes "
+            "them and rounds most of the adapter away): load the run with quantization='none' "
+            "(the default) to merge"
+        )
 
 
 def _warn_if_not_recorded(template: PromptTemplate, recorded: Any, folder: Path) -> None:

@@ -362,16 +362,26 @@ def _pickled_weights(path: str) -> list[str]:
 
 
 def load_model(
-    path: str, *, dtype: Any, trust_remote_code: bool = False, device: str | None = None
+    path: str,
+    *,
+    dtype: Any,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    quantization: str = "none",
 ) -> Any:
     """Load a causal LM from a local folder in ``dtype`` (on ``device`` when given).
 
     Only safetensors weights are loaded (``use_safetensors=True``): a pickle (``.bin``, ``.pt``,
     ...) is never unpickled, since unpickling can run any code the file holds.
 
+    With ``quantization`` ``"nf4"`` or ``"int8"`` the linear layers are quantized by
+    bitsandbytes as they load ([`loraforge.fast.quant`][loraforge.fast.quant]), computing in
+    ``dtype``, placed on ``device`` (default: the current CUDA device, else the CPU).
+
     Raises:
         ModelError: the folder holds pickle weights and no safetensors (naming the files and how
-            to convert them), or the model cannot be loaded.
+            to convert them), or the model cannot be loaded; for ``quantization``: bitsandbytes
+            is missing, the model is already quantized, or no layer of it was quantized.
     """
     from transformers import AutoModelForCausalLM
 
@@ -388,6 +398,11 @@ def load_model(
         )
     model: Any
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if quantization != "none":
+        from loraforge.fast.quant import quantized_loading
+
+        kwargs.update(quantized_loading(path, quantization, dtype, device))
+        device = None  # placed by the loading itself (a quantized model cannot be moved)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -397,6 +412,10 @@ def load_model(
         raise ModelError(f"cannot load a causal language model from {path!r}: {exc}") from exc
     if device is not None:
         model = model.to(device)
+    if quantization != "none":
+        from loraforge.fast.quant import check_quantized
+
+        check_quantized(model, quantization, path)
     return model
 
 

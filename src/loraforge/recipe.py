@@ -61,6 +61,12 @@ class LoraRecipe:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
         "auto", "Weight dtype; 'auto' = bfloat16 on a GPU that supports it, else float32."
     )
+    quantization: Literal["none", "nf4", "int8"] = _f(
+        "none",
+        "Load the base model's linear layers quantized by bitsandbytes (pip install "
+        "'loraforge[qlora]'): 'nf4' = QLoRA (4-bit NormalFloat, double quantization, computing in "
+        "dtype), 'int8' = LLM.int8() (PEFT's forward), 'none' = the weights in dtype.",
+    )
     # data
     template: str = _f("phi-4", "Prompt template name, or 'package.module:Class'.")
     data: str = _f(

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.fast import lora_ops
-from loraforge.fast.lora_ops import lean_norm, lora_linear, lora_mlp, norm_eps
+from loraforge.fast.lora_ops import _dense, lean_norm, lora_linear, lora_mlp, norm_eps
+from loraforge.fast.quant import dense_dtype, frozen_weight
 
 __all__ = [
     "TOLERANCES",
@@ -229,14 +230,15 @@ def _configured_p(dropout: nn.Module) -> float:
 def _probe_adapter(layer: Any, adapter: str, gen: torch.Generator) -> list[torch.Tensor]:
     """Random ``[A, B]`` for a LoRA layer, ``B`` sized so that on a random input the adapter adds
     about as much as the base layer."""
-    w = layer.base_layer.weight
+    device, dtype = layer.base_layer.weight.device, dense_dtype(layer.base_layer)
     a_w, b_w = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     r, n_in = a_w.shape
-    a = torch.randn(r, n_in, generator=gen, device=w.device) / math.sqrt(n_in)
-    b = torch.randn(b_w.shape[0], r, generator=gen, device=w.device) / math.sqrt(r)
-    z = torch.randn(16, n_in, generator=gen, device=w.device)
+    a = torch.randn(r, n_in, generator=gen, device=device) / math.sqrt(n_in)
+    b = torch.randn(b_w.shape[0], r, generator=gen, device=device) / math.sqrt(r)
+    z = torch.randn(16, n_in, generator=gen, device=device)
     with torch.no_grad():
-        base = F.linear(z.to(w.dtype), w).float().norm()
+        w = _dense(frozen_weight(layer.base_layer, dtype))
+        base = F.linear(z.to(dtype), w).float().norm()
         added = (z @ a.t() @ b.t()).norm() * abs(float(layer.scaling[adapter]))
         if base > 0 and added > 0:
             b *= base / added
@@ -293,10 +295,11 @@ def check_linear(
     kind: str, name: str, layer: Any, adapter: str, regime: torch.dtype | None
 ) -> CheckResult:
     """:class:`~loraforge.fast.lora_ops.LoraLinearFunction` against PEFT's forward of the
-    ``lora.Linear`` ``layer`` (see the module docstring)."""
-    w = layer.base_layer.weight
+    ``lora.Linear`` (or, on a 4-bit base, ``lora.bnb.Linear4bit``) ``layer`` (see the module
+    docstring)."""
+    w = _Base(layer.base_layer)
     gen = torch.Generator(device=w.device).manual_seed(0)
-    x = torch.randn(2, 8, w.shape[1], generator=gen, device=w.device).to(w.dtype)
+    x = torch.randn(2, 8, w.in_features, generator=gen, device=w.device).to(w.dtype)
     p = _configured_p(layer.lora_dropout[adapter])
 
     def want(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -319,15 +322,25 @@ def check_linear(
 _MLP_PARTS = ("gate_up_proj", "down_proj")
 
 
+class _Base:
+    """What a check needs of a base layer: device, the dtype it computes in (a 4-bit weight's
+    dequantized dtype), ``in_features``."""
+
+    def __init__(self, base: Any) -> None:
+        self.device = base.weight.device
+        self.dtype = dense_dtype(base)
+        self.in_features = int(base.in_features)
+
+
 def check_mlp(
     kind: str, name: str, mlp: Any, adapters: tuple[str, str], regime: torch.dtype | None
 ) -> CheckResult:
     """:class:`~loraforge.fast.lora_ops.LoraSwiGLUFunction` against the MLP's own forward (which
     calls PEFT's forward of its two projections)."""
     layers = [getattr(mlp, part) for part in _MLP_PARTS]
-    w = layers[0].base_layer.weight
+    w = _Base(layers[0].base_layer)
     gen = torch.Generator(device=w.device).manual_seed(0)
-    x = torch.randn(2, 8, w.shape[1], generator=gen, device=w.device).to(w.dtype)
+    x = torch.randn(2, 8, w.in_features, generator=gen, device=w.device).to(w.dtype)
     masks = tuple(
         (_configured_p(layer.lora_dropout[adapter]), _SEED + 2 * i)
         for i, (layer, adapter) in enumerate(zip(layers, adapters, strict=True))

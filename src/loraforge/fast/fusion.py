@@ -5,8 +5,12 @@ A PEFT LoRA layer runs :class:`~loraforge.fast.lora_ops.LoraLinearFunction` only
 about it is on this allow-list (anything else, including whatever PEFT adds later, keeps PEFT's
 own forward):
 
-* the class is exactly PEFT's ``peft.tuners.lora.layer.Linear``, its ``forward`` is
-  ``(self, x, *args, **kwargs)``, and it wraps exactly ``torch.nn.Linear``;
+* the class is exactly PEFT's ``peft.tuners.lora.layer.Linear`` wrapping exactly
+  ``torch.nn.Linear``, or exactly PEFT's ``peft.tuners.lora.bnb.Linear4bit`` wrapping exactly
+  bitsandbytes' ``Linear4bit`` (QLoRA: the weight is dequantized inside the function, see
+  :mod:`loraforge.fast.quant`; a weight bitsandbytes repacked for its CPU inference kernel, or whose
+  compute dtype differs from the dtype it dequantizes to, is refused); its ``forward`` is
+  ``(self, x, *args, **kwargs)``. An int8 base (``Linear8bitLt``) keeps PEFT's forward;
 * every public attribute it holds is one PEFT 0.17-0.21 defines (:data:`_PEFT_ATTRIBUTES`), and
   it has no parameters or buffers of its own;
 * one active adapter, adapters enabled, nothing merged; no DoRA (``use_dora``,
@@ -60,6 +64,7 @@ from loraforge.fast.equivalence import (
     check_norm,
     rms_norm_refusal,
 )
+from loraforge.fast.quant import base_refusal, dense_dtype
 
 __all__ = ["FUSED", "FusionReport", "install", "norm_sites", "uninstall"]
 
@@ -214,17 +219,23 @@ def _signature_ok(lora_linear: Any) -> bool:
 
 
 def _plan_linear(
-    layer: Any, lora_linear: Any, regime: torch.dtype | None, signature_ok: bool
+    layer: Any, lora_classes: dict[type, bool], regime: torch.dtype | None
 ) -> _LinearPlan | str:
     """A plan if every property of the PEFT layer is on the allow-list, else the first that is
-    not (a short reason for the report)."""
-    if type(layer) is not lora_linear:
-        return f"{type(layer).__name__} layer"
-    if not signature_ok:
-        return "PEFT's forward signature changed"
+    not (a short reason for the report). ``lora_classes``: the PEFT classes admitted, each with
+    whether its forward's signature is as written for."""
     base = layer.base_layer
-    if type(base) is not nn.Linear:
-        return f"base layer {type(base).__name__}"
+    if type(layer) not in lora_classes:
+        if type(base).__name__ == "Linear8bitLt":
+            return base_refusal(base) or "int8 base layer"
+        return f"{type(layer).__name__} layer"
+    if not lora_classes[type(layer)]:
+        return "PEFT's forward signature changed"
+    reason = base_refusal(base)
+    if reason:
+        return reason
+    if (type(base) is nn.Linear) != (type(layer).__module__ == "peft.tuners.lora.layer"):
+        return f"{type(layer).__name__} on a base layer {type(base).__name__}"
     names = sorted(k for k in (*vars(layer), *layer._modules) if not k.startswith("_"))
     unknown = [k for k in names if k not in _PEFT_ATTRIBUTES]
     if unknown:
@@ -274,7 +285,7 @@ def _plan_linear(
         return f"scaling {layer.scaling.get(name)!r}"
     if any(p.requires_grad for p in base.parameters()):
         return "trained base weight"
-    w = base.weight.dtype
+    w = dense_dtype(base)
     if base.bias is not None and base.bias.dtype != w:
         return "base bias dtype"
     reason = _dtype_refusal(w, w, a.weight.dtype, b.weight.dtype, regime)
@@ -310,9 +321,13 @@ def _call_refusal(layer: Any, plan: _LinearPlan, x: torch.Tensor) -> str | None:
     regime = _autocast_dtype(x)
     if regime != plan.regime:
         return f"{_name(regime)} (installed for {_name(plan.regime)})"
+    if type(base) is not nn.Linear:  # 4-bit: e.g. repacked by bitsandbytes' CPU inference kernel
+        reason = base_refusal(base)
+        if reason:
+            return reason
     name = plan.adapter
     a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    reason = _dtype_refusal(x.dtype, base.weight.dtype, a.weight.dtype, b.weight.dtype, regime)
+    reason = _dtype_refusal(x.dtype, dense_dtype(base), a.weight.dtype, b.weight.dtype, regime)
     if reason:
         return reason
     if type(dropout) not in (nn.Dropout, nn.Identity):
@@ -344,7 +359,7 @@ def _plan_mlp(mlp: nn.Module, plans: dict[int, _LinearPlan]) -> tuple[_LinearPla
     d: Any = down.base_layer  # type: ignore[union-attr]
     if g.bias is not None or d.bias is not None:
         return "projection bias"
-    if g.out_features != 2 * d.in_features or g.weight.dtype != d.weight.dtype:
+    if g.out_features != 2 * d.in_features or dense_dtype(g) != dense_dtype(d):
         return "shapes are not gate_up -> down"
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     if act not in ("silu", "swish"):
@@ -555,14 +570,13 @@ def _plan_lora(
     verify: bool,
     regime: torch.dtype | None,
 ) -> list[tuple[nn.Module, _Installed]]:
-    from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import LoraLayer
 
-    signature_ok = _signature_ok(LoraLinear)
+    lora_classes = {cls: _signature_ok(cls) for cls in _lora_classes()}
     plans: dict[str, _LinearPlan] = {}
     for name, module in named.items():
         if isinstance(module, LoraLayer):
-            plan = _plan_linear(module, LoraLinear, regime, signature_ok)
+            plan = _plan_linear(module, lora_classes, regime)
             report.layers[name] = FUSED if isinstance(plan, _LinearPlan) else plan
             if isinstance(plan, _LinearPlan):
                 plans[name] = plan
@@ -609,6 +623,31 @@ def _plan_lora(
     return installs
 
 
+def _lora_classes() -> list[type]:
+    """PEFT's LoRA layer classes the lean functions take: ``lora.Linear``, and with bitsandbytes
+    installed ``lora.bnb.Linear4bit``."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from loraforge.fast.quant import bitsandbytes_available
+
+    classes: list[type] = [LoraLinear]
+    if bitsandbytes_available():
+        try:
+            from peft.tuners.lora.bnb import Linear4bit
+        except ImportError:  # a PEFT without bitsandbytes support
+            return classes
+        classes.append(Linear4bit)
+    return classes
+
+
+def _base_name(base: Any) -> str:
+    """``"float32"``, or ``"nf4->bfloat16"`` for a 4-bit weight dequantized to bfloat16."""
+    dtype = _name(dense_dtype(base))
+    if type(base) is nn.Linear:
+        return dtype
+    return f"{getattr(base.weight, 'quant_type', '4-bit')}->{dtype}"
+
+
 def _configured_p(dropout: nn.Module) -> float:
     return float(dropout.p) if type(dropout) is nn.Dropout else 0.0
 
@@ -618,7 +657,8 @@ def _linear_kind(layer: Any, plan: _LinearPlan) -> str:
     bias = " with bias" if layer.base_layer.bias is not None else ""
     dropout = " dropout" if _configured_p(layer.lora_dropout[plan.adapter]) > 0 else ""
     return (
-        f"LoRA linear {layer.in_features}->{layer.out_features}{bias} base {_name(w.dtype)} "
+        f"LoRA linear {layer.in_features}->{layer.out_features}{bias} base "
+        f"{_base_name(layer.base_layer)} "
         f"adapter {_name(a.dtype)}{dropout}, {_name(plan.regime)}, on {w.device.type}"
     )
 
@@ -632,7 +672,8 @@ def _mlp_kind(mlp: Any, pair: tuple[_LinearPlan, ...]) -> str:
     ]
     return (
         f"SwiGLU MLP {gate_up.in_features}->{down.in_features}->{down.out_features} base "
-        f"{_name(w.dtype)} adapter {_name(a.dtype)}{' dropout' if any(drops) else ''}, "
+        f"{_base_name(gate_up.base_layer)} adapter {_name(a.dtype)}"
+        f"{' dropout' if any(drops) else ''}, "
         f"{_name(pair[0].regime)}, on {w.device.type}"
     )
 

@@ -49,6 +49,7 @@ from loraforge.fast.kernels import (
     swiglu,
     swiglu_backward,
 )
+from loraforge.fast.quant import frozen_weight
 
 if TYPE_CHECKING:
     from torch import nn
@@ -76,6 +77,19 @@ def new_seed() -> int:
 
 
 # --------------------------------------------------------------------------- autograd
+
+
+def _dense(weight: Any) -> torch.Tensor:
+    """A base weight for one matrix product: the tensor itself, or a 4-bit weight
+    (:class:`~loraforge.fast.quant.FrozenNF4`) dequantized for this product only."""
+    return weight if isinstance(weight, torch.Tensor) else weight.dense()
+
+
+def _kept(weight: Any) -> tuple[torch.Tensor | None, Any]:
+    """What a function keeps of a base weight for its backward pass: ``(tensor, None)`` for a
+    dense weight (saved as a tensor), ``(None, weight)`` for a 4-bit one (its packed data and
+    scales; it is dequantized again in the backward pass)."""
+    return (weight, None) if isinstance(weight, torch.Tensor) else (None, weight)
 
 
 def _lora_up(base: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -123,13 +137,15 @@ def _lora_backward(
 
 class LoraLinearFunction(torch.autograd.Function):
     """``F.linear(x, W, bias) + B(A(dropout(x))) * scale``, keeping ``x``, ``A x`` and (on the
-    GPU) the dropout mask as bits."""
+    GPU) the dropout mask as bits. ``W`` is a tensor or a 4-bit
+    :class:`~loraforge.fast.quant.FrozenNF4`, dequantized in the forward pass and again in the
+    backward pass (the dequantized copy is not kept)."""
 
     @staticmethod
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Any,
         bias: torch.Tensor | None,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
@@ -140,15 +156,18 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         zs, bits, coef = _lora_down(x2, lora_a, scale, p, seed)
-        out = _lora_up(F.linear(x2, weight, bias), zs, lora_b)
-        ctx.save_for_backward(x2, zs, weight, lora_a, lora_b, bits)
-        ctx.meta = (coef, p, seed, shape, bias is not None)
+        out = _lora_up(F.linear(x2, _dense(weight), bias), zs, lora_b)
+        dense, quantized = _kept(weight)
+        ctx.save_for_backward(x2, zs, dense, lora_a, lora_b, bits)
+        ctx.meta = (coef, p, seed, shape, bias is not None, quantized)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
         x2, zs, weight, lora_a, lora_b, bits = ctx.saved_tensors
-        coef, p, seed, shape, has_bias = ctx.meta
+        coef, p, seed, shape, has_bias, quantized = ctx.meta
+        if quantized is not None and ctx.needs_input_grad[0]:
+            weight = quantized.dense()
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         need = ctx.needs_input_grad
         grad_x, grad_a, grad_b = _lora_backward(
@@ -162,16 +181,17 @@ class LoraLinearFunction(torch.autograd.Function):
 
 class LoraSwiGLUFunction(torch.autograd.Function):
     """``down(swiglu(gate_up(x)))`` with LoRA on both projections, keeping ``x``, the ``gate_up``
-    output and (on the GPU) the dropout masks as bits; the SwiGLU activation is recomputed."""
+    output and (on the GPU) the dropout masks as bits; the SwiGLU activation is recomputed. The
+    base weights are tensors or 4-bit, as for :class:`LoraLinearFunction`."""
 
     @staticmethod
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        w1: torch.Tensor,
+        w1: Any,
         a1: torch.Tensor,
         b1: torch.Tensor,
-        w2: torch.Tensor,
+        w2: Any,
         a2: torch.Tensor,
         b2: torch.Tensor,
         lora1: tuple[float, float, int],
@@ -181,28 +201,33 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         (s1, p1, seed1), (s2, p2, seed2) = lora1, lora2
         z1, bits1, c1 = _lora_down(x2, a1, s1, p1, seed1)
-        gate_up = _lora_up(F.linear(x2, w1), z1, b1)
+        gate_up = _lora_up(F.linear(x2, _dense(w1)), z1, b1)
         act = swiglu(gate_up)
         z2, bits2, c2 = _lora_down(act, a2, s2, p2, seed2)
-        out = _lora_up(F.linear(act, w2), z2, b2)
-        ctx.save_for_backward(x2, gate_up, z1, z2, w1, a1, b1, w2, a2, b2, bits1, bits2)
-        ctx.meta = (c1, p1, seed1, c2, p2, seed2, shape)
+        out = _lora_up(F.linear(act, _dense(w2)), z2, b2)
+        (d1, q1), (d2, q2) = _kept(w1), _kept(w2)
+        ctx.save_for_backward(x2, gate_up, z1, z2, d1, a1, b1, d2, a2, b2, bits1, bits2)
+        ctx.meta = (c1, p1, seed1, c2, p2, seed2, shape, q1, q2)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
         x2, gate_up, z1, z2, w1, a1, b1, w2, a2, b2, bits1, bits2 = ctx.saved_tensors
-        c1, p1, seed1, c2, p2, seed2, shape = ctx.meta
+        c1, p1, seed1, c2, p2, seed2, shape, q1, q2 = ctx.meta
         need = ctx.needs_input_grad
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         act = swiglu(gate_up)
+        if q2 is not None:
+            w2 = q2.dense()
         d_act, grad_a2, grad_b2 = _lora_backward(
             grad, act, z2, w2, a2, b2, c2, (p2, seed2, bits2), (True, need[5], need[6])
         )
-        del act
+        del act, w2
         assert d_act is not None
         d_gate_up = swiglu_backward(gate_up, d_act)
         del d_act
+        if q1 is not None and need[0]:
+            w1 = q1.dense()
         grad_x, grad_a1, grad_b1 = _lora_backward(
             d_gate_up, x2, z1, w1, a1, b1, c1, (p1, seed1, bits1), (need[0], need[2], need[3])
         )
@@ -252,7 +277,7 @@ def lora_linear(
     with torch.autocast(x.device.type, enabled=False):
         return LoraLinearFunction.apply(
             x.to(dtype),
-            base.weight.to(dtype),
+            frozen_weight(base, dtype),
             bias,
             lora_a.to(dtype),
             lora_b.to(dtype),
@@ -279,7 +304,7 @@ def lora_mlp(
     (p1, seed1), (p2, seed2) = masks
     lora1 = (float(gate_up.scaling[adapters[0]]), p1, seed1)
     lora2 = (float(down.scaling[adapters[1]]), p2, seed2)
-    w1, w2 = gate_up.base_layer.weight.to(dtype), down.base_layer.weight.to(dtype)
+    w1, w2 = frozen_weight(gate_up.base_layer, dtype), frozen_weight(down.base_layer, dtype)
     with torch.autocast(x.device.type, enabled=False):
         return LoraSwiGLUFunction.apply(x.to(dtype), w1, a1, b1, w2, a2, b2, lora1, lora2)
 

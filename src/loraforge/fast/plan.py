@@ -79,6 +79,9 @@ class ModelShape:
         fused_qkv: one ``qkv_proj`` per layer instead of ``q_proj``/``k_proj``/``v_proj``.
         fused_mlp: one ``gate_up_proj`` and a SiLU activation, which the lean LoRA functions run
             as a single function keeping 2 x ``intermediate_size`` per token instead of 4 x.
+        dequant_bytes: with a quantized base (QLoRA), the memory of dequantizing weights while
+            training: two dense copies of the largest quantized weight (one layer's forward and
+            the next's, or a backward pass's); 0 otherwise.
     """
 
     hidden_size: int
@@ -93,9 +96,12 @@ class ModelShape:
     lean_norms: int = 0
     fused_qkv: bool = False
     fused_mlp: bool = False
+    dequant_bytes: int = 0
 
     @classmethod
-    def from_config(cls, config: Any, dtype: Any = "bfloat16") -> ModelShape:
+    def from_config(
+        cls, config: Any, dtype: Any = "bfloat16", quantization: str = "none"
+    ) -> ModelShape:
         """The shape of a transformers decoder config, before any weights are loaded.
 
         The weights are counted from the sizes (embeddings, attention and MLP projections, norms,
@@ -104,9 +110,14 @@ class ModelShape:
         Qwen3 norms are taken by ``lean_norms``; other types are planned with separate
         projections and no lean norms (more memory, never less).
 
+        With ``quantization: nf4`` the decoder layers' linear weights count half a byte each plus
+        their scales (double quantization: about 0.516 bytes a weight), with ``int8`` one byte plus
+        a float32 scale per row; embeddings, norms and ``lm_head`` stay in ``dtype``.
+
         Args:
             config: a ``transformers.PretrainedConfig`` (or anything with its attributes).
             dtype: the weights' dtype: a ``torch.dtype`` or its name (``"bfloat16"``).
+            quantization: ``"none"``, ``"nf4"`` or ``"int8"`` (the recipe's setting).
 
         Raises:
             ModelError: the config lacks a size the planner needs.
@@ -129,10 +140,21 @@ class ModelShape:
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or h // heads
         q, k = heads * head_dim, kv * head_dim
-        per_layer = h * (2 * q + 2 * k) + 3 * h * inter + 2 * h
+        linear = h * (2 * q + 2 * k) + 3 * h * inter
+        per_layer = linear + 2 * h
         embeddings = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
         params = embeddings + layers * per_layer + h
         size = _dtype_bytes(dtype)
+        weight_bytes, dequant = params * size, 0
+        if quantization in ("nf4", "int8"):
+            from loraforge.fast.quant import nf4_bytes_per_weight
+
+            rows = q + 2 * k + q + h + 2 * inter  # qkv, o, gate_up, down output rows
+            quantized = (
+                linear * nf4_bytes_per_weight() if quantization == "nf4" else linear + 4 * rows
+            )
+            weight_bytes = int((params - layers * linear) * size + layers * quantized)
+            dequant = 2 * 2 * h * inter * size if quantization == "nf4" else 0
         model_type = getattr(cfg, "model_type", "")
         fused = model_type in _FUSED_PROJECTIONS
         return cls(
@@ -143,11 +165,12 @@ class ModelShape:
             num_attention_heads=heads,
             num_key_value_heads=kv,
             head_dim=head_dim,
-            weight_bytes=params * size,
+            weight_bytes=weight_bytes,
             activation_bytes=size,
             lean_norms=2 * layers + 1 if model_type in _LEAN_NORM_TYPES else 0,
             fused_qkv=fused,
             fused_mlp=fused and getattr(cfg, "hidden_act", None) in ("silu", "swish"),
+            dequant_bytes=dequant,
         )
 
     @classmethod
@@ -164,6 +187,9 @@ class ModelShape:
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         fused_mlp = "gate_up_proj" in names
         act = getattr(model.config, "hidden_act", None)
+        from loraforge.fast.quant import quantized_weight_bytes
+
+        weight_bytes, largest_dense = quantized_weight_bytes(model)  # scales of 4-bit weights too
         return cls(
             hidden_size=base.hidden_size,
             num_hidden_layers=base.num_hidden_layers,
@@ -172,12 +198,18 @@ class ModelShape:
             num_attention_heads=base.num_attention_heads,
             num_key_value_heads=base.num_key_value_heads,
             head_dim=base.head_dim,
-            weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            weight_bytes=weight_bytes,
             activation_bytes=base.activation_bytes,
             lean_norms=sum(1 for m in lean_norm_candidates(model) if m.weight.dtype == dtype),
             fused_qkv="qkv_proj" in names,
             fused_mlp=fused_mlp and act in ("silu", "swish"),
+            dequant_bytes=2 * largest_dense,
         )
+
+
+def _resident(shape: ModelShape) -> int:
+    """The weights, and with a quantized base the dense copies dequantizing makes."""
+    return shape.weight_bytes + shape.dequant_bytes
 
 
 def _dtype_bytes(dtype: Any) -> int:
@@ -351,7 +383,7 @@ def _memory_problems(recipe: LoraRecipe, shape: ModelShape, device: DeviceInfo) 
     """The weights (and the reserve) do not fit under the budget the planner sizes for."""
     packing = _packs(recipe, device)
     cap = _cap(recipe, device)
-    if not _sizes_memory(recipe, packing) or shape.weight_bytes + _RESERVE_BYTES < cap:
+    if not _sizes_memory(recipe, packing) or _resident(shape) + _RESERVE_BYTES < cap:
         return []
     weights = f"{shape.weight_bytes / GiB:.1f} GiB"
     card = f"{device.memory_bytes / GiB:.1f} GiB"
@@ -409,6 +441,10 @@ def check_environment(
         )
     if device is not None and shape is not None:
         problems += _memory_problems(recipe, shape, device)
+    if recipe.quantization != "none":
+        from loraforge.fast.quant import quantization_problems
+
+        problems += quantization_problems(recipe.quantization, on_gpu=device is not None)
     if problems:
         raise RecipeError(problems)
 
@@ -650,7 +686,7 @@ def _plan_one(
         sized = n if ckpt == "full" else 0  # selective keeps at most what no checkpointing keeps
         ok = [t for t in candidates if mem.needed(t, sized) <= mem.free]
         rows = max(ok) if ok else min(candidates)
-    estimate = shape.weight_bytes + _RESERVE_BYTES + mem.needed(rows, sized)
+    estimate = _resident(shape) + _RESERVE_BYTES + mem.needed(rows, sized)
     reason = (
         f"{mem.free / GiB:.1f} GiB for activations under a {cap / GiB:.0f} GiB cap, "
         f"weights {shape.weight_bytes / GiB:.1f} GiB"
@@ -697,7 +733,7 @@ def _memory(
     supervised = min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0
     loss = 0.0 if chunked else supervised * shape.vocab_size * _BYTES_LOGIT
     return _Memory(
-        free=cap - shape.weight_bytes - _RESERVE_BYTES,
+        free=cap - _resident(shape) - _RESERVE_BYTES,
         layers=shape.num_hidden_layers,
         per_layer=per_layer,
         layer_input=h * e,

@@ -115,10 +115,11 @@ def _check(model: Any, module: Any, rope: Callable[..., Any], extra: dict[str, A
     import torch
 
     p = next(module.parameters())
+    dtype = model.get_input_embeddings().weight.dtype  # not a 4-bit (uint8) projection weight's
     tokens = 16
     gen = torch.Generator(device=p.device).manual_seed(0)
     hidden = torch.randn(
-        1, tokens, model.config.hidden_size, device=p.device, dtype=p.dtype, generator=gen
+        1, tokens, model.config.hidden_size, device=p.device, dtype=dtype, generator=gen
     )
     positions = torch.arange(tokens, device=p.device).unsqueeze(0)
     rotary = model.get_decoder().rotary_emb

@@ -738,6 +738,7 @@ def save_run(
     import transformers
 
     from loraforge import __version__
+    from loraforge.fast.quant import quantization_record
     from loraforge.training.files import json_text
     from loraforge.training.guards import SKIPPED_FILE
 
@@ -758,6 +759,8 @@ def save_run(
             "source": recipe.model_source,
             "revision": recipe.model_revision,
             "resolved_path": str(Path(model_path).resolve()) if model_path else None,
+            # QLoRA: the adapter was trained on this quantization of the base (None: 16-bit)
+            "quantization": quantization_record(model),
         },
         "versions": {
             "torch": torch.__version__,

@@ -38,6 +38,7 @@ from loraforge.fast.plan import (
     enable_selective_checkpointing,
     plan_fast_path,
 )
+from loraforge.fast.quant import check_quantized
 from loraforge.fast.rope import install_fused_rope
 from loraforge.models import (
     enable_checkpointing,
@@ -227,6 +228,14 @@ def check_data(recipe: LoraRecipe) -> None:
 
 def check_processes(recipe: LoraRecipe, ranks: Ranks) -> None:
     """Refuse a distributed setting one process cannot honour."""
+    if recipe.distributed == "fsdp2" and recipe.quantization != "none":
+        raise RecipeError(
+            [
+                f"distributed: 'fsdp2' with quantization: '{recipe.quantization}': loraforge does "
+                "not shard 4-bit/8-bit weights; a 4-bit Phi-4 (about 8.5 GiB) fits each GPU, so "
+                "use distributed: ddp (or auto)"
+            ]
+        )
     if recipe.distributed == "fsdp2" and not launched():
         raise RecipeError(
             [
@@ -343,10 +352,13 @@ def load_base_model(recipe: LoraRecipe, model_path: str | None, ranks: Ranks) ->
 
     assert model_path is not None
     model = load_model(
-        model_path, dtype=pick_dtype(recipe.dtype), trust_remote_code=recipe.trust_remote_code
+        model_path,
+        dtype=pick_dtype(recipe.dtype),
+        trust_remote_code=recipe.trust_remote_code,
+        quantization=recipe.quantization,  # a quantized model is placed as it loads
     )
-    if ranks.several or launched():
-        return model
+    if ranks.several or launched() or recipe.quantization != "none":
+        return model  # placed after planning (several processes), or as it loaded (4-bit)
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
@@ -355,6 +367,7 @@ def prepare_base_model(
 ) -> list[str]:
     """Give the tokenizer a padding token that is no stop token, switch the cache off, and
     resolve the LoRA target modules against the model; returns the targets."""
+    check_quantized(model, recipe.quantization)  # also a model given to train()
     note = ensure_pad_token(tokenizer, model, template.end_of_turn)
     if note:
         logger.warning(note)
@@ -403,7 +416,8 @@ def apply_plan_and_lora(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    if (ranks.several or launched()) and _whole_on_device(model, plan):
+    quantized = recipe.quantization != "none"  # placed on this process's GPU as it loaded
+    if (ranks.several or launched()) and _whole_on_device(model, plan) and not quantized:
         model = model.to(ranks.device)  # the checks below then run on the device
     elif plan.distributed == "fsdp2" and ranks.device != "cpu":
         logger.info(
