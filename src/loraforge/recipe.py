@@ -23,7 +23,10 @@ import yaml
 from loraforge.data.builder import OnBadRecord, RecordFormat, TrainOn, Truncation
 from loraforge.errors import RecipeError
 
-__all__ = ["DEFAULT_BATCH_SIZE", "LoraRecipe"]
+__all__ = ["DEFAULT_BATCH_SIZE", "LoraInit", "LoraRecipe"]
+
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+"""``lora_init`` values: PEFT's ``init_lora_weights`` (``"default"`` is PEFT's ``True``)."""
 
 DEFAULT_BATCH_SIZE = 4
 """Examples per micro-step of the padded path when ``batch_size`` is unset: the tutorial's
@@ -99,6 +102,27 @@ class LoraRecipe:
         "all-linear",
         "'all-linear' (every linear layer but the output head) or module names; every name must "
         "match a module of the model.",
+    )
+    # LoRA variants (PEFT's; see the recipe page for when each helps)
+    use_dora: bool = _f(
+        False,
+        "DoRA: a trained magnitude per output on top of LoRA's direction (PEFT's forward: the "
+        "lean functions do not take it).",
+    )
+    use_rslora: bool = _f(
+        False,
+        "rsLoRA: scale the update by lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r.",
+    )
+    lora_init: LoraInit = _f(  # noqa: RUF009 (a Literal alias: immutable)
+        "default",
+        "How A and B start (PEFT's init_lora_weights): 'default' (B = 0), 'gaussian', or 'pissa' / "
+        "'olora' (from the base weight, which they change; the saved adapter is converted to "
+        "apply to the original base).",
+    )
+    loraplus_lr_ratio: float | None = _f(
+        None,
+        "LoRA+: the B matrices learn at learning_rate x this ratio (PEFT's "
+        "create_loraplus_optimizer; the paper suggests about 16). None = off.",
     )
     # training
     learning_rate: float = _f(1e-4, "Peak learning rate.")
@@ -466,6 +490,7 @@ def _validate(r: LoraRecipe) -> list[str]:
         not isinstance(r.max_memory_gib, (int, float)) or r.max_memory_gib <= 0
     ):
         bad("max_memory_gib", "must be None or a number > 0")
+    problems += _variant_problems(r)
     problems += [
         f"{n}: {m} (got {getattr(r, n)!r})"
         for n, test, m in checks
@@ -497,4 +522,28 @@ def _validate(r: LoraRecipe) -> list[str]:
         v = getattr(r, name)
         if v is not None and not isinstance(v, str):
             bad(name, "must be a string or null")
+    return problems
+
+
+def _variant_problems(r: LoraRecipe) -> list[str]:
+    """The LoRA variants' own checks, and the combinations that cannot work (naming both)."""
+    problems: list[str] = []
+    ratio = r.loraplus_lr_ratio
+    if ratio is not None and (
+        not isinstance(ratio, (int, float))
+        or isinstance(ratio, bool)
+        or not math.isfinite(ratio)
+        or ratio <= 0
+    ):
+        problems.append(
+            f"loraplus_lr_ratio: must be None (off) or a number > 0, typically 2 to 16 (got "
+            f"{ratio!r})"
+        )
+    if r.use_dora is True and r.lora_init in ("pissa", "olora"):
+        problems.append(
+            f"use_dora and lora_init: {r.lora_init!r} do not combine: PiSSA/OLoRA change the base "
+            "weight, and PEFT's conversion of the saved adapter back to the original base keeps "
+            "only A and B, not DoRA's magnitudes (set use_dora: false, or lora_init: default or "
+            "gaussian)"
+        )
     return problems

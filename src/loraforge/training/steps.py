@@ -68,6 +68,7 @@ from loraforge.training.resume import (
     load_checkpoint_adapter,
     resume_point,
 )
+from loraforge.variants import describe_variant, lora_config, loraplus_optimizer
 
 __all__ = [
     "Batches",
@@ -312,7 +313,7 @@ def apply_plan_and_lora(
 ) -> Any:
     """Kernels, attention and checkpointing on the base model, then LoRA and the lean functions;
     returns the PEFT model."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if plan.liger_kernels:
         replaced = apply_liger(model, skip_lean=recipe.fused_lora)
@@ -324,17 +325,7 @@ def apply_plan_and_lora(
         enable_checkpointing(model, layers=plan.checkpoint_layers)
     elif plan.gradient_checkpointing == "selective":
         enable_selective_checkpointing(model)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=recipe.lora_r,
-            lora_alpha=recipe.lora_alpha,
-            lora_dropout=recipe.lora_dropout,
-            target_modules=list(targets),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(model, lora_config(recipe, targets))  # the variant is PEFT's
     if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
         import torch
 
@@ -345,7 +336,8 @@ def apply_plan_and_lora(
         logger.info("rope: %s", install_fused_rope(model)[1])
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
-        "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
+        "%s r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
+        describe_variant(recipe),
         recipe.lora_r,
         recipe.lora_alpha,
         ", ".join(f"{t} x{c}" for t, c in _lora_counts(model, targets).items()),
@@ -517,6 +509,7 @@ def build_trainer(
         eval_dataset=batches.eval,
         data_collator=batches.collator,
         compute_loss_func=loss if layout.packed else None,
+        optimizers=(loraplus_optimizer(model, args, recipe), None),  # (None, None) unless LoRA+
         # the guards check before a save is marked complete
         callbacks=[
             guard,

@@ -52,6 +52,7 @@ from loraforge.training.steps import (
     run_metrics,
     start_point,
 )
+from loraforge.variants import save_initial_adapter
 
 __all__ = ["TrainResult", "train"]
 
@@ -131,6 +132,7 @@ def train(
         targets = prepare_base_model(model, tokenizer, template, recipe)
         plan = plan_run(recipe, model, device, data, targets)  # 5
         model = apply_plan_and_lora(recipe, model, plan, targets)  # 6
+        initial_adapter = save_initial_adapter(model, out, recipe)  # PiSSA/OLoRA only
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id)  # 7
         fingerprint = data_fingerprint(recipe)
         start = start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
@@ -149,6 +151,7 @@ def train(
             metrics,
             fit.history,
             data.eval_report,
+            initial_adapter=initial_adapter,
         )
         logger.info("saved adapter and run files to %s", out)
     return TrainResult(out, metrics, data.report, fit.history)
