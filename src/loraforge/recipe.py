@@ -184,9 +184,18 @@ class LoraRecipe:
     logging_steps: int = _f(10, "Log a line every this many optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate every this many steps (None = once per epoch).")
     report_to: tuple[str, ...] = _f((), "Trackers to report to: tensorboard, wandb, swanlab, ...")
+    # evaluation samples
+    eval_prompts: str | tuple[Any, ...] | None = _f(
+        None,
+        "Prompts the adapter answers greedily at each evaluation (every eval_steps, else each "
+        "epoch, and at the end): a list (user messages, or records in the data's formats, whose "
+        "answer is kept as the reference) or a .json/.jsonl file of them. The answers go to "
+        "eval_samples/step-N.jsonl, the trackers and loraforge.json.",
+    )
+    eval_max_new_tokens: int = _f(128, "Most tokens of one eval_prompts answer.")
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "report_to"):
+        for name in ("target_modules", "report_to", "eval_prompts"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("packing", "liger_kernels"):  # YAML reads on/off as true/false
@@ -344,7 +353,7 @@ class LoraRecipe:
 # ---------------------------------------------------------------------- coercion & validation
 
 #: Settings that name data files: relative to the recipe file's folder when read from one.
-_DATA_PATHS = ("data", "eval_data")
+_DATA_PATHS = ("data", "eval_data", "eval_prompts")
 
 
 def absolute_data_paths(values: Mapping[str, Any], base: str) -> dict[str, Any]:
@@ -454,6 +463,7 @@ def _validate(r: LoraRecipe) -> list[str]:
         ("eval_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
         ("save_steps", lambda v: v >= 1, "must be >= 1"),
         ("logging_steps", lambda v: v >= 1, "must be >= 1"),
+        ("eval_max_new_tokens", lambda v: v >= 1, "must be >= 1"),
     ]
     if r.pack_tokens is not None and (
         not isinstance(r.pack_tokens, int) or r.pack_tokens < r.max_length
@@ -484,13 +494,21 @@ def _validate(r: LoraRecipe) -> list[str]:
         and r.eval_steps >= 1
         and r.eval_data is None
         and not r.eval_fraction
+        and r.eval_prompts is None
     ):
-        problems.append("eval_steps: has no effect without eval_data or eval_fraction")
+        problems.append(
+            "eval_steps: has no effect without eval_data, eval_fraction or eval_prompts"
+        )
     if r.max_memory_gib is not None and (
         not isinstance(r.max_memory_gib, (int, float)) or r.max_memory_gib <= 0
     ):
         bad("max_memory_gib", "must be None or a number > 0")
     problems += _variant_problems(r)
+    ep = r.eval_prompts
+    if ep is not None and not (
+        (isinstance(ep, str) and ep) or (isinstance(ep, tuple) and ep)
+    ):
+        bad("eval_prompts", "must be a non-empty list of prompts or a .json/.jsonl file of them")
     problems += [
         f"{n}: {m} (got {getattr(r, n)!r})"
         for n, test, m in checks

@@ -96,6 +96,7 @@ def run_folder_files() -> frozenset[str]:
     those belong to loraforge too. Staging folders (``.staging-*``) and the temporary files of
     atomic writes (``name.tmp-<pid>``) of any of these names do as well.
     """
+    from loraforge.training.evaluation import EVAL_SAMPLES
     from loraforge.training.guards import NONFINITE_FILE, SKIPPED_FILE
     from loraforge.variants import INITIAL_ADAPTER
 
@@ -111,6 +112,7 @@ def run_folder_files() -> frozenset[str]:
             NONFINITE_FILE,
             CHECKPOINTS,
             INITIAL_ADAPTER,
+            EVAL_SAMPLES,
             RUN_MARKER,
             LOCK_FILE,
         }

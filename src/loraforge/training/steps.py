@@ -47,6 +47,7 @@ from loraforge.models import (
     resolve_target_modules,
 )
 from loraforge.recipe import LoraRecipe
+from loraforge.training.evaluation import load_eval_prompts
 from loraforge.training.guards import (
     SKIPPED_FILE,
     DiskSpaceGuard,
@@ -198,6 +199,8 @@ class PadCollator:
 
 def check_data(recipe: LoraRecipe) -> None:
     """Read and check every record of the training and evaluation data (no tokenizer needed)."""
+    if recipe.eval_prompts is not None:
+        load_eval_prompts(recipe)
     for path in (recipe.data, recipe.eval_data):
         if path:
             check_records(

@@ -35,6 +35,7 @@ from loraforge.errors import ModelError
 from loraforge.fast.plan import DeviceInfo, check_environment
 from loraforge.models import check_model_source, load_tokenizer
 from loraforge.recipe import LoraRecipe
+from loraforge.training.evaluation import eval_samples, samples_report
 from loraforge.training.output import open_run_folder, save_run
 from loraforge.training.resume import data_fingerprint
 from loraforge.training.steps import (
@@ -52,6 +53,7 @@ from loraforge.training.steps import (
     run_metrics,
     start_point,
 )
+from loraforge.training.trackers import check_trackers
 from loraforge.variants import save_initial_adapter
 
 __all__ = ["TrainResult", "train"]
@@ -117,6 +119,7 @@ def train(
     device = DeviceInfo.probe()  # None on the CPU
     check_environment(recipe, device)
     check_data(recipe)
+    check_trackers(recipe)  # report_to: known names, installed packages
     with open_run_folder(recipe, resume=resume) as run:  # 2 (locked until the run ends)
         if run.finished is not None:  # a resume of a run that finished with these settings
             return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
@@ -137,9 +140,14 @@ def train(
         fingerprint = data_fingerprint(recipe)
         start = start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
         detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches)
-        trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, callbacks)  # 9
+        samples = eval_samples(recipe, out, tokenizer, template)  # None without eval_prompts
+        extra = [*callbacks, *([samples] if samples else [])]
+        trainer = build_trainer(recipe, out, model, batches, detach, fingerprint, extra)  # 9
+        if samples:
+            samples.bind(trainer)  # the trackers of report_to get the answers too
         fit = run_fit(trainer, model, batches, start)  # 10
         metrics = run_metrics(fit, batches, plan, model, targets)
+        metrics.update(samples_report(samples))
         save_run(  # 11
             out,
             model,
