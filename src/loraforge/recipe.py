@@ -68,7 +68,8 @@ class LoraRecipe:
     template: str = _f("phi-4", "Prompt template name, or 'package.module:Class'.")
     data: str = _f(
         "",
-        "Training data: a .json array or .jsonl file (in a recipe file, relative to its folder).",
+        "Training data: a .json array or .jsonl file, a folder saved by datasets, or a hub "
+        "dataset id (see data_source); in a recipe file a path is relative to its folder.",
     )
     data_format: RecordFormat = _f(  # noqa: RUF009 (a Literal alias: immutable)
         "auto", "Record format; 'auto' detects it from the first record."
@@ -93,6 +94,20 @@ class LoraRecipe:
     )
     input_separator: str = _f(
         "\n", "Joins an alpaca record's instruction and input when both are set."
+    )
+    # data sources (see loraforge.data.sources)
+    data_source: Literal["auto", "local", "huggingface", "modelscope"] = _f(
+        "auto",
+        "What data/eval_data name: 'auto' = a local file or datasets folder if it exists, else an "
+        "owner/name id on ModelScope; 'huggingface' = a Hugging Face dataset id.",
+    )
+    data_split: str = _f("train", "Split of a hub dataset or a saved DatasetDict for data.")
+    eval_split: str = _f("test", "Split of a hub dataset or a saved DatasetDict for eval_data.")
+    data_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the dataset.")
+    data_columns: dict[str, str] | None = _f(  # noqa: RUF009 (None: nothing shared)
+        None,
+        "Rename the source's fields to loraforge's: {instruction: question, output: answer} "
+        "(keys: instruction, input, output, system, history, messages, conversations).",
     )
     # LoRA
     lora_r: int = _f(8, "LoRA rank.")
@@ -358,11 +373,21 @@ _DATA_PATHS = ("data", "eval_data", "eval_prompts")
 
 def absolute_data_paths(values: Mapping[str, Any], base: str) -> dict[str, Any]:
     """``values`` with each relative data path joined to ``base`` (and ``~`` expanded)."""
+    from loraforge.data.sources import is_hub_id
+
     out = dict(values)
+    hub = out.get("data_source") in ("huggingface", "modelscope")
     for key in _DATA_PATHS:
         value = out.get(key)
         if isinstance(value, str) and value:
-            out[key] = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+            path = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+            if (
+                key != "eval_prompts"
+                and (hub or (out.get("data_source") != "local" and is_hub_id(value)))
+                and not os.path.exists(path)
+            ):
+                continue  # a hub dataset id, not a path
+            out[key] = path
     return out
 
 
@@ -440,7 +465,26 @@ def _validate(r: LoraRecipe) -> list[str]:
             "model: required: a local model folder or a hub id such as LLM-Research/phi-4"
         )
     if not r.data:
-        problems.append("data: required: a .json array or .jsonl file of training records")
+        problems.append(
+            "data: required: a .json array or .jsonl file of training records, a folder saved "
+            "by datasets, or a hub dataset id"
+        )
+    cols = r.data_columns
+    if cols is not None:
+        from loraforge.data.sources import COLUMN_FIELDS
+
+        if not isinstance(cols, Mapping) or not all(
+            isinstance(v, str) and v for v in cols.values()
+        ):
+            bad("data_columns", "must be a mapping of loraforge field: source column name")
+        else:
+            unknown = [k for k in cols if k not in COLUMN_FIELDS]
+            if unknown:
+                problems.append(
+                    f"data_columns: unknown field {unknown[0]!r}; the fields are "
+                    f"{', '.join(COLUMN_FIELDS)} (write loraforge's name first: "
+                    "{instruction: question})"
+                )
 
     def ok(name: str, test: Any) -> bool:
         try:
@@ -505,9 +549,7 @@ def _validate(r: LoraRecipe) -> list[str]:
         bad("max_memory_gib", "must be None or a number > 0")
     problems += _variant_problems(r)
     ep = r.eval_prompts
-    if ep is not None and not (
-        (isinstance(ep, str) and ep) or (isinstance(ep, tuple) and ep)
-    ):
+    if ep is not None and not ((isinstance(ep, str) and ep) or (isinstance(ep, tuple) and ep)):
         bad("eval_prompts", "must be a non-empty list of prompts or a .json/.jsonl file of them")
     problems += [
         f"{n}: {m} (got {getattr(r, n)!r})"
@@ -536,7 +578,7 @@ def _validate(r: LoraRecipe) -> list[str]:
         and r.eval_fraction > 0
     ):
         problems.append("eval_data and eval_fraction: give one way of holding data out, not both")
-    for name in ("system_prompt", "model_revision", "cache_dir", "eval_data"):
+    for name in ("system_prompt", "model_revision", "cache_dir", "eval_data", "data_revision"):
         v = getattr(r, name)
         if v is not None and not isinstance(v, str):
             bad(name, "must be a string or null")

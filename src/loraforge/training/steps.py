@@ -20,6 +20,7 @@ from typing import Any
 
 from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from loraforge.data.records import check_records
+from loraforge.data.sources import open_data
 from loraforge.data.templates import (
     PromptTemplate,
 )
@@ -201,10 +202,10 @@ def check_data(recipe: LoraRecipe) -> None:
     """Read and check every record of the training and evaluation data (no tokenizer needed)."""
     if recipe.eval_prompts is not None:
         load_eval_prompts(recipe)
-    for path in (recipe.data, recipe.eval_data):
-        if path:
+    for key in ("data", "eval_data"):
+        if getattr(recipe, key):
             check_records(
-                path,
+                open_data(recipe, key),
                 recipe.data_format,
                 input_separator=recipe.input_separator,
                 on_bad_record=recipe.on_bad_record,
@@ -231,7 +232,7 @@ def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
     """Tokenize, mask and truncate the data; write the dropped records to ``skipped.jsonl``
     (and ``eval_skipped.jsonl``); hold out ``eval_fraction`` of the examples if asked."""
     builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
-    train_ds = builder.build(recipe.data)
+    train_ds = builder.build(open_data(recipe, "data"))
     report = builder.report
     assert report is not None
     logger.info("data:\n%s", report.format_text())
@@ -239,7 +240,7 @@ def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
     train_ds = _with_record_index(train_ds, report)
     eval_ds, eval_report = None, None
     if recipe.eval_data:
-        eval_ds = builder.build(recipe.eval_data)
+        eval_ds = builder.build(open_data(recipe, "eval_data"))
         eval_report = builder.report
         assert eval_report is not None
         write_skipped_records(out / f"eval_{SKIPPED_FILE}", eval_report.dropped)
