@@ -105,7 +105,7 @@ def runs(tmp_path_factory):
         num_epochs=40,
         logging_steps=5,
         lora_dropout=0.1,
-        eval_fraction=0.0,
+        save_steps=15,
     )
     plain = train(demo_recipe(root / "base", root / "plain", **common))
     sampled = train(
@@ -183,3 +183,19 @@ def test_tensorboard_event_files_hold_the_losses_and_the_answers(runs):
         (sampled.output_dir / EVAL_SAMPLES / "step-000040.jsonl").read_text("utf-8").splitlines()[0]
     )
     assert f"**answer** (step 40): {row['answer']}" in last
+
+
+@pytest.mark.integration
+def test_a_checkpoint_answers_as_its_evaluation_did(runs):
+    """Comparing checkpoints: ``load_for_inference`` (and ``loraforge chat``) on a checkpoint of
+    the run answers what the evaluation at that step answered."""
+    _, sampled = runs
+    ckpt = sampled.output_dir / "checkpoints" / "checkpoint-30"
+    rows = [
+        json.loads(x)
+        for x in (sampled.output_dir / EVAL_SAMPLES / "step-000030.jsonl")
+        .read_text("utf-8")
+        .splitlines()
+    ]
+    chat = load_for_inference(ckpt, device="cpu")
+    assert [chat.chat(p, max_new_tokens=48) for p in PROMPTS[:2]] == [r["answer"] for r in rows[:2]]
