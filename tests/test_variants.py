@@ -151,8 +151,8 @@ def _plain_peft_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Te
 VARIANTS = {
     "dora": dict(use_dora=True),
     "rslora": dict(use_rslora=True, lora_alpha=8),  # scaling 8 / sqrt(16) = 2, as alpha/r=32/16
-    "pissa": dict(lora_init="pissa"),
-    "olora": dict(lora_init="olora"),
+    "pissa": dict(lora_init="pissa", save_steps=40),  # checkpoint-40: the unconverted adapter
+    "olora": dict(lora_init="olora", save_steps=40),
     "loraplus": dict(loraplus_lr_ratio=4.0, learning_rate=5e-3),
 }
 
@@ -182,6 +182,13 @@ def test_each_variant_learns_and_its_adapter_loads_in_plain_peft(workdir, name):
         assert (out / INITIAL_ADAPTER / "adapter_model.safetensors").is_file()
         base = _plain_peft_logits(workdir / "base", out / INITIAL_ADAPTER, ids)
         assert not torch.allclose(base, plain, atol=1e-3)  # the run changed the model
+        # a checkpoint keeps the unconverted adapter (resume needs it); PEFT loads it onto the
+        # original base by running the same initialisation again
+        ckpt = out / "checkpoints" / "checkpoint-40"
+        assert json.loads((ckpt / "adapter_config.json").read_text())["init_lora_weights"] == name
+        torch.testing.assert_close(
+            _plain_peft_logits(workdir / "base", ckpt, ids), logits.logits, rtol=1e-4, atol=1e-4
+        )
     else:
         assert config["r"] == 16 and not (out / INITIAL_ADAPTER).exists()
         assert config["use_dora"] is (name == "dora")

@@ -470,9 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         "loraforge run code (see --trust-remote-code).",
         "  loraforge chat output/phi4-huanhuan\n"
         "  loraforge chat output/phi4-huanhuan --prompt 你是谁？ --prompt 你父亲是谁？\n"
-        "  loraforge chat output/phi4-huanhuan --base-model /models/phi-4 --merge",
+        "  loraforge chat output/phi4-huanhuan --base-model /models/phi-4 --merge\n"
+        "  loraforge chat output/phi4-huanhuan/checkpoints/checkpoint-200 --prompt 你是谁？",
     )
-    s.add_argument("path", help="output folder of a training run")
+    s.add_argument(
+        "path", help="output folder of a training run, or one of its checkpoints to compare"
+    )
     s.add_argument(
         "--prompt",
         action="append",
