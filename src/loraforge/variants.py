@@ -6,7 +6,7 @@ Each is PEFT's own: [`lora_config`][loraforge.variants.lora_config] turns the re
 ``create_loraplus_optimizer``. Nothing of PEFT is changed.
 
 What each does to the GPU fast path is decided by the allow-list in
-[`loraforge.fast.fusion`][loraforge.fast.fusion], layer by layer, and logged: rsLoRA changes only
+`loraforge.fast.fusion`, layer by layer, and logged: rsLoRA changes only
 the scaling (``lora_alpha / sqrt(lora_r)``), which the lean functions read from the layer, so its
 layers run them (checked numerically against PEFT's forward like any other); PiSSA and OLoRA change
 only the starting values of A, B and the base weight, so their layers run them too; DoRA layers

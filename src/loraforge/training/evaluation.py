@@ -157,7 +157,7 @@ def _generating_attention(model: Any) -> Iterator[None]:
 
 class EvalSamples(TrainerCallback):
     """Has the current adapter answer the prompts at each evaluation (see the module's
-    docstring); [`last`][loraforge.training.evaluation.EvalSamples.last] holds the latest."""
+    docstring); ``last`` holds the latest."""
 
     def __init__(
         self,
