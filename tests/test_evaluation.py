@@ -199,3 +199,55 @@ def test_a_checkpoint_answers_as_its_evaluation_did(runs):
     ]
     chat = load_for_inference(ckpt, device="cpu")
     assert [chat.chat(p, max_new_tokens=48) for p in PROMPTS[:2]] == [r["answer"] for r in rows[:2]]
+
+
+def test_answers_reach_wandb_and_swanlab_as_their_callbacks_hold_them(tmp_path, caplog):
+    """W&B and SwanLab are not installed here: their callbacks are stood in for by objects of the
+    same class names holding what transformers' callbacks hold (``_wandb``, ``_swanlab``)."""
+    from types import SimpleNamespace
+
+    from loraforge.training.evaluation import EvalSamples
+
+    logged = []
+
+    class WandbCallback:
+        _initialized = True
+        _wandb = SimpleNamespace(
+            Table=lambda columns, data: ("table", columns, data),
+            log=lambda values: logged.append(("wandb", values)),
+        )
+
+    class SwanLabCallback:
+        _initialized = True
+        _swanlab = SimpleNamespace(
+            Text=lambda text: ("text", text),
+            log=lambda values, step: logged.append(("swanlab", values, step)),
+        )
+
+    class BrokenCallback(WandbCallback):
+        pass
+
+    BrokenCallback.__name__ = "WandbCallback"
+    BrokenCallback._wandb = SimpleNamespace(Table=None, log=None)  # a tracker that fails
+
+    samples = EvalSamples([], tmp_path, None, None, every=None, max_new_tokens=4)
+    samples.trackers = [WandbCallback(), SwanLabCallback(), BrokenCallback()]
+    rows = [
+        {"step": 7, "prompt": [{"role": "user", "content": "q"}], "reference": "r", "answer": "a"}
+    ]
+    with caplog.at_level("WARNING", logger="loraforge"):
+        samples._to_trackers(rows, 7)
+    assert logged[0] == (
+        "wandb",
+        {
+            "eval_samples": (
+                "table",
+                ["step", "prompt", "reference", "answer"],
+                [[7, "q", "r", "a"]],
+            ),
+            "train/global_step": 7,
+        },
+    )
+    assert logged[1][0] == "swanlab" and logged[1][2] == 7
+    assert "**answer** (step 7): a" in logged[1][1]["eval_samples"][0][1]
+    assert "eval samples: WandbCallback did not take them" in caplog.text
