@@ -9,6 +9,7 @@ tutorial's 3 epochs; then the ratios. Results go to ``benchmarks/results/<card>-
 
     python benchmarks/throughput.py                       # all three setups, ../shared
     python benchmarks/throughput.py --assets .gpu --only loraforge --set liger_kernels=off
+    python benchmarks/throughput.py --assets .gpu --variants all   # one row per LoRA variant
 
 ``--assets`` is laid out like ``../shared`` (``phi4/config.json``, ``phi4/tokenizer.json``,
 ``phi4/tokenizer_config.json``, ``data/huanhuan.json``); the default is ``../shared`` itself. On a
@@ -45,6 +46,15 @@ GPU = os.environ.get("LORAFORGE_BENCH_CPU") is None
 # loraforge's max_memory_gib under each --cap-gib: the peak targets of issue 14 (allocated memory
 # at most 22 GiB on a 24 GiB card, 15 GiB on a 16 GiB card; the CUDA context lies outside both)
 QLORA_BUDGET = {24.0: 22.0, 16.0: 15.0}
+# --variants: the loraforge setup once per LoRA variant, each a set of recipe overrides
+VARIANTS = {
+    "lora": [],
+    "dora": ["use_dora=true"],
+    "rslora": ["use_rslora=true"],
+    "pissa": ["lora_init=pissa"],
+    "olora": ["lora_init=olora"],
+    "loraplus": ["loraplus_lr_ratio=16"],
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -422,6 +432,11 @@ def main() -> None:
         help="cap each setup's process at this many GiB of GPU memory (a smaller card)",
     )
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument(
+        "--variants",
+        help=f"run the loraforge setup once per LoRA variant: 'all' or some of {','.join(VARIANTS)}"
+        " (rows named loraforge[<variant>]; --set applies to each)",
+    )
     args = ap.parse_args()
     overrides = {}
     for kv in args.set:
@@ -464,7 +479,14 @@ def main() -> None:
         flush=True,
     )
     runs = []
-    for name in args.only.split(","):
+    jobs = [(name, name, []) for name in args.only.split(",")]
+    if args.variants:
+        chosen = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+        jobs = [(f"loraforge[{v}]", "loraforge", VARIANTS[v]) for v in chosen]
+    for label, name, variant_sets in jobs:
         cmd = [
             sys.executable,
             __file__,
@@ -477,7 +499,7 @@ def main() -> None:
             "--steps",
             str(args.steps or STEPS[name]),
         ]
-        for kv in args.set:
+        for kv in [*args.set, *variant_sets]:
             cmd += ["--set", kv]
         if args.cap_gib is not None:
             cmd += ["--cap-gib", str(args.cap_gib)]
@@ -486,7 +508,7 @@ def main() -> None:
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(
-                f"{name}: FAILED ({time.perf_counter() - t0:.0f}s)\n{proc.stdout[-3000:]}\n"
+                f"{label}: FAILED ({time.perf_counter() - t0:.0f}s)\n{proc.stdout[-3000:]}\n"
                 f"{proc.stderr[-6000:]}",
                 flush=True,
             )
@@ -498,12 +520,12 @@ def main() -> None:
         if prof:
             print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])
-        r["name"] = name
+        r["name"] = label
         r["mfu"] = r["tokens_per_s"] * 4 * n_mm / (peak * 1e12)
         r["three_epochs_min"] = 3 * ds_tokens / r["tokens_per_s"] / 60
         runs.append(r)
         print(
-            f"{name:<10} {r['tokens_per_s']:>8.0f} tok/s {r['supervised_tokens_per_s']:>7.0f} sup/s "
+            f"{label:<10} {r['tokens_per_s']:>8.0f} tok/s {r['supervised_tokens_per_s']:>7.0f} sup/s "
             f"{r['peak_gib']:>6.1f} GiB  MFU {r['mfu']:.1%}  3 epochs {r['three_epochs_min']:.1f} min"
             f"  {r.get('fast_path', '')}",
             flush=True,
@@ -518,6 +540,13 @@ def main() -> None:
     for mine, base in pairs:
         if mine in by and base in by:
             print(f"{mine} / {base}: {by[mine]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x")
+    plain = by.get("loraforge[lora]")
+    for label, r in by.items():  # each variant's price against plain LoRA on the same path
+        if plain is not None and label.startswith("loraforge[") and r is not plain:
+            print(
+                f"{label} / loraforge[lora]: {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x "
+                f"tokens/s, {r['peak_gib'] - plain['peak_gib']:+.1f} GiB peak"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     slug = card.replace(" ", "-") + (f"-cap{args.cap_gib:g}GiB" if args.cap_gib else "")
     path = args.out / f"{slug}-{dt.date.today().isoformat()}.json"

@@ -633,7 +633,8 @@ def test_undetectable_format(tiny_tokenizer):
     with raises(
         "<list>, record 0: cannot tell the record format from ['completion', 'prompt']; "
         "expected alpaca (instruction, input, output), messages (OpenAI) or "
-        "conversations (ShareGPT), or set the format explicitly"
+        "conversations (ShareGPT), or set the format explicitly (fields named otherwise: map "
+        "them with data_columns, e.g. {instruction: prompt, output: answer})"
     ):
         build(tiny_tokenizer, [{"prompt": "q", "completion": "a"}])
     with raises("<list>, record 0: cannot tell the record format from list"):

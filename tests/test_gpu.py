@@ -268,3 +268,100 @@ def test_short_training_run_matches_plain_path(tmp_path, capsys):
     assert losses["on"][0] == pytest.approx(losses["off"][0], rel=0.05)
     assert losses["on"][-1] < 0.5 * losses["on"][0]
     assert losses["on"][-1] == pytest.approx(losses["off"][-1], rel=0.35, abs=0.15)
+
+
+# --------------------------------------------------------------------------- LoRA variants
+# Written for the GPU but not yet run on one (no device time in the session that added them).
+
+
+def _with_variant(model, **variant):
+    from peft import get_peft_model
+
+    from loraforge import LoraRecipe
+    from loraforge.variants import lora_config
+
+    recipe = LoraRecipe(model="m", data="d", lora_dropout=0.0, **variant)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    model = get_peft_model(model, lora_config(recipe, targets))
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n and not variant.get("lora_init"):
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+@pytest.mark.parametrize(
+    "variant", [{"use_rslora": True}, {"lora_init": "pissa"}, {"lora_init": "olora"}]
+)
+def test_variants_on_the_lean_functions_match_peft_in_bf16(variant, capsys):
+    """rsLoRA (another scaling), PiSSA and OLoRA (other starting weights) run the lean functions:
+    the start-of-training check passes and loss and gradients match PEFT's forward in bf16."""
+    from loraforge.fast.lora_ops import apply_lean_functions
+    from loraforge.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    plain = _with_variant(_phi4_like(tok), **variant)
+    fast = copy.deepcopy(plain)
+    report = apply_lean_functions(fast, autocast_dtype=torch.bfloat16)
+    assert (report.fused_layers, report.fused_mlps) == (8, 2), report.summary()
+    assert all(c.passed for c in report.checks), [c.describe() for c in report.checks]
+    ids = torch.randint(0, len(tok), (1, 2048), device="cuda")
+    losses = []
+    for model in (plain, fast):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    errs = [_rel(p.grad, grads[n]) for n, p in fast.named_parameters() if p.requires_grad]
+    with capsys.disabled():
+        print(
+            f"\n{variant}: loss {losses[1]:.5f} vs {losses[0]:.5f}; grad rel err max {max(errs):.2e}"
+        )
+    assert abs(losses[1] - losses[0]) / losses[0] < 1e-2
+    assert max(errs) < 5e-2
+
+
+def test_dora_falls_back_to_peft_visibly_on_the_gpu(caplog):
+    from loraforge.fast.lora_ops import apply_lean_functions
+    from loraforge.tiny import build_tiny_tokenizer
+
+    model = _with_variant(_phi4_like(build_tiny_tokenizer()), use_dora=True)
+    with caplog.at_level("INFO", logger="loraforge"):
+        report = apply_lean_functions(model, autocast_dtype=torch.bfloat16)
+    assert report.fused_layers == 0 and set(report.layers.values()) == {"DoRA"}
+    assert "PEFT forward for 8" in caplog.text and "(DoRA)" in caplog.text
+    assert report.lean_norms == 5  # the norms still take the lean path
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"lora_init": "pissa"}])
+def test_variant_trains_on_the_packed_path(variant, tmp_path):
+    """A packed bf16 run per variant learns, and its saved adapter loads in plain PEFT on the
+    original base (the CPU tests compare the logits exactly)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraforge import train
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+
+    base = prepare_tiny_base(tmp_path / "base", hidden_size=256)
+    recipe = demo_recipe(
+        base,
+        tmp_path / "run",
+        packing="on",
+        pack_tokens=512,
+        dtype="bfloat16",
+        num_epochs=20,
+        learning_rate=5e-3,
+        logging_steps=1,
+        **variant,
+    )
+    res = train(recipe)
+    losses = [h["loss"] for h in res.log_history if "loss" in h]
+    assert losses[-1] < 0.5 * losses[0]
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).cuda()
+    model = PeftModel.from_pretrained(model, str(res.output_dir)).eval()
+    ids = torch.randint(3, 200, (1, 32), device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()

@@ -545,3 +545,18 @@ def test_auto_packs_on_a_gpu_only_when_batch_size_is_unset():
     assert "packing off: batch_size is set" in padded.reason
     on_cpu = plan_fast_path(_recipe(), shape, None, longest_example=384)
     assert not on_cpu.packing
+
+
+def test_dora_is_planned_as_peft_s_forward():
+    """DoRA layers keep PEFT's forward (the allow-list refuses them), so the planner counts what
+    that forward keeps: the plan for Phi-4 on an H200 makes room for more per token."""
+    shape = SHAPES["phi-4"]
+    lean = plan_fast_path(_recipe(), shape, H200, longest_example=384)
+    dora = plan_fast_path(_recipe(use_dora=True), shape, H200, longest_example=384)
+    peft = plan_fast_path(_recipe(fused_lora=False), shape, H200, longest_example=384)
+    assert (dora.pack_tokens, dora.gradient_checkpointing, dora.checkpoint_layers) == (
+        peft.pack_tokens,
+        peft.gradient_checkpointing,
+        peft.checkpoint_layers,
+    )
+    assert (dora.pack_tokens, dora.checkpoint_layers) != (lean.pack_tokens, lean.checkpoint_layers)

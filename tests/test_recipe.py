@@ -171,7 +171,8 @@ def test_missing_model_and_data():
         LoraRecipe()
     assert info.value.problems == [
         "model: required: a local model folder or a hub id such as LLM-Research/phi-4",
-        "data: required: a .json array or .jsonl file of training records",
+        "data: required: a .json array or .jsonl file of training records, a folder saved "
+        "by datasets, or a hub dataset id",
     ]
     with pytest.raises(RecipeError, match="data: required"):
         LoraRecipe.from_dict({"model": "m"})

@@ -84,6 +84,7 @@ def cmd_templates(args: argparse.Namespace) -> int:
 
 def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
     from loraforge.data.builder import SFTDatasetBuilder
+    from loraforge.data.sources import open_data
     from loraforge.models import load_tokenizer, resolve_model_path
 
     flags = {
@@ -115,7 +116,7 @@ def _builder_and_source(args: argparse.Namespace) -> tuple[Any, Any]:
         )
         tokenizer = load_tokenizer(folder, trust_remote_code=r.trust_remote_code)
         builder = SFTDatasetBuilder.from_recipe(tokenizer, r)
-        return builder, r.data
+        return builder, open_data(r, "data")
     from loraforge.demo import DEMO_SYSTEM_PROMPT
     from loraforge.tiny import build_tiny_tokenizer, sample_data_path
 
@@ -471,9 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
         "loraforge run code (see --trust-remote-code).",
         "  loraforge chat output/phi4-huanhuan\n"
         "  loraforge chat output/phi4-huanhuan --prompt 你是谁？ --prompt 你父亲是谁？\n"
-        "  loraforge chat output/phi4-huanhuan --base-model /models/phi-4 --merge",
+        "  loraforge chat output/phi4-huanhuan --base-model /models/phi-4 --merge\n"
+        "  loraforge chat output/phi4-huanhuan/checkpoints/checkpoint-200 --prompt 你是谁？",
     )
-    s.add_argument("path", help="output folder of a training run")
+    s.add_argument(
+        "path", help="output folder of a training run, or one of its checkpoints to compare"
+    )
     s.add_argument(
         "--prompt",
         action="append",

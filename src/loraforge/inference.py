@@ -36,7 +36,7 @@ from loraforge.models import (
     pick_dtype,
     resolve_model_path,
 )
-from loraforge.training.output import RUN_FILE, prepare_merge_folder
+from loraforge.training.output import CHECKPOINTS, RUN_FILE, prepare_merge_folder
 
 __all__ = ["ChatModel", "load_for_inference"]
 
@@ -66,6 +66,15 @@ def _read_run(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelError(f"{run_file}: expected a JSON object")
     return data
+
+
+def _is_checkpoint_of_run(folder: Path) -> bool:
+    return (
+        not (folder / RUN_FILE).is_file()
+        and folder.parent.name == CHECKPOINTS
+        and (folder.parent.parent / RUN_FILE).is_file()
+        and (folder / "adapter_config.json").is_file()
+    )
 
 
 def _read_recipe(folder: Path) -> dict[str, Any]:
@@ -354,7 +363,9 @@ def load_for_inference(
     folder names.
 
     Args:
-        path: the output folder of [`train`][loraforge.train].
+        path: the output folder of [`train`][loraforge.train], or one of its checkpoints
+            (``<output_dir>/checkpoints/checkpoint-N``: the run's template, tokenizer and base
+            model with that checkpoint's adapter, to compare checkpoints).
         base_model: a local folder or hub id overriding the recorded base model (for a moved
             model).
         merge: merge the adapter into the base weights (faster generation). The base is
@@ -394,7 +405,9 @@ def load_for_inference(
             "most of the adapter away); merge with quantization='none' (the merged model can be "
             "quantized when it is loaded), or chat unmerged on the quantized base"
         )
-    folder = Path(path)
+    folder = adapter = Path(path)
+    if _is_checkpoint_of_run(folder):  # the run's files, the checkpoint's adapter
+        folder = folder.parent.parent
     run = _read_run(folder)
     saved = _read_recipe(folder)
     if saved.get("trust_remote_code") and not trust_remote_code:
@@ -441,7 +454,7 @@ def load_for_inference(
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     with peft_rename_warning_ignored():
-        model = PeftModel.from_pretrained(model, str(folder))
+        model = PeftModel.from_pretrained(model, str(adapter))
     if merge:
         _refuse_quantized_merge(model)
         model = model.merge_and_unload()

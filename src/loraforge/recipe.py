@@ -23,7 +23,10 @@ import yaml
 from loraforge.data.builder import OnBadRecord, RecordFormat, TrainOn, Truncation
 from loraforge.errors import RecipeError
 
-__all__ = ["DEFAULT_BATCH_SIZE", "LoraRecipe"]
+__all__ = ["DEFAULT_BATCH_SIZE", "LoraInit", "LoraRecipe"]
+
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+"""``lora_init`` values: PEFT's ``init_lora_weights`` (``"default"`` is PEFT's ``True``)."""
 
 DEFAULT_BATCH_SIZE = 4
 """Examples per micro-step of the padded path when ``batch_size`` is unset: the tutorial's
@@ -71,7 +74,8 @@ class LoraRecipe:
     template: str = _f("phi-4", "Prompt template name, or 'package.module:Class'.")
     data: str = _f(
         "",
-        "Training data: a .json array or .jsonl file (in a recipe file, relative to its folder).",
+        "Training data: a .json array or .jsonl file, a folder saved by datasets, or a hub "
+        "dataset id (see data_source); in a recipe file a path is relative to its folder.",
     )
     data_format: RecordFormat = _f(  # noqa: RUF009 (a Literal alias: immutable)
         "auto", "Record format; 'auto' detects it from the first record."
@@ -97,6 +101,20 @@ class LoraRecipe:
     input_separator: str = _f(
         "\n", "Joins an alpaca record's instruction and input when both are set."
     )
+    # data sources (see loraforge.data.sources)
+    data_source: Literal["auto", "local", "huggingface", "modelscope"] = _f(
+        "auto",
+        "What data/eval_data name: 'auto' = a local file or datasets folder if it exists, else an "
+        "owner/name id on ModelScope; 'huggingface' = a Hugging Face dataset id.",
+    )
+    data_split: str = _f("train", "Split of a hub dataset or a saved DatasetDict for data.")
+    eval_split: str = _f("test", "Split of a hub dataset or a saved DatasetDict for eval_data.")
+    data_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the dataset.")
+    data_columns: dict[str, str] | None = _f(  # noqa: RUF009 (None: nothing shared)
+        None,
+        "Rename the source's fields to loraforge's: {instruction: question, output: answer} "
+        "(keys: instruction, input, output, system, history, messages, conversations).",
+    )
     # LoRA
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (the update is scaled by alpha / r).")
@@ -105,6 +123,27 @@ class LoraRecipe:
         "all-linear",
         "'all-linear' (every linear layer but the output head) or module names; every name must "
         "match a module of the model.",
+    )
+    # LoRA variants (PEFT's; see the recipe page for when each helps)
+    use_dora: bool = _f(
+        False,
+        "DoRA: a trained magnitude per output on top of LoRA's direction (PEFT's forward: the "
+        "lean functions do not take it).",
+    )
+    use_rslora: bool = _f(
+        False,
+        "rsLoRA: scale the update by lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r.",
+    )
+    lora_init: LoraInit = _f(  # noqa: RUF009 (a Literal alias: immutable)
+        "default",
+        "How A and B start (PEFT's init_lora_weights): 'default' (B = 0), 'gaussian', or 'pissa' / "
+        "'olora' (from the base weight, which they change; the saved adapter is converted to "
+        "apply to the original base).",
+    )
+    loraplus_lr_ratio: float | None = _f(
+        None,
+        "LoRA+: the B matrices learn at learning_rate x this ratio (PEFT's "
+        "create_loraplus_optimizer; the paper suggests about 16). None = off.",
     )
     # training
     learning_rate: float = _f(1e-4, "Peak learning rate.")
@@ -172,9 +211,18 @@ class LoraRecipe:
     logging_steps: int = _f(10, "Log a line every this many optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate every this many steps (None = once per epoch).")
     report_to: tuple[str, ...] = _f((), "Trackers to report to: tensorboard, wandb, swanlab, ...")
+    # evaluation samples
+    eval_prompts: str | tuple[Any, ...] | None = _f(
+        None,
+        "Prompts the adapter answers greedily at each evaluation (every eval_steps, else each "
+        "epoch, and at the end): a list (user messages, or records in the data's formats, whose "
+        "answer is kept as the reference) or a .json/.jsonl file of them. The answers go to "
+        "eval_samples/step-N.jsonl, the trackers and loraforge.json.",
+    )
+    eval_max_new_tokens: int = _f(128, "Most tokens of one eval_prompts answer.")
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "report_to"):
+        for name in ("target_modules", "report_to", "eval_prompts"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("packing", "liger_kernels"):  # YAML reads on/off as true/false
@@ -332,16 +380,26 @@ class LoraRecipe:
 # ---------------------------------------------------------------------- coercion & validation
 
 #: Settings that name data files: relative to the recipe file's folder when read from one.
-_DATA_PATHS = ("data", "eval_data")
+_DATA_PATHS = ("data", "eval_data", "eval_prompts")
 
 
 def absolute_data_paths(values: Mapping[str, Any], base: str) -> dict[str, Any]:
     """``values`` with each relative data path joined to ``base`` (and ``~`` expanded)."""
+    from loraforge.data.sources import is_hub_id
+
     out = dict(values)
+    hub = out.get("data_source") in ("huggingface", "modelscope")
     for key in _DATA_PATHS:
         value = out.get(key)
         if isinstance(value, str) and value:
-            out[key] = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+            path = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+            if (
+                key != "eval_prompts"
+                and (hub or (out.get("data_source") != "local" and is_hub_id(value)))
+                and not os.path.exists(path)
+            ):
+                continue  # a hub dataset id, not a path
+            out[key] = path
     return out
 
 
@@ -419,7 +477,26 @@ def _validate(r: LoraRecipe) -> list[str]:
             "model: required: a local model folder or a hub id such as LLM-Research/phi-4"
         )
     if not r.data:
-        problems.append("data: required: a .json array or .jsonl file of training records")
+        problems.append(
+            "data: required: a .json array or .jsonl file of training records, a folder saved "
+            "by datasets, or a hub dataset id"
+        )
+    cols = r.data_columns
+    if cols is not None:
+        from loraforge.data.sources import COLUMN_FIELDS
+
+        if not isinstance(cols, Mapping) or not all(
+            isinstance(v, str) and v for v in cols.values()
+        ):
+            bad("data_columns", "must be a mapping of loraforge field: source column name")
+        else:
+            unknown = [k for k in cols if k not in COLUMN_FIELDS]
+            if unknown:
+                problems.append(
+                    f"data_columns: unknown field {unknown[0]!r}; the fields are "
+                    f"{', '.join(COLUMN_FIELDS)} (write loraforge's name first: "
+                    "{instruction: question})"
+                )
 
     def ok(name: str, test: Any) -> bool:
         try:
@@ -442,6 +519,7 @@ def _validate(r: LoraRecipe) -> list[str]:
         ("eval_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
         ("save_steps", lambda v: v >= 1, "must be >= 1"),
         ("logging_steps", lambda v: v >= 1, "must be >= 1"),
+        ("eval_max_new_tokens", lambda v: v >= 1, "must be >= 1"),
     ]
     if r.pack_tokens is not None and (
         not isinstance(r.pack_tokens, int) or r.pack_tokens < r.max_length
@@ -472,12 +550,19 @@ def _validate(r: LoraRecipe) -> list[str]:
         and r.eval_steps >= 1
         and r.eval_data is None
         and not r.eval_fraction
+        and r.eval_prompts is None
     ):
-        problems.append("eval_steps: has no effect without eval_data or eval_fraction")
+        problems.append(
+            "eval_steps: has no effect without eval_data, eval_fraction or eval_prompts"
+        )
     if r.max_memory_gib is not None and (
         not isinstance(r.max_memory_gib, (int, float)) or r.max_memory_gib <= 0
     ):
         bad("max_memory_gib", "must be None or a number > 0")
+    problems += _variant_problems(r)
+    ep = r.eval_prompts
+    if ep is not None and not ((isinstance(ep, str) and ep) or (isinstance(ep, tuple) and ep)):
+        bad("eval_prompts", "must be a non-empty list of prompts or a .json/.jsonl file of them")
     problems += [
         f"{n}: {m} (got {getattr(r, n)!r})"
         for n, test, m in checks
@@ -505,8 +590,32 @@ def _validate(r: LoraRecipe) -> list[str]:
         and r.eval_fraction > 0
     ):
         problems.append("eval_data and eval_fraction: give one way of holding data out, not both")
-    for name in ("system_prompt", "model_revision", "cache_dir", "eval_data"):
+    for name in ("system_prompt", "model_revision", "cache_dir", "eval_data", "data_revision"):
         v = getattr(r, name)
         if v is not None and not isinstance(v, str):
             bad(name, "must be a string or null")
+    return problems
+
+
+def _variant_problems(r: LoraRecipe) -> list[str]:
+    """The LoRA variants' own checks, and the combinations that cannot work (naming both)."""
+    problems: list[str] = []
+    ratio = r.loraplus_lr_ratio
+    if ratio is not None and (
+        not isinstance(ratio, (int, float))
+        or isinstance(ratio, bool)
+        or not math.isfinite(ratio)
+        or ratio <= 0
+    ):
+        problems.append(
+            f"loraplus_lr_ratio: must be None (off) or a number > 0, typically 2 to 16 (got "
+            f"{ratio!r})"
+        )
+    if r.use_dora is True and r.lora_init in ("pissa", "olora"):
+        problems.append(
+            f"use_dora and lora_init: {r.lora_init!r} do not combine: PiSSA/OLoRA change the base "
+            "weight, and PEFT's conversion of the saved adapter back to the original base keeps "
+            "only A and B, not DoRA's magnitudes (set use_dora: false, or lora_init: default or "
+            "gaussian)"
+        )
     return problems

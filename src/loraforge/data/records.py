@@ -46,7 +46,31 @@ class RawRecord:
     raw: str | None = None  # the line's text as read, for a record of a JSONL file
 
 
+@dataclass(frozen=True, slots=True)
+class Renamed:
+    """Records of ``source`` (anything :func:`load_records` reads) with their fields renamed:
+    ``columns`` maps loraforge's field name (``instruction``, ``messages``...) to the source's
+    (e.g. ``{"instruction": "question", "output": "answer"}``). ``name`` names the source in
+    errors and reports. Lines and indices stay those of ``source``."""
+
+    source: Any
+    columns: Mapping[str, str]
+    name: str | None = None
+
+    def rename(self, value: Any) -> Any:
+        if not isinstance(value, Mapping) or not self.columns:
+            return value
+        theirs = set(self.columns.values())
+        out = {k: v for k, v in value.items() if k not in theirs}
+        for ours, their in self.columns.items():
+            if their in value:
+                out[ours] = value[their]
+        return out
+
+
 def source_name(source: Any) -> str:
+    if isinstance(source, Renamed):
+        return source.name or source_name(source.source)
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return f"<{type(source).__name__}>"
@@ -64,6 +88,10 @@ def load_records(source: Any) -> Iterator[tuple[int, int | None, Any]]:
 
 
 def _iter_records(source: Any) -> Iterator[RawRecord]:
+    if isinstance(source, Renamed):
+        for rec in _iter_records(source.source):
+            yield RawRecord(rec.index, rec.line, source.rename(rec.value), rec.raw)
+        return
     if isinstance(source, (str, os.PathLike)):
         yield from _read_file(Path(source))
         return
@@ -104,8 +132,19 @@ def _read_file(path: Path) -> Iterator[RawRecord]:
             "pandas: .to_json('data.jsonl', orient='records', lines=True, force_ascii=False))",
             source=name,
         )
-    raw = path.read_bytes()
-    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    with open(path, "rb") as f:
+        head = f.read(_PEEK)
+        bom = 3 if head.startswith(b"\xef\xbb\xbf") else 0
+        while head[bom:].isspace() and (more := f.read(_PEEK)):  # find the first non-space
+            head += more
+        first = head[bom:].lstrip()[:1]
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl" or (suffix != ".json" and first != b"["):
+            f.seek(bom)
+            yield from _read_jsonl(f, name, bom)
+            return
+        f.seek(0)
+        raw = f.read()
     try:
         text = str(memoryview(raw)[bom:], "utf-8")  # no copy of the bytes
     except UnicodeDecodeError as exc:
@@ -116,31 +155,6 @@ def _read_file(path: Path) -> Iterator[RawRecord]:
             line=line,
         ) from None
     del raw  # a generator keeps its locals alive: hold the text only
-    lead = _LEADING_SPACE.match(text)
-    start = lead.end() if lead else 0
-    if path.suffix.lower() == ".jsonl" or (
-        path.suffix.lower() != ".json" and not text.startswith("[", start)
-    ):
-        index = 0
-        for lineno, row in _lines(text):
-            if not row or row.isspace():
-                continue
-            try:
-                value = json.loads(row)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"invalid JSON ({exc.msg} at column {exc.colno}); each line of a JSONL file "
-                    "must be one JSON object",
-                    source=name,
-                    line=lineno,
-                ) from None
-            except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer, [[[[...
-                raise DataError(
-                    f"unreadable JSON ({_json_problem(exc)})", source=name, line=lineno
-                ) from None
-            yield RawRecord(index, lineno, value, row)
-            index += 1
-        return
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -161,19 +175,44 @@ def _read_file(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(i, None, rec)
 
 
+_PEEK = 1 << 16
+
+
+def _read_jsonl(f: Any, name: str, offset: int) -> Iterator[RawRecord]:
+    """The records of a JSONL file, read one line at a time: the file is never in memory whole
+    (lines split on ``"\\n"`` only, as the bytes of a binary file iterate)."""
+    index = 0
+    for lineno, data in enumerate(f, 1):
+        try:
+            row = data.decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"not valid UTF-8 (byte {offset + exc.start}); save the file as UTF-8",
+                source=name,
+                line=lineno,
+            ) from None
+        offset += len(data)
+        if not row or row.isspace():
+            continue
+        try:
+            value = json.loads(row)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"invalid JSON ({exc.msg} at column {exc.colno}); each line of a JSONL file "
+                "must be one JSON object",
+                source=name,
+                line=lineno,
+            ) from None
+        except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer, [[[[...
+            raise DataError(
+                f"unreadable JSON ({_json_problem(exc)})", source=name, line=lineno
+            ) from None
+        yield RawRecord(index, lineno, value, row)
+        index += 1
+
+
 _LEADING_SPACE = re.compile(r"\s*")  # what str.lstrip() strips
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, every surrogate is unpaired
-
-
-def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of ``text`` split on ``"\\n"`` only (``str.splitlines()`` would
-    also split inside records at U+2028 etc.), one line copied at a time (``str.split`` would
-    copy the whole file at once)."""
-    start, lineno = 0, 1
-    while (end := text.find("\n", start)) >= 0:
-        yield lineno, text[start:end]
-        start, lineno = end + 1, lineno + 1
-    yield lineno, text[start:]  # the whole text, not a copy, for a one-line file
 
 
 def _json_problem(exc: BaseException) -> str:
@@ -197,7 +236,8 @@ def detect_format(record: Any) -> Literal["alpaca", "messages", "sharegpt"]:
     keys = _keys(record) if isinstance(record, Mapping) else type(record).__name__
     raise DataError(
         f"cannot tell the record format from {keys}; expected alpaca (instruction, input, output), "
-        "messages (OpenAI) or conversations (ShareGPT), or set the format explicitly"
+        "messages (OpenAI) or conversations (ShareGPT), or set the format explicitly (fields "
+        "named otherwise: map them with data_columns, e.g. {instruction: prompt, output: answer})"
     )
 
 

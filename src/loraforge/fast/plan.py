@@ -718,16 +718,18 @@ def _memory(
     cap: int,
 ) -> _Memory:
     h, e = shape.hidden_size, shape.activation_bytes
+    # DoRA layers keep PEFT's forward (the allow-list refuses them): counted as such
+    lean = recipe.fused_lora and not recipe.use_dora
     per_layer = layer_activation_bytes(
         shape,
-        fused_lora=recipe.fused_lora,
+        fused_lora=lean,
         lora_r=recipe.lora_r,
         lora_dropout=recipe.lora_dropout,
         attention=attention,
     )
     # norms lean_norms leaves alone keep their float32 input (PEFT's count has it already)
     plain_norms = max(0, 2 * shape.num_hidden_layers + 1 - shape.lean_norms)
-    norms = plain_norms * h * _F32 if recipe.fused_lora else 0
+    norms = plain_norms * h * _F32 if lean else 0
     chunked = packing and chunkable_head and recipe.chunked_loss
     # unpacked batches have logits at every position
     supervised = min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0

@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import socket
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -95,7 +96,9 @@ def run_folder_files() -> frozenset[str]:
     those belong to loraforge too. Staging folders (``.staging-*``) and the temporary files of
     atomic writes (``name.tmp-<pid>``) of any of these names do as well.
     """
+    from loraforge.training.evaluation import EVAL_SAMPLES
     from loraforge.training.guards import NONFINITE_FILE, SKIPPED_FILE
+    from loraforge.variants import INITIAL_ADAPTER
 
     return frozenset(
         {
@@ -108,6 +111,8 @@ def run_folder_files() -> frozenset[str]:
             f"eval_{SKIPPED_FILE}",
             NONFINITE_FILE,
             CHECKPOINTS,
+            INITIAL_ADAPTER,
+            EVAL_SAMPLES,
             RUN_MARKER,
             LOCK_FILE,
         }
@@ -728,11 +733,15 @@ def save_run(
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
     eval_report: DataReport | None = None,
+    *,
+    initial_adapter: Path | None = None,
 ) -> None:
     """Save a finished run into its folder, atomically: the adapter, the tokenizer,
     ``recipe.yaml``, ``data_report.json``, ``loss_curve.png`` and, last, ``loraforge.json``
     (which holds the resolved recipe too, so a finished run can be recognised even when its
-    ``recipe.yaml`` is damaged)."""
+    ``recipe.yaml`` is damaged). With ``initial_adapter`` (PiSSA/OLoRA, see
+    [`loraforge.variants`][loraforge.variants]) the adapter is saved converted to apply to the
+    original base model."""
     import peft
     import torch
     import transformers
@@ -773,7 +782,14 @@ def save_run(
 
     def save_adapter(p: Path) -> None:
         p.mkdir()
-        model.save_pretrained(str(p), safe_serialization=True)
+        convert = {}
+        if initial_adapter is not None:
+            convert["path_initial_model_for_weight_conversion"] = str(initial_adapter)
+        with warnings.catch_warnings():
+            # PEFT's conversion loads the starting adapter beside the trained one, and warns that
+            # PiSSA/OLoRA adapters should be converted: what it is doing here
+            warnings.filterwarnings("ignore", message=r".* changes the base weights of the model")
+            model.save_pretrained(str(p), safe_serialization=True, **convert)
         (p / "README.md").unlink(missing_ok=True)  # peft's empty model card
         for f in p.iterdir():
             os.replace(f, p.parent / f.name)

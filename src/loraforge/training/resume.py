@@ -47,11 +47,18 @@ def _sha256(path: Path) -> str:
 
 
 def data_fingerprint(recipe: Any) -> dict[str, dict[str, Any]]:
-    """``{"data": {"path", "bytes", "sha256"}, "eval_data": ...}`` for the recipe's data files."""
+    """``{"data": {"path", "bytes", "sha256"}, "eval_data": ...}`` for the recipe's data files;
+    for a ``datasets`` folder or a hub id, what
+    [`source_fingerprint`][loraforge.data.sources.source_fingerprint] records (kind, id, split,
+    revision, records and the ``sha256`` of their content)."""
+    from loraforge.data.sources import data_kind, source_fingerprint
+
     out: dict[str, dict[str, Any]] = {}
     for key in ("data", "eval_data"):
         value = getattr(recipe, key, None)
-        if value:
+        if value and data_kind(value, getattr(recipe, "data_source", "local")) != "file":
+            out[key] = source_fingerprint(recipe, key)
+        elif value:
             path = Path(value)
             out[key] = {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
     return out

@@ -22,6 +22,7 @@ from typing import Any
 
 from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from loraforge.data.records import check_records
+from loraforge.data.sources import open_data
 from loraforge.data.templates import (
     PromptTemplate,
 )
@@ -59,6 +60,7 @@ from loraforge.training.distributed import (
     one_gpu_per_process,
     shard_base_model,
 )
+from loraforge.training.evaluation import load_eval_prompts
 from loraforge.training.guards import (
     SKIPPED_FILE,
     DiskSpaceGuard,
@@ -80,6 +82,7 @@ from loraforge.training.resume import (
     load_checkpoint_adapter,
     resume_point,
 )
+from loraforge.variants import describe_variant, lora_config, loraplus_optimizer
 
 __all__ = [
     "Batches",
@@ -216,10 +219,12 @@ class PadCollator:
 
 def check_data(recipe: LoraRecipe) -> None:
     """Read and check every record of the training and evaluation data (no tokenizer needed)."""
-    for path in (recipe.data, recipe.eval_data):
-        if path:
+    if recipe.eval_prompts is not None:
+        load_eval_prompts(recipe)
+    for key in ("data", "eval_data"):
+        if getattr(recipe, key):
             check_records(
-                path,
+                open_data(recipe, key),
                 recipe.data_format,
                 input_separator=recipe.input_separator,
                 on_bad_record=recipe.on_bad_record,
@@ -317,7 +322,7 @@ def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
     """Tokenize, mask and truncate the data; write the dropped records to ``skipped.jsonl``
     (and ``eval_skipped.jsonl``); hold out ``eval_fraction`` of the examples if asked."""
     builder = SFTDatasetBuilder.from_recipe(tokenizer, recipe)
-    train_ds = builder.build(recipe.data)
+    train_ds = builder.build(open_data(recipe, "data"))
     report = builder.report
     assert report is not None
     logger.info("data:\n%s", report.format_text())
@@ -325,7 +330,7 @@ def build_data(recipe: LoraRecipe, tokenizer: Any, out: Path) -> TrainData:
     train_ds = _with_record_index(train_ds, report)
     eval_ds, eval_report = None, None
     if recipe.eval_data:
-        eval_ds = builder.build(recipe.eval_data)
+        eval_ds = builder.build(open_data(recipe, "eval_data"))
         eval_report = builder.report
         assert eval_report is not None
         write_skipped_records(out / f"eval_{SKIPPED_FILE}", eval_report.dropped)
@@ -414,7 +419,7 @@ def apply_plan_and_lora(
     returns the PEFT model. Under DDP the model is first moved to this process's device; under
     FSDP2 its frozen base weights are sharded across the processes last."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     quantized = recipe.quantization != "none"  # placed on this process's GPU as it loaded
     if (ranks.several or launched()) and _whole_on_device(model, plan) and not quantized:
@@ -435,17 +440,7 @@ def apply_plan_and_lora(
         enable_checkpointing(model, layers=plan.checkpoint_layers)
     elif plan.gradient_checkpointing == "selective":
         enable_selective_checkpointing(model)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=recipe.lora_r,
-            lora_alpha=recipe.lora_alpha,
-            lora_dropout=recipe.lora_dropout,
-            target_modules=list(targets),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(model, lora_config(recipe, targets))  # the variant is PEFT's
     if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
         dtype = next(model.parameters()).dtype
         mixed = dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
@@ -462,7 +457,8 @@ def apply_plan_and_lora(
         )
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
-        "LoRA r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
+        "%s r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
+        describe_variant(recipe),
         recipe.lora_r,
         recipe.lora_alpha,
         ", ".join(f"{t} x{c}" for t, c in _lora_counts(model, targets).items()),
@@ -664,6 +660,7 @@ def build_trainer(
         eval_dataset=batches.eval,
         data_collator=batches.collator,
         compute_loss_func=loss if layout.packed else None,
+        optimizers=(loraplus_optimizer(model, args, recipe), None),  # (None, None) unless LoRA+
         # the guards check before a save is marked complete
         callbacks=[
             guard,

@@ -41,6 +41,7 @@ from loraforge.fast.plan import DeviceInfo, check_environment
 from loraforge.models import check_model_source, load_tokenizer
 from loraforge.recipe import LoraRecipe
 from loraforge.training.distributed import join, on_main
+from loraforge.training.evaluation import eval_samples, samples_report
 from loraforge.training.output import save_run
 from loraforge.training.resume import data_fingerprint, processes_fingerprint
 from loraforge.training.steps import (
@@ -61,6 +62,8 @@ from loraforge.training.steps import (
     shared_run_folder,
     start_point,
 )
+from loraforge.training.trackers import check_trackers
+from loraforge.variants import save_initial_adapter
 
 __all__ = ["TrainResult", "train"]
 
@@ -127,6 +130,7 @@ def train(
     check_environment(recipe, device)
     check_processes(recipe, ranks)
     on_main(ranks, lambda: check_data(recipe), "checking the data")
+    check_trackers(recipe)  # report_to: known names, installed packages
     with shared_run_folder(recipe, resume, ranks) as run, quiet_unless_main(ranks):  # 2
         if run.finished is not None:  # a resume of a run that finished with these settings
             return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
@@ -145,15 +149,25 @@ def train(
         targets = prepare_base_model(model, tokenizer, template, recipe)
         plan = plan_run(recipe, model, device, data, targets, ranks)  # 5
         model = apply_plan_and_lora(recipe, model, plan, targets, ranks)  # 6
+        initial_adapter = on_main(  # PiSSA/OLoRA only
+            ranks, lambda: save_initial_adapter(model, out, recipe), "saving the initial adapter"
+        )
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id, ranks)  # 7
         fingerprint = data_fingerprint(recipe) | processes_fingerprint(ranks)
         start = start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
         detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches, ranks)
+        samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
+        extra = [*callbacks, *([samples] if samples else [])]
         trainer = build_trainer(  # 9
-            recipe, out, model, batches, detach, fingerprint, callbacks, plan, ranks
+            recipe, out, model, batches, detach, fingerprint, extra, plan, ranks
         )
+        if samples:
+            samples.bind(trainer)  # the trackers of report_to get the answers too
         fit = run_fit(trainer, model, batches, start)  # 10
-        metrics = on_main(ranks, lambda: run_metrics(fit, batches, plan, model, targets))
+        metrics = on_main(
+            ranks,
+            lambda: run_metrics(fit, batches, plan, model, targets) | samples_report(samples),
+        )
         on_main(  # 11
             ranks,
             lambda: save_run(
@@ -167,6 +181,7 @@ def train(
                 metrics,
                 fit.history,
                 data.eval_report,
+                initial_adapter=initial_adapter,
             ),
             "saving the run",
         )
