@@ -1,8 +1,8 @@
 """Several processes on the CPU (gloo): DDP and FSDP2 train the adapter one process trains.
 
 One ``torchrun --nproc_per_node 2`` launch (``tests/_dist_child.py``) trains, in both processes,
-DDP and FSDP2 runs, padded and packed, one with LoRA dropout, one into an occupied folder, one
-whose last process goes non-finite, and last one killed (SIGKILL of every process) after its
+DDP and FSDP2 runs, padded and packed, one with LoRA dropout, one on a bf16 base (FSDP2), one on
+an NF4 base (QLoRA, DDP), one into an occupied folder, one whose last process goes non-finite, and last one killed (SIGKILL of every process) after its
 first checkpoint; an ``accelerate launch -m loraforge train --resume`` then finishes that one.
 Each two-process adapter is compared with the adapter of one process (in this test's process)
 whose step holds the same micro-batches (``grad_accum`` 2).
@@ -27,6 +27,7 @@ PADDED = {**COMMON, "batch_size": 4}
 PACKED = {**COMMON, "packing": "on", "pack_tokens": 256}
 DROPOUT = {**PADDED, "lora_dropout": 0.1}
 BF16 = {**PADDED, "dtype": "bfloat16"}  # a bf16 base, the adapter in float32 beside it
+NF4 = {**PADDED, "quantization": "nf4"}  # QLoRA: a 4-bit base on every process (DDP)
 
 
 def _free_port() -> int:
@@ -78,6 +79,7 @@ def launch(tmp_path_factory):
         {"out": str(root / "fsdp2-packed"), "set": {**PACKED, "distributed": "fsdp2"}},
         {"out": str(root / "ddp-dropout"), "set": {**DROPOUT, "distributed": "auto"}},
         {"out": str(root / "fsdp2-bf16"), "set": {**BF16, "distributed": "fsdp2"}},
+        {"out": str(root / "ddp-nf4"), "set": {**NF4, "distributed": "auto"}},
         {"out": str(occupied), "set": PADDED, "expect_error": "OutputDirError"},
         {
             "out": str(root / "poisoned"),
@@ -153,7 +155,15 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
     assert sorted((r["rank"], Path(r["out"]).name, r["steps"]) for r in done) == sorted(
         (rank, name, STEPS)
         for rank in (0, 1)
-        for name in ("ddp", "fsdp2", "ddp-packed", "fsdp2-packed", "ddp-dropout", "fsdp2-bf16")
+        for name in (
+            "ddp",
+            "fsdp2",
+            "ddp-packed",
+            "fsdp2-packed",
+            "ddp-dropout",
+            "fsdp2-bf16",
+            "ddp-nf4",
+        )
     ), first.stdout[-3000:] + first.stderr[-3000:]
     assert first.returncode != 0  # the last run was killed
 
@@ -168,6 +178,7 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
         ("fsdp2-packed", PACKED),
         ("ddp-dropout", DROPOUT),
         ("fsdp2-bf16", BF16),
+        ("ddp-nf4", NF4),
     ],
 )
 def test_two_processes_train_the_adapter_of_one(launch, two, overrides):
@@ -405,3 +416,18 @@ def test_auto_chooses_ddp_exactly_when_the_whole_model_plan_fits(processes, cap)
         assert f"on each of {processes} processes under FSDP2" in str(exc)
         return
     assert plan.distributed == ("ddp" if whole_fits else "fsdp2")
+
+
+def test_eval_prompts_are_answered_by_the_main_process_and_refused_under_fsdp2(tmp_path):
+    from loraforge import LoraRecipe, RecipeError
+    from loraforge.fast.plan import FastPlan
+    from loraforge.training.distributed import Ranks
+    from loraforge.training.evaluation import eval_samples
+
+    recipe = LoraRecipe(model="m", data="d", eval_prompts=("你是谁？",))
+    ddp = FastPlan(False, None, "sdpa", "off", False, "", distributed="ddp", processes=2)
+    fsdp2 = FastPlan(False, None, "sdpa", "off", False, "", distributed="fsdp2", processes=2)
+    assert eval_samples(recipe, tmp_path, None, None, ddp, Ranks(2, 0)) is not None
+    assert eval_samples(recipe, tmp_path, None, None, ddp, Ranks(2, 1)) is None
+    with pytest.raises(RecipeError, match="eval_prompts: answering them needs the whole model"):
+        eval_samples(recipe, tmp_path, None, None, fsdp2, Ranks(2, 0))
