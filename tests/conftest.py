@@ -16,6 +16,23 @@ SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 # times over it can take 20 times as long. The limit only catches a hang: generous on purpose.
 SUBPROCESS_TIMEOUT = 1800
 
+# Phi-4's sizes (../shared/phi4/config.json), for tests that plan for its shape without the file
+PHI4_SIZES = dict(
+    hidden_size=5120,
+    num_hidden_layers=40,
+    vocab_size=100352,
+    intermediate_size=17920,
+    num_attention_heads=40,
+    num_key_value_heads=10,
+)
+
+
+def phi4_config():
+    """A ``Phi3Config`` of Phi-4's sizes (no weights)."""
+    from transformers import Phi3Config
+
+    return Phi3Config(**PHI4_SIZES, tie_word_embeddings=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

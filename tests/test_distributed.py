@@ -1,11 +1,12 @@
 """Several processes on the CPU (gloo): DDP and FSDP2 train the adapter one process trains.
 
-One ``torchrun --nproc_per_node 2`` launch (``tests/_dist_child.py``) trains, in both processes,
-DDP and FSDP2 runs, padded and packed, one with LoRA dropout, one on a bf16 base (FSDP2), one on
-an NF4 base (QLoRA, DDP), one into an occupied folder, one whose last process goes non-finite, and last one killed (SIGKILL of every process) after its
-first checkpoint; an ``accelerate launch -m loraforge train --resume`` then finishes that one.
-Each two-process adapter is compared with the adapter of one process (in this test's process)
-whose step holds the same micro-batches (``grad_accum`` 2).
+One ``torchrun --nproc_per_node 2`` launch (``tests/_dist_child.py``) trains, in both processes:
+DDP and FSDP2 runs, padded and packed; one with LoRA dropout; one on a bf16 base (FSDP2); one on
+an NF4 base (QLoRA, DDP); one into an occupied folder; one whose last process goes non-finite;
+and last one killed (SIGKILL of every process) after its first checkpoint. An ``accelerate
+launch -m loraforge train --resume`` then finishes that one. Each two-process adapter is compared
+with the adapter of one process (in this test's process) whose step holds the same micro-batches
+(``grad_accum`` 2).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import SUBPROCESS_TIMEOUT, phi4_config
 
 CHILD = Path(__file__).with_name("_dist_child.py")
 STEPS = 3
@@ -327,20 +328,9 @@ GiB = 2**30
 
 
 def _phi4_shape():
-    from transformers import Phi3Config
-
     from loraforge.fast.plan import ModelShape
 
-    config = Phi3Config(
-        hidden_size=5120,
-        num_hidden_layers=40,
-        vocab_size=100352,
-        intermediate_size=17920,
-        num_attention_heads=40,
-        num_key_value_heads=10,
-        tie_word_embeddings=False,
-    )
-    return ModelShape.from_config(config, "bfloat16")
+    return ModelShape.from_config(phi4_config(), "bfloat16")
 
 
 def _plan(processes: int, cap: float, distributed: str = "auto"):

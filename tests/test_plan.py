@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from conftest import PHI4_DIR
+from conftest import PHI4_DIR, phi4_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,18 +88,7 @@ def test_phi4_config_file_has_the_embedded_numbers():
     from transformers import AutoConfig
 
     real = ModelShape.from_config(AutoConfig.from_pretrained(str(PHI4_DIR)), "bfloat16")
-    from transformers import Phi3Config
-
-    embedded = Phi3Config(
-        hidden_size=5120,
-        num_hidden_layers=40,
-        vocab_size=100352,
-        intermediate_size=17920,
-        num_attention_heads=40,
-        num_key_value_heads=10,
-        tie_word_embeddings=False,
-    )
-    assert real == ModelShape.from_config(embedded, "bfloat16")
+    assert real == ModelShape.from_config(phi4_config(), "bfloat16")
 
 
 def test_shape_from_config_counts_phi4s_parameters_and_layout():

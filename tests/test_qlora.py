@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install '.[qlora]')")
 
+from conftest import PHI4_SIZES
+
 from loraforge import LoraRecipe, ModelError, RecipeError, load_for_inference, train
 from loraforge.demo import demo_recipe, prepare_tiny_base
 from loraforge.fast import quant
@@ -155,16 +157,7 @@ def test_planner_counts_4bit_weights_and_their_scales(base):
     estimate = ModelShape.from_config(config, torch.float32, quantization="nf4")
     assert abs(estimate.weight_bytes - shape.weight_bytes) / shape.weight_bytes < 0.02
     # Phi-4's shape: 14.7B parameters, 29 GB in bf16; NF4 leaves the embeddings and head 16-bit
-    phi4 = dict(
-        hidden_size=5120,
-        num_hidden_layers=40,
-        vocab_size=100352,
-        intermediate_size=17920,
-        num_attention_heads=40,
-        num_key_value_heads=10,
-        model_type="phi3",
-        hidden_act="silu",
-    )
+    phi4 = dict(PHI4_SIZES, model_type="phi3", hidden_act="silu")
     cfg = type("Cfg", (), phi4)()
     bf16 = ModelShape.from_config(cfg, "bfloat16")
     nf4 = ModelShape.from_config(cfg, "bfloat16", quantization="nf4")
