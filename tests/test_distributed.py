@@ -410,6 +410,7 @@ def test_auto_chooses_ddp_exactly_when_the_whole_model_plan_fits(processes, cap)
 
 def test_eval_prompts_are_answered_by_the_main_process_and_refused_under_fsdp2(tmp_path):
     from loraforge import LoraRecipe, RecipeError
+    from loraforge.demo import demo_recipe, prepare_tiny_base
     from loraforge.fast.plan import FastPlan
     from loraforge.training.distributed import Ranks
     from loraforge.training.evaluation import eval_samples
@@ -417,7 +418,37 @@ def test_eval_prompts_are_answered_by_the_main_process_and_refused_under_fsdp2(t
     recipe = LoraRecipe(model="m", data="d", eval_prompts=("你是谁？",))
     ddp = FastPlan(False, None, "sdpa", "off", False, "", distributed="ddp", processes=2)
     fsdp2 = FastPlan(False, None, "sdpa", "off", False, "", distributed="fsdp2", processes=2)
-    assert eval_samples(recipe, tmp_path, None, None, ddp, Ranks(2, 0)) is not None
-    assert eval_samples(recipe, tmp_path, None, None, ddp, Ranks(2, 1)) is None
+    on_main = eval_samples(recipe, tmp_path, None, None, ddp, Ranks(2, 0))
+    other = eval_samples(recipe, tmp_path, None, None, ddp, Ranks(2, 1))
+    assert on_main is not None and other is not None
+    other._sample_on_main(None, 1, None)  # one process alone: nothing to agree; not the main one
+    assert other.last is None and not (tmp_path / "eval_samples").exists()
     with pytest.raises(RecipeError, match="eval_prompts: answering them needs the whole model"):
         eval_samples(recipe, tmp_path, None, None, fsdp2, Ranks(2, 0))
+
+    base = prepare_tiny_base(tmp_path / "base")
+    asked = demo_recipe(base, tmp_path / "out", eval_prompts=("你是谁？",), distributed="fsdp2")
+    with pytest.raises(RecipeError, match="'fsdp2' with eval_prompts"):
+        from loraforge import train
+
+        train(asked)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_never_shards_quantized_weights():
+    from loraforge import LoraRecipe
+    from loraforge.fast.plan import DeviceInfo, ModelShape, plan_fast_path
+
+    h200 = DeviceInfo("NVIDIA H200", 140 * GiB, varlen_attention=True, liger=True)
+    recipe = LoraRecipe(model="m", data="d", quantization="nf4", max_memory_gib=12)
+    shape = ModelShape.from_config(phi4_config(), "bfloat16", quantization="nf4")
+    plan = plan_fast_path(recipe, shape, h200, longest_example=400, processes=2)
+    assert plan.distributed == "ddp"
+    assert "quantized weights are not sharded" in plan.reason
+
+
+def test_pissa_with_quantization_is_refused_naming_both():
+    from loraforge import LoraRecipe, RecipeError
+
+    with pytest.raises(RecipeError, match="lora_init: 'pissa' and quantization: 'nf4'"):
+        LoraRecipe(model="m", data="d", lora_init="pissa", quantization="nf4")

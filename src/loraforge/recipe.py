@@ -618,4 +618,12 @@ def _variant_problems(r: LoraRecipe) -> list[str]:
             "only A and B, not DoRA's magnitudes (set use_dora: false, or lora_init: default or "
             "gaussian)"
         )
+    if r.lora_init in ("pissa", "olora") and r.quantization != "none":
+        problems.append(
+            f"lora_init: {r.lora_init!r} and quantization: {r.quantization!r} do not combine: "
+            "PiSSA/OLoRA build the adapter from the base weight's decomposition, which needs the "
+            "16-bit weight, and change that weight, which a quantized base cannot hold (PEFT "
+            "refuses it); use lora_init: default or gaussian with quantization, or quantization: "
+            "none"
+        )
     return problems

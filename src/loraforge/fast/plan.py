@@ -582,6 +582,9 @@ def plan_fast_path(
         return p if p.fits else None
 
     strategy, why = recipe.distributed, f"distributed: {recipe.distributed}"
+    quantized = getattr(recipe, "quantization", "none") != "none"
+    if strategy == "auto" and quantized:  # 4-bit weights are not sharded: DDP or nothing
+        strategy, why = "ddp", "DDP: quantized weights are not sharded"
     if strategy == "auto":
         whole = fitting(shape) if device is not None else plan(shape)
         if whole is not None:

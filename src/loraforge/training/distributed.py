@@ -307,6 +307,12 @@ def shard_base_model(model: Any, ranks: Ranks, keep_whole: Sequence[Any] = ()) -
     with torch.no_grad():
         for p in whole:
             p.data = p.data.to(device)
+        if _group_ready(ranks):  # every process starts from the main process's adapter
+            import torch.distributed as dist
+
+            for p in whole:
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
     ignored = set(whole)
     for layer in layers:
         fully_shard(layer, mesh=mesh, ignored_params=ignored & set(layer.parameters()))

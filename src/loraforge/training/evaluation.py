@@ -168,7 +168,11 @@ class EvalSamples(TrainerCallback):
         *,
         every: int | None,
         max_new_tokens: int,
+        ranks: Any = None,
     ) -> None:
+        from loraforge.training.distributed import Ranks
+
+        self.ranks = ranks or Ranks()
         self.prompts = list(prompts)
         self.folder = out / EVAL_SAMPLES
         self.tokenizer, self.template = tokenizer, template
@@ -186,14 +190,23 @@ class EvalSamples(TrainerCallback):
         step = state.global_step
         # the last step here, not only at on_train_end: the trackers close before that
         if (self.every and step % self.every == 0) or step >= state.max_steps:
-            self.sample(kw["model"], step, args)
+            self._sample_on_main(kw["model"], step, args)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not self.every:
-            self.sample(kw["model"], state.global_step, args)
+            self._sample_on_main(kw["model"], state.global_step, args)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.sample(kw["model"], state.global_step, args)
+        self._sample_on_main(kw["model"], state.global_step, args)
+
+    def _sample_on_main(self, model: Any, step: int, args: Any) -> None:
+        """The main process answers; with several processes (DDP), the others wait for it here
+        and raise its error if it fails, instead of waiting at the next step's all-reduce."""
+        from loraforge.training.distributed import agreed
+
+        with agreed(self.ranks):
+            if self.ranks.main:
+                self.sample(model, step, args)
 
     # ------------------------------------------------------------------ what
     def sample(self, model: Any, step: int, args: Any = None) -> list[dict[str, Any]]:
@@ -288,8 +301,8 @@ def eval_samples(
     ``None`` when the recipe has no ``eval_prompts``.
 
     With several processes the main process alone answers (under DDP it holds the whole model;
-    the others wait for it at the next step). Under FSDP2 no process holds the whole model, and
-    generating would need every process in step: refused.
+    the others wait for it, and stop with its error if it fails). Under FSDP2 no process holds
+    the whole model, and generating would need every process in step: refused.
 
     Raises:
         RecipeError: ``eval_prompts`` with FSDP2.
@@ -307,8 +320,6 @@ def eval_samples(
                 "<run>/checkpoints/checkpoint-N)"
             ]
         )
-    if ranks is not None and not ranks.main:
-        return None
     return EvalSamples(
         load_eval_prompts(recipe),
         out,
@@ -316,4 +327,5 @@ def eval_samples(
         template,
         every=recipe.eval_steps,
         max_new_tokens=recipe.eval_max_new_tokens,
+        ranks=ranks,
     )

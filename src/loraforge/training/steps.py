@@ -95,6 +95,7 @@ __all__ = [
     "build_trainer",
     "check_data",
     "check_processes",
+    "check_same_plan",
     "head_detachable",
     "lay_out_steps",
     "load_base_model",
@@ -105,6 +106,7 @@ __all__ = [
     "quiet_unless_main",
     "run_fit",
     "run_metrics",
+    "shard_if_planned",
     "shared_run_folder",
     "start_point",
 ]
@@ -239,6 +241,15 @@ def check_processes(recipe: LoraRecipe, ranks: Ranks) -> None:
                 f"distributed: 'fsdp2' with quantization: '{recipe.quantization}': loraforge does "
                 "not shard 4-bit/8-bit weights; a 4-bit Phi-4 (about 8.5 GiB) fits each GPU, so "
                 "use distributed: ddp (or auto)"
+            ]
+        )
+    if recipe.distributed == "fsdp2" and recipe.eval_prompts is not None:
+        raise RecipeError(
+            [
+                "distributed: 'fsdp2' with eval_prompts: answering them needs the whole model in "
+                "one process, and FSDP2 shards it; use distributed: ddp where the model fits each "
+                "GPU, or answer the prompts from the saved checkpoints afterwards (loraforge chat "
+                "<run>/checkpoints/checkpoint-N)"
             ]
         )
     if recipe.distributed == "fsdp2" and not launched():
@@ -447,14 +458,6 @@ def apply_plan_and_lora(
         apply_lean_functions(model, autocast_dtype=dtype if mixed else None)
     if plan.liger_kernels:  # Liger's fused RoPE, per attention instance, checked first
         logger.info("rope: %s", install_fused_rope(model)[1])
-    if plan.distributed == "fsdp2":
-        shard_base_model(model, ranks, keep_whole=[model.get_output_embeddings()])
-        logger.info(
-            "FSDP2: the frozen base weights sharded over %d processes; the adapter (and "
-            "lm_head) whole on each, in %s",
-            ranks.world_size,
-            next(p for p in model.parameters() if p.requires_grad).dtype,
-        )
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "%s r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
@@ -465,6 +468,36 @@ def apply_plan_and_lora(
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
+    )
+    return model
+
+
+def check_same_plan(plan: FastPlan, ranks: Ranks) -> None:
+    """Every process must train with the same plan (a GPU of another size could plan another
+    row size or strategy, and the processes would then wait for each other forever)."""
+    plans = on_all(ranks, plan)
+    if any(p != plans[0] for p in plans):
+        differ = "; ".join(f"process {n}: {p.describe()}" for n, p in enumerate(plans))
+        raise RecipeError(
+            [
+                "the processes planned differently (GPUs of different sizes?): " + differ + ". "
+                "Set max_memory_gib to what the smallest GPU holds, and pack_tokens and "
+                "gradient_checkpointing explicitly"
+            ]
+        )
+
+
+def shard_if_planned(model: Any, plan: FastPlan, ranks: Ranks) -> Any:
+    """FSDP2: shard the frozen base weights across the processes, the adapter (and
+    ``lm_head``) whole on each (the main process's adapter, broadcast to the others)."""
+    if plan.distributed != "fsdp2":
+        return model
+    shard_base_model(model, ranks, keep_whole=[model.get_output_embeddings()])
+    logger.info(
+        "FSDP2: the frozen base weights sharded over %d processes; the adapter (and lm_head) "
+        "whole on each, in %s",
+        ranks.world_size,
+        next(p for p in model.parameters() if p.requires_grad).dtype,
     )
     return model
 

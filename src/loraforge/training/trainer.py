@@ -9,7 +9,7 @@ with a typed input and output:
 3. load the tokenizer (its end-of-turn marker must be stoppable) and build the examples;
 4. load the base model and prepare it (padding token, LoRA targets);
 5. plan the fast path (a pure function of the model's shape, the recipe and the memory budget);
-6. apply the plan and LoRA;
+6. apply the plan and LoRA; with FSDP2, shard the frozen base across the processes;
 7. lay out the optimizer steps (packed rows or padded batches) and say what one step holds;
 8. find where a resumed run starts (same data, never past the last step);
 9. build the ``transformers.Trainer``;
@@ -40,7 +40,7 @@ from loraforge.errors import ModelError
 from loraforge.fast.plan import DeviceInfo, check_environment
 from loraforge.models import check_model_source, load_tokenizer
 from loraforge.recipe import LoraRecipe
-from loraforge.training.distributed import join, on_main
+from loraforge.training.distributed import agreed, join, on_main
 from loraforge.training.evaluation import eval_samples, samples_report
 from loraforge.training.output import save_run
 from loraforge.training.resume import data_fingerprint, processes_fingerprint
@@ -50,6 +50,7 @@ from loraforge.training.steps import (
     build_trainer,
     check_data,
     check_processes,
+    check_same_plan,
     head_detachable,
     lay_out_steps,
     load_base_model,
@@ -59,6 +60,7 @@ from loraforge.training.steps import (
     quiet_unless_main,
     run_fit,
     run_metrics,
+    shard_if_planned,
     shared_run_folder,
     start_point,
 )
@@ -127,10 +129,11 @@ def train(
             raise ModelError("; ".join(problems))
     ranks = join()  # one process, or this one's place among those a launcher started
     device = DeviceInfo.probe(ranks.local_rank)  # None on the CPU
-    check_environment(recipe, device)
-    check_processes(recipe, ranks)
+    with agreed(ranks):  # a check failing on one process (a mixed machine) stops all of them
+        check_environment(recipe, device)
+        check_processes(recipe, ranks)
+        check_trackers(recipe)  # report_to: known names, installed packages
     on_main(ranks, lambda: check_data(recipe), "checking the data")
-    check_trackers(recipe)  # report_to: known names, installed packages
     with shared_run_folder(recipe, resume, ranks) as run, quiet_unless_main(ranks):  # 2
         if run.finished is not None:  # a resume of a run that finished with these settings
             return TrainResult(run.path, dict(run.finished.get("metrics") or {}), run.data_report())
@@ -139,21 +142,28 @@ def train(
         model_path = None
         if model is None or tokenizer is None:  # downloaded once (by the main process)
             model_path = on_main(ranks, lambda: model_path_of(recipe), "resolving the model")
-            model_path = model_path if ranks.main else model_path_of(recipe)
-        if tokenizer is None:
-            assert model_path is not None
-            tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
-        check_stoppable(template, tokenizer)  # generation can stop on its end-of-turn marker
+        with agreed(ranks):  # below, a failure on one process stops all of them
+            if model_path is not None and not ranks.main:
+                model_path = model_path_of(recipe)  # from the cache the main process filled
+            if tokenizer is None:
+                assert model_path is not None
+                tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
+            check_stoppable(template, tokenizer)  # generation can stop on its end-of-turn marker
         data = on_main(ranks, lambda: build_data(recipe, tokenizer, out), "building the data")  # 3
-        model = model if model is not None else load_base_model(recipe, model_path, ranks)  # 4
-        targets = prepare_base_model(model, tokenizer, template, recipe)
-        plan = plan_run(recipe, model, device, data, targets, ranks)  # 5
-        model = apply_plan_and_lora(recipe, model, plan, targets, ranks)  # 6
+        with agreed(ranks):
+            model = model if model is not None else load_base_model(recipe, model_path, ranks)  # 4
+            targets = prepare_base_model(model, tokenizer, template, recipe)
+            plan = plan_run(recipe, model, device, data, targets, ranks)  # 5
+        check_same_plan(plan, ranks)  # mixed GPUs could plan differently
+        with agreed(ranks):
+            model = apply_plan_and_lora(recipe, model, plan, targets, ranks)  # 6
+        model = shard_if_planned(model, plan, ranks)  # FSDP2
         initial_adapter = on_main(  # PiSSA/OLoRA only
             ranks, lambda: save_initial_adapter(model, out, recipe), "saving the initial adapter"
         )
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id, ranks)  # 7
-        fingerprint = data_fingerprint(recipe) | processes_fingerprint(ranks)
+        fingerprint = on_main(ranks, lambda: data_fingerprint(recipe), "fingerprinting the data")
+        fingerprint |= processes_fingerprint(ranks)
         start = start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
         detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches, ranks)
         samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
