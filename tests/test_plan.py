@@ -35,19 +35,11 @@ def _recipe(**kw) -> LoraRecipe:
 
 
 def _phi4_config():
-    from transformers import AutoConfig, Phi3Config
+    from transformers import AutoConfig
 
     if (PHI4_DIR / "config.json").is_file():
         return AutoConfig.from_pretrained(str(PHI4_DIR))
-    return Phi3Config(
-        hidden_size=5120,
-        num_hidden_layers=40,
-        vocab_size=100352,
-        intermediate_size=17920,
-        num_attention_heads=40,
-        num_key_value_heads=10,
-        tie_word_embeddings=False,
-    )
+    return phi4_config()
 
 
 def _phi3_mini_config():
