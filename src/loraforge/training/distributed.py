@@ -15,6 +15,13 @@ module holds what loraforge adds on top:
   the main process, and an error there is raised on every process with the same message; a
   check made on every process (a guard) stops all of them together when it fails on any. No
   process is left waiting at a collective its peers will never reach;
+* the steps of [`train`][loraforge.train] that exist because of several processes:
+  [`check_processes`][loraforge.training.distributed.check_processes] (settings a launch cannot
+  honour), [`shared_run_folder`][loraforge.training.distributed.shared_run_folder] (the main
+  process opens and locks the run folder),
+  [`quiet_unless_main`][loraforge.training.distributed.quiet_unless_main],
+  [`check_same_plan`][loraforge.training.distributed.check_same_plan] and
+  [`shard_if_planned`][loraforge.training.distributed.shard_if_planned];
 * [`shard_base_model`][loraforge.training.distributed.shard_base_model]: FSDP2 for LoRA. Each
   decoder layer and the model are ``fully_shard``-ed with the adapter's parameters (and the
   output embedding, which the chunked loss reads outside the model's forward) left out of the
@@ -37,9 +44,14 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraforge.errors import LoraForgeError, RecipeError
+from loraforge.training.output import RunFolder, open_run_folder
+
+if TYPE_CHECKING:
+    from loraforge.fast.plan import FastPlan
+    from loraforge.recipe import LoraRecipe
 
 __all__ = [
     "Ranks",
@@ -260,6 +272,119 @@ def one_gpu_per_process(args: Any) -> None:
         args.n_gpu,
     )
     args._n_gpu = 1  # this instance's count (transformers reads it as args.n_gpu)
+
+
+# ------------------------------------------------------------------ the steps of train()
+
+
+def check_processes(recipe: LoraRecipe, ranks: Ranks) -> None:
+    """Refuse a distributed setting one process cannot honour."""
+    if recipe.distributed == "fsdp2" and recipe.quantization != "none":
+        raise RecipeError(
+            [
+                f"distributed: 'fsdp2' with quantization: '{recipe.quantization}': loraforge does "
+                "not shard 4-bit/8-bit weights; a 4-bit Phi-4 (about 8.5 GiB) fits each GPU, so "
+                "use distributed: ddp (or auto)"
+            ]
+        )
+    if recipe.distributed == "fsdp2" and recipe.eval_prompts is not None:
+        raise RecipeError(
+            [
+                "distributed: 'fsdp2' with eval_prompts: answering them needs the whole model in "
+                "one process, and FSDP2 shards it; use distributed: ddp where the model fits each "
+                "GPU, or answer the prompts from the saved checkpoints afterwards (loraforge chat "
+                "<run>/checkpoints/checkpoint-N)"
+            ]
+        )
+    if recipe.distributed == "fsdp2" and not launched():
+        raise RecipeError(
+            [
+                "distributed: 'fsdp2' shards the model across processes a launcher starts, and "
+                "this is one process started without one; launch it (torchrun --nproc_per_node N "
+                "-m loraforge train recipe.yaml, or accelerate launch --num_processes N -m "
+                "loraforge train recipe.yaml), or use 'auto' or 'ddp'"
+            ]
+        )
+    for plugin in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{plugin}", "").lower() == "true":
+            raise RecipeError(
+                [
+                    f"distributed: this launch asks accelerate for its {plugin} plugin "
+                    f"(distributed_type: {plugin} in the accelerate config, or --use_"
+                    f"{plugin.lower()}); loraforge shards with FSDP2 itself and keeps the "
+                    "adapter whole on every process: launch with distributed_type: MULTI_GPU "
+                    "(or torchrun) and set distributed: fsdp2 (or auto) in the recipe"
+                ]
+            )
+    if ranks.several:
+        logger.info("process %d of %d on %s", ranks.rank, ranks.world_size, ranks.device)
+
+
+@contextlib.contextmanager
+def shared_run_folder(recipe: LoraRecipe, resume: bool, ranks: Ranks) -> Iterator[RunFolder]:
+    """The run folder, opened (checked, locked, prepared) by the main process alone; the other
+    processes wait for it and receive what it found (the checkpoint to resume from, a finished
+    run), or the error it raised."""
+    with contextlib.ExitStack() as stack:
+        opened: list[RunFolder] = []
+
+        def open_it() -> tuple[Any, Any]:
+            opened.append(stack.enter_context(open_run_folder(recipe, resume=resume)))
+            return opened[0].checkpoint, opened[0].finished
+
+        checkpoint, finished = on_main(ranks, open_it, "opening the run folder")
+        if opened:
+            yield opened[0]
+            return
+        run = RunFolder(recipe, resume=resume)  # not entered: the main process holds the lock
+        run.checkpoint, run.finished = checkpoint, finished
+        yield run
+
+
+@contextlib.contextmanager
+def quiet_unless_main(ranks: Ranks) -> Iterator[None]:
+    """Only the main process logs loraforge's progress; the others log warnings and errors
+    (loraforge's own logger, restored afterwards)."""
+    if ranks.main:
+        yield
+        return
+    log = logging.getLogger("loraforge")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def check_same_plan(plan: FastPlan, ranks: Ranks) -> None:
+    """Every process must train with the same plan (a GPU of another size could plan another
+    row size or strategy, and the processes would then wait for each other forever)."""
+    plans = on_all(ranks, plan)
+    if any(p != plans[0] for p in plans):
+        differ = "; ".join(f"process {n}: {p.describe()}" for n, p in enumerate(plans))
+        raise RecipeError(
+            [
+                "the processes planned differently (GPUs of different sizes?): " + differ + ". "
+                "Set max_memory_gib to what the smallest GPU holds, and pack_tokens and "
+                "gradient_checkpointing explicitly"
+            ]
+        )
+
+
+def shard_if_planned(model: Any, plan: FastPlan, ranks: Ranks) -> Any:
+    """FSDP2: shard the frozen base weights across the processes, the adapter (and
+    ``lm_head``) whole on each (the main process's adapter, broadcast to the others)."""
+    if plan.distributed != "fsdp2":
+        return model
+    shard_base_model(model, ranks, keep_whole=[model.get_output_embeddings()])
+    logger.info(
+        "FSDP2: the frozen base weights sharded over %d processes; the adapter (and lm_head) "
+        "whole on each, in %s",
+        ranks.world_size,
+        next(p for p in model.parameters() if p.requires_grad).dtype,
+    )
+    return model
 
 
 # --------------------------------------------------------------------------- FSDP2

@@ -10,12 +10,10 @@ docstring for the page they make. The types they hand on:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from loraforge.data.sources import open_data
 from loraforge.data.templates import (
     PromptTemplate,
 )
-from loraforge.errors import DataError, RecipeError
+from loraforge.errors import DataError
 from loraforge.fast.attention import attention_implementation, set_attention
 from loraforge.fast.liger import apply_liger
 from loraforge.fast.lora_ops import apply_lean_functions
@@ -58,7 +56,6 @@ from loraforge.training.distributed import (
     on_all,
     on_main,
     one_gpu_per_process,
-    shard_base_model,
 )
 from loraforge.training.evaluation import load_eval_prompts
 from loraforge.training.guards import (
@@ -76,7 +73,7 @@ from loraforge.training.loop import (
     quiet_progress,
 )
 from loraforge.training.nonfinite import NonFiniteGuard
-from loraforge.training.output import CHECKPOINTS, RunFolder, open_run_folder
+from loraforge.training.output import CHECKPOINTS, RunFolder
 from loraforge.training.resume import (
     ResumePoint,
     load_checkpoint_adapter,
@@ -94,8 +91,6 @@ __all__ = [
     "build_data",
     "build_trainer",
     "check_data",
-    "check_processes",
-    "check_same_plan",
     "head_detachable",
     "lay_out_steps",
     "load_base_model",
@@ -103,11 +98,8 @@ __all__ = [
     "pad_collate",
     "plan_run",
     "prepare_base_model",
-    "quiet_unless_main",
     "run_fit",
     "run_metrics",
-    "shard_if_planned",
-    "shared_run_folder",
     "start_point",
 ]
 
@@ -231,86 +223,6 @@ def check_data(recipe: LoraRecipe) -> None:
                 input_separator=recipe.input_separator,
                 on_bad_record=recipe.on_bad_record,
             )
-
-
-def check_processes(recipe: LoraRecipe, ranks: Ranks) -> None:
-    """Refuse a distributed setting one process cannot honour."""
-    if recipe.distributed == "fsdp2" and recipe.quantization != "none":
-        raise RecipeError(
-            [
-                f"distributed: 'fsdp2' with quantization: '{recipe.quantization}': loraforge does "
-                "not shard 4-bit/8-bit weights; a 4-bit Phi-4 (about 8.5 GiB) fits each GPU, so "
-                "use distributed: ddp (or auto)"
-            ]
-        )
-    if recipe.distributed == "fsdp2" and recipe.eval_prompts is not None:
-        raise RecipeError(
-            [
-                "distributed: 'fsdp2' with eval_prompts: answering them needs the whole model in "
-                "one process, and FSDP2 shards it; use distributed: ddp where the model fits each "
-                "GPU, or answer the prompts from the saved checkpoints afterwards (loraforge chat "
-                "<run>/checkpoints/checkpoint-N)"
-            ]
-        )
-    if recipe.distributed == "fsdp2" and not launched():
-        raise RecipeError(
-            [
-                "distributed: 'fsdp2' shards the model across processes a launcher starts, and "
-                "this is one process started without one; launch it (torchrun --nproc_per_node N "
-                "-m loraforge train recipe.yaml, or accelerate launch --num_processes N -m "
-                "loraforge train recipe.yaml), or use 'auto' or 'ddp'"
-            ]
-        )
-    for plugin in ("FSDP", "DEEPSPEED"):
-        if os.environ.get(f"ACCELERATE_USE_{plugin}", "").lower() == "true":
-            raise RecipeError(
-                [
-                    f"distributed: this launch asks accelerate for its {plugin} plugin "
-                    f"(distributed_type: {plugin} in the accelerate config, or --use_"
-                    f"{plugin.lower()}); loraforge shards with FSDP2 itself and keeps the "
-                    "adapter whole on every process: launch with distributed_type: MULTI_GPU "
-                    "(or torchrun) and set distributed: fsdp2 (or auto) in the recipe"
-                ]
-            )
-    if ranks.several:
-        logger.info("process %d of %d on %s", ranks.rank, ranks.world_size, ranks.device)
-
-
-@contextlib.contextmanager
-def shared_run_folder(recipe: LoraRecipe, resume: bool, ranks: Ranks) -> Iterator[RunFolder]:
-    """The run folder, opened (checked, locked, prepared) by the main process alone; the other
-    processes wait for it and receive what it found (the checkpoint to resume from, a finished
-    run), or the error it raised."""
-    with contextlib.ExitStack() as stack:
-        opened: list[RunFolder] = []
-
-        def open_it() -> tuple[Any, Any]:
-            opened.append(stack.enter_context(open_run_folder(recipe, resume=resume)))
-            return opened[0].checkpoint, opened[0].finished
-
-        checkpoint, finished = on_main(ranks, open_it, "opening the run folder")
-        if opened:
-            yield opened[0]
-            return
-        run = RunFolder(recipe, resume=resume)  # not entered: the main process holds the lock
-        run.checkpoint, run.finished = checkpoint, finished
-        yield run
-
-
-@contextlib.contextmanager
-def quiet_unless_main(ranks: Ranks) -> Iterator[None]:
-    """Only the main process logs loraforge's progress; the others log warnings and errors
-    (loraforge's own logger, restored afterwards)."""
-    if ranks.main:
-        yield
-        return
-    log = logging.getLogger("loraforge")
-    level = log.level
-    log.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def model_path_of(recipe: LoraRecipe) -> str:
@@ -468,36 +380,6 @@ def apply_plan_and_lora(
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
-    )
-    return model
-
-
-def check_same_plan(plan: FastPlan, ranks: Ranks) -> None:
-    """Every process must train with the same plan (a GPU of another size could plan another
-    row size or strategy, and the processes would then wait for each other forever)."""
-    plans = on_all(ranks, plan)
-    if any(p != plans[0] for p in plans):
-        differ = "; ".join(f"process {n}: {p.describe()}" for n, p in enumerate(plans))
-        raise RecipeError(
-            [
-                "the processes planned differently (GPUs of different sizes?): " + differ + ". "
-                "Set max_memory_gib to what the smallest GPU holds, and pack_tokens and "
-                "gradient_checkpointing explicitly"
-            ]
-        )
-
-
-def shard_if_planned(model: Any, plan: FastPlan, ranks: Ranks) -> Any:
-    """FSDP2: shard the frozen base weights across the processes, the adapter (and
-    ``lm_head``) whole on each (the main process's adapter, broadcast to the others)."""
-    if plan.distributed != "fsdp2":
-        return model
-    shard_base_model(model, ranks, keep_whole=[model.get_output_embeddings()])
-    logger.info(
-        "FSDP2: the frozen base weights sharded over %d processes; the adapter (and lm_head) "
-        "whole on each, in %s",
-        ranks.world_size,
-        next(p for p in model.parameters() if p.requires_grad).dtype,
     )
     return model
 

@@ -40,7 +40,16 @@ from loraforge.errors import ModelError
 from loraforge.fast.plan import DeviceInfo, check_environment
 from loraforge.models import check_model_source, load_tokenizer
 from loraforge.recipe import LoraRecipe
-from loraforge.training.distributed import agreed, join, on_main
+from loraforge.training.distributed import (
+    agreed,
+    check_processes,
+    check_same_plan,
+    join,
+    on_main,
+    quiet_unless_main,
+    shard_if_planned,
+    shared_run_folder,
+)
 from loraforge.training.evaluation import eval_samples, samples_report
 from loraforge.training.output import save_run
 from loraforge.training.resume import data_fingerprint, processes_fingerprint
@@ -49,19 +58,14 @@ from loraforge.training.steps import (
     build_data,
     build_trainer,
     check_data,
-    check_processes,
-    check_same_plan,
     head_detachable,
     lay_out_steps,
     load_base_model,
     model_path_of,
     plan_run,
     prepare_base_model,
-    quiet_unless_main,
     run_fit,
     run_metrics,
-    shard_if_planned,
-    shared_run_folder,
     start_point,
 )
 from loraforge.training.trackers import check_trackers
