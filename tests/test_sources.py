@@ -38,6 +38,9 @@ def test_what_a_data_string_means(tmp_path, monkeypatch):
     assert data_kind("AI-ModelScope/alpaca-gpt4-data-zh") == "modelscope"  # auto: as for models
     assert data_kind("tatsu-lab/alpaca", "huggingface") == "huggingface"
     assert data_kind("tatsu-lab/alpaca", "local") == "file"
+    # a local eval file beside a hub data id under data_source: huggingface / modelscope
+    assert data_kind("d.jsonl", "huggingface") == "file"
+    assert data_kind("owner/saved", "modelscope") == "folder"
     assert is_hub_id("a/b") and not is_hub_id("a/b.jsonl") and not is_hub_id("./a/b")
     assert not is_hub_id("/abs/a") and not is_hub_id("a/b/c")
 

@@ -57,13 +57,17 @@ def is_hub_id(value: str) -> bool:
 
 
 def data_kind(spec: str, source: str = "auto") -> DataKind:
-    """What ``spec`` (a recipe's ``data``/``eval_data``) names under ``data_source``."""
-    if source in ("huggingface", "modelscope"):
-        return source  # type: ignore[return-value]
+    """What ``spec`` (a recipe's ``data``/``eval_data``) names under ``data_source``: a path
+    that exists is local whatever ``data_source`` says (as ``datasets.load_dataset`` reads it),
+    so a local ``eval_data`` file can sit beside a hub ``data`` id."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return "folder"
-    if source == "local" or path.exists() or not is_hub_id(spec):
+    if path.exists():
+        return "file"
+    if source in ("huggingface", "modelscope"):
+        return source  # type: ignore[return-value]
+    if source == "local" or not is_hub_id(spec):
         return "file"
     return "modelscope"
 
