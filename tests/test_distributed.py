@@ -29,6 +29,8 @@ PACKED = {**COMMON, "packing": "on", "pack_tokens": 256}
 DROPOUT = {**PADDED, "lora_dropout": 0.1}
 BF16 = {**PADDED, "dtype": "bfloat16"}  # a bf16 base, the adapter in float32 beside it
 NF4 = {**PADDED, "quantization": "nf4"}  # QLoRA: a 4-bit base on every process (DDP)
+LORAPLUS = {**PADDED, "loraplus_lr_ratio": 16}  # PEFT's LoRA+ optimizer over the whole adapter
+PROMPTS = {"eval_prompts": ["你是谁？"], "eval_max_new_tokens": 8}
 
 
 def _free_port() -> int:
@@ -81,6 +83,8 @@ def launch(tmp_path_factory):
         {"out": str(root / "ddp-dropout"), "set": {**DROPOUT, "distributed": "auto"}},
         {"out": str(root / "fsdp2-bf16"), "set": {**BF16, "distributed": "fsdp2"}},
         {"out": str(root / "ddp-nf4"), "set": {**NF4, "distributed": "auto"}},
+        {"out": str(root / "fsdp2-loraplus"), "set": {**LORAPLUS, "distributed": "fsdp2"}},
+        {"out": str(root / "ddp-prompts"), "set": {**PADDED, "distributed": "ddp", **PROMPTS}},
         {"out": str(occupied), "set": PADDED, "expect_error": "OutputDirError"},
         {
             "out": str(root / "poisoned"),
@@ -164,6 +168,8 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
             "ddp-dropout",
             "fsdp2-bf16",
             "ddp-nf4",
+            "fsdp2-loraplus",
+            "ddp-prompts",
         )
     ), first.stdout[-3000:] + first.stderr[-3000:]
     assert first.returncode != 0  # the last run was killed
@@ -180,6 +186,7 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
         ("ddp-dropout", DROPOUT),
         ("fsdp2-bf16", BF16),
         ("ddp-nf4", NF4),
+        ("fsdp2-loraplus", LORAPLUS),
     ],
 )
 def test_two_processes_train_the_adapter_of_one(launch, two, overrides):
@@ -209,6 +216,19 @@ def test_strategies_are_logged_as_planned(launch):
     assert plans["ddp"].startswith("ddp over 2 processes")
     assert plans["fsdp2"].startswith("fsdp2 over 2 processes")
     assert "DDP: the whole model fits each process" in plans["ddp-dropout"]  # auto
+
+
+@pytest.mark.integration
+def test_eval_prompts_under_ddp_are_answered_once_and_leave_the_adapter_as_it_was(launch):
+    root, *_ = launch
+    folder = root / "ddp-prompts"
+    files = sorted((folder / "eval_samples").glob("step-*.jsonl"))
+    assert files, "no eval samples written"
+    last = [json.loads(x) for x in files[-1].read_text(encoding="utf-8").splitlines()]
+    assert len(last) == 1 and last[0]["step"] == STEPS  # one answer per prompt: one writer
+    saved = json.loads((folder / "loraforge.json").read_text(encoding="utf-8"))
+    assert saved["metrics"]["eval_samples"]["step"] == STEPS
+    assert _max_diff(_adapter(folder), _adapter(root / "ddp")) == 0.0  # sampling changed nothing
 
 
 @pytest.mark.integration
