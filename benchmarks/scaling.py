@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     if gpu:
         torch.cuda.set_device(local)
         if args.cap_gib and args.setup != "trl":  # built on the GPU (fast), then kept in
-            model = _model(args, on_cpu=False).to("cpu")  # the CPU's memory, as if loaded
+            model = tp.build_model(args.assets).to("cpu")  # the CPU's memory, as if loaded
             torch.cuda.empty_cache()
         if args.cap_gib:
             total = torch.cuda.get_device_properties(local).total_memory
@@ -72,12 +72,12 @@ def worker(args: argparse.Namespace) -> None:
         overrides[k] = yaml.safe_load(v)
     if args.cap_gib:
         overrides.setdefault("max_memory_gib", args.cap_gib)
-    meter = tp.Meter(args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         if args.setup == "trl":
-            result = _trl(args, meter, Path(tmp))
-        else:
-            result = _loraforge(args, meter, Path(tmp), overrides, model)
+            result = tp.run_trl_liger(args.assets, args.warmup, args.steps, Path(tmp))
+        else:  # on this process's GPU (the current device), or the model built above
+            run = Path(tmp) / "run"
+            result = tp.run_loraforge(args.assets, args.warmup, args.steps, run, model, **overrides)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
     every = [result]
     if dist.is_available() and dist.is_initialized():
@@ -93,73 +93,6 @@ def worker(args: argparse.Namespace) -> None:
             "fast_path": every[0].get("fast_path", ""),
         }
         print("RESULT " + json.dumps(row), flush=True)
-
-
-def _timed(meter, result: dict) -> dict:
-    (t0, _), (t1, _) = meter.marks[meter.warmup - 1], meter.marks[-1]
-    result["timed_s"] = t1 - t0
-    return result
-
-
-def _loraforge(args, meter, out: Path, overrides: dict, model=None) -> dict:
-    import throughput as tp
-    import torch
-
-    import loraforge.fast.packing as packing
-    from loraforge import LoraRecipe, train
-
-    original = packing.PackedCollator.__call__
-
-    def counted(self, batch):
-        return meter.wrap(lambda b: original(self, b))(batch)
-
-    packing.PackedCollator.__call__ = counted  # the benchmark's meter, in this process only
-    recipe = LoraRecipe(
-        model="phi-4 (random init)",
-        model_source="local",
-        data=str(args.assets / "data" / "huanhuan.json"),
-        system_prompt=tp.SYSTEM,
-        input_separator="",
-        output_dir=str(out / "run"),
-        max_steps=args.warmup + args.steps,
-        save_steps=10**6,
-        logging_steps=10,
-        **overrides,
-    )
-    tok = tp.tokenizer_of(args.assets)
-    model = model if model is not None else _model(args, on_cpu=False)
-    res = train(recipe, model=model, tokenizer=tok, callbacks=[meter.callback()])
-    del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    result = _timed(meter, meter.result())
-    result["fast_path"] = res.metrics["fast_path"]
-    return result
-
-
-def _model(args, on_cpu: bool):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(str(args.assets / "phi4" / "config.json"))
-    cfg.use_cache = False
-    device = (
-        "cpu" if on_cpu or not torch.cuda.is_available() else f"cuda:{torch.cuda.current_device()}"
-    )
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg)
-    torch.set_default_dtype(torch.float32)
-    return model
-
-
-def _trl(args, meter, out: Path) -> dict:
-    """TRL + Liger as ``benchmarks/throughput.py`` runs it, on this process's GPU."""
-    import throughput as tp
-
-    tp.build_model = lambda assets: _model(args, on_cpu=False)  # on this process's GPU
-    tp.Meter = lambda warmup: meter
-    result = tp.run_trl_liger(args.assets, args.warmup, args.steps, out)
-    return _timed(meter, result)
 
 
 ROW = re.compile(r"^(one|torchrun|accelerate|ddp|fsdp2x|trl)(\d*)(?:@(\d+))?$")

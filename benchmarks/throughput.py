@@ -223,6 +223,7 @@ class Meter:
             "supervised_tokens_per_s": sup / (t1 - t0),
             "timed_steps": len(self.marks) - self.warmup,
             "timed_tokens": real,
+            "timed_s": t1 - t0,
         }
 
 
@@ -336,8 +337,11 @@ def run_trl_qlora(assets: Path, warmup: int, steps: int, out: Path) -> dict:
     return run_trl_liger(assets, warmup, steps, out, model=build_nf4_model(assets))
 
 
-def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides) -> dict:
-    """loraforge's default recipe (tutorial LoRA hyper-parameters on all linear layers)."""
+def run_loraforge(
+    assets: Path, warmup: int, steps: int, out: Path, model=None, **overrides
+) -> dict:
+    """loraforge's default recipe (tutorial LoRA hyper-parameters on all linear layers), on
+    ``model`` when given (else one built on the current device)."""
     import loraforge.fast.packing as packing
     from loraforge import LoraRecipe, train
 
@@ -368,9 +372,9 @@ def run_loraforge(assets: Path, warmup: int, steps: int, out: Path, **overrides)
         **overrides,
     )
     tok = tokenizer_of(assets)
-    model = (
-        build_nf4_model(assets) if overrides.get("quantization") == "nf4" else build_model(assets)
-    )
+    if model is None:
+        nf4 = overrides.get("quantization") == "nf4"
+        model = build_nf4_model(assets) if nf4 else build_model(assets)
     callbacks = [meter.callback()]
     if os.environ.get("LORAFORGE_PROFILE"):
         from profiling import profiler_callback

@@ -190,16 +190,9 @@ class ModelShape:
         from loraforge.fast.quant import quantized_weight_bytes
 
         weight_bytes, largest_dense = quantized_weight_bytes(model)  # scales of 4-bit weights too
-        return cls(
-            hidden_size=base.hidden_size,
-            num_hidden_layers=base.num_hidden_layers,
-            vocab_size=base.vocab_size,
-            intermediate_size=base.intermediate_size,
-            num_attention_heads=base.num_attention_heads,
-            num_key_value_heads=base.num_key_value_heads,
-            head_dim=base.head_dim,
+        return replace(  # the sizes of the config; what the loaded model holds
+            base,
             weight_bytes=weight_bytes,
-            activation_bytes=base.activation_bytes,
             lean_norms=sum(1 for m in lean_norm_candidates(model) if m.weight.dtype == dtype),
             fused_qkv="qkv_proj" in names,
             fused_mlp=fused_mlp and act in ("silu", "swish"),

@@ -168,7 +168,11 @@ def train(
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id, ranks)  # 7
         fingerprint = on_main(ranks, lambda: data_fingerprint(recipe), "fingerprinting the data")
         fingerprint |= processes_fingerprint(ranks)
-        start = start_point(run, batches.layout, fingerprint, allow_changed_data)  # 8
+        start = on_main(  # 8: the main process reads the checkpoints; the others get its answer
+            ranks,
+            lambda: start_point(run, batches.layout, fingerprint, allow_changed_data),
+            "finding where to resume",
+        )
         detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches, ranks)
         samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
         extra = [*callbacks, *([samples] if samples else [])]
