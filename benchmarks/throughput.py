@@ -54,6 +54,9 @@ VARIANTS = {
     "pissa": ["lora_init=pissa"],
     "olora": ["lora_init=olora"],
     "loraplus": ["loraplus_lr_ratio=16"],
+    # not variants: the settings users change most, so they see their card's ceiling
+    "dropout0": ["lora_dropout=0"],
+    "mem80": ["max_memory_gib=80"],
 }
 
 
@@ -425,7 +428,7 @@ def child(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--assets", type=Path, default=HERE.parent.parent / "shared")
-    ap.add_argument("--only", default=",".join(SETUPS))
+    ap.add_argument("--only", help=f"setups to run (default: {','.join(SETUPS)})")
     ap.add_argument("--warmup", type=int, help="untimed optimizer steps (default: per setup)")
     ap.add_argument("--steps", type=int, help="timed optimizer steps (default: per setup)")
     ap.add_argument("--set", action="append", default=[], help="loraforge recipe override k=v")
@@ -439,7 +442,8 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         help=f"run the loraforge setup once per LoRA variant: 'all' or some of {','.join(VARIANTS)}"
-        " (rows named loraforge[<variant>]; --set applies to each)",
+        " (rows named loraforge[<variant>]; --set applies to each; after the --only setups if"
+        " --only is given)",
     )
     args = ap.parse_args()
     overrides = {}
@@ -483,13 +487,15 @@ def main() -> None:
         flush=True,
     )
     runs = []
-    jobs = [(name, name, []) for name in args.only.split(",")]
+    only = args.only or ("" if args.variants else ",".join(SETUPS))
+    jobs = [(name, name, []) for name in only.split(",") if name]
     if args.variants:
-        chosen = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        everything = [v for v in VARIANTS if v not in ("dropout0", "mem80")]
+        chosen = everything if args.variants == "all" else args.variants.split(",")
         unknown = [v for v in chosen if v not in VARIANTS]
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
-        jobs = [(f"loraforge[{v}]", "loraforge", VARIANTS[v]) for v in chosen]
+        jobs += [(f"loraforge[{v}]", "loraforge", VARIANTS[v]) for v in chosen]
     for label, name, variant_sets in jobs:
         cmd = [
             sys.executable,
@@ -544,13 +550,18 @@ def main() -> None:
     for mine, base in pairs:
         if mine in by and base in by:
             print(f"{mine} / {base}: {by[mine]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x")
-    plain = by.get("loraforge[lora]")
+    plain_name = "loraforge[lora]" if "loraforge[lora]" in by else "loraforge"
+    plain = by.get(plain_name)
     for label, r in by.items():  # each variant's price against plain LoRA on the same path
         if plain is not None and label.startswith("loraforge[") and r is not plain:
             print(
-                f"{label} / loraforge[lora]: {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x "
+                f"{label} / {plain_name}: {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x "
                 f"tokens/s, {r['peak_gib'] - plain['peak_gib']:+.1f} GiB peak"
             )
+            if "trl_liger" in by:
+                print(
+                    f"{label} / trl_liger: {r['tokens_per_s'] / by['trl_liger']['tokens_per_s']:.2f}x"
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     slug = card.replace(" ", "-") + (f"-cap{args.cap_gib:g}GiB" if args.cap_gib else "")
     path = args.out / f"{slug}-{dt.date.today().isoformat()}.json"

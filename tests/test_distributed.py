@@ -472,3 +472,34 @@ def test_pissa_with_quantization_is_refused_naming_both():
 
     with pytest.raises(RecipeError, match="lora_init: 'pissa' and quantization: 'nf4'"):
         LoraRecipe(model="m", data="d", lora_init="pissa", quantization="nf4")
+
+
+def test_the_sharded_model_runs_under_the_trainer_s_mixed_precision():
+    """accelerate adds autocast to the model it prepares; under FSDP2 the Trainer gets the
+    sharded model through ReplicatedAdapter instead, which must add the same autocast (without
+    it, a bf16 run reaches the lean functions with no autocast and they fall back to PEFT)."""
+    import torch
+    from accelerate import Accelerator
+
+    from loraforge.training.distributed import Ranks, ReplicatedAdapter
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return {"logits": self.lin(x)}
+
+    replicated = ReplicatedAdapter(Probe(), Ranks())
+    plain = replicated.module(torch.ones(2, 4))
+    assert seen == [False] and plain["logits"].dtype == torch.float32
+    bf16 = Accelerator(mixed_precision="bf16", cpu=True)
+    module = replicated.trained_module(bf16.autocast)
+    out = module(torch.ones(2, 4))
+    assert seen == [False, True]
+    assert out["logits"].dtype == torch.float32  # outputs back in float32, as accelerate's are
+    torch.testing.assert_close(out["logits"], plain["logits"], atol=2e-2, rtol=2e-2)

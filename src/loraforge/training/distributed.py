@@ -464,20 +464,36 @@ class ReplicatedAdapter:
 
     def __init__(self, model: Any, ranks: Ranks) -> None:
         import torch
+        from accelerate.utils import convert_to_fp32
 
         class Sharded(torch.nn.Module):
-            """The FSDP2-sharded model, as the Trainer calls it."""
+            """The FSDP2-sharded model, as the Trainer calls it: under the mixed precision that
+            accelerate adds to the model it prepares (this one it does not prepare)."""
 
             def __init__(self, module: Any) -> None:
                 super().__init__()
                 self.module = module
+                self.autocast: Callable[[], contextlib.AbstractContextManager[Any]] = (
+                    contextlib.nullcontext
+                )
 
             def forward(self, *args: Any, **kwargs: Any) -> Any:
-                return self.module(*args, **kwargs)
+                with self.autocast():
+                    out = self.module(*args, **kwargs)
+                return convert_to_fp32(out)
 
         self.module = Sharded(model)
         self.ranks = ranks
         self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def trained_module(self, autocast: Callable[[], contextlib.AbstractContextManager[Any]]) -> Any:
+        """The module the Trainer trains in place of accelerate's DDP wrapper: the sharded model,
+        each forward under ``autocast`` (the Trainer's ``accelerator.autocast``) with its
+        half-precision outputs in float32, as accelerate's ``prepare_model`` does for DDP.
+        Without it a bf16 run would reach the lean functions with no autocast, and they would
+        hand every call back to PEFT's forward."""
+        self.module.autocast = autocast
+        return self.module
 
     def average_gradients(self) -> None:
         """Average the adapter's gradients over every process (one flat all-reduce per dtype

@@ -64,7 +64,7 @@ class _LoraForgeTrainer(Trainer):
 
     def _wrap_model(self, model: Any, training: bool = True, dataloader: Any = None) -> Any:
         if self._replicated is not None and training:  # FSDP2: no DDP around the shards
-            return self._replicated.module
+            return self._replicated.trained_module(self.accelerator.autocast)
         return super()._wrap_model(model, training=training, dataloader=dataloader)
 
     def training_step(self, model: Any, inputs: Any, *args: Any, **kw: Any) -> Any:
