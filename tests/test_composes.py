@@ -2,7 +2,9 @@
 
 Run in a fresh interpreter, so that what is compared is the process as a user's script or
 notebook has it: transformers' modeling module, the warning filters, matplotlib's backend, the
-garbage collector, torch's global switches.
+garbage collector, torch's global switches. One interpreter trains and chats padded, then packed
+(one import of torch and transformers instead of two); each run's snapshot is compared with the
+one taken before loraforge was imported.
 """
 
 from __future__ import annotations
@@ -50,27 +52,39 @@ SCRIPT = textwrap.dedent(
     import loraforge
     from loraforge.demo import demo_recipe, prepare_tiny_base
     base = prepare_tiny_base(sys.argv[1] + "/base", hidden_size=32)
-    recipe = demo_recipe(base, sys.argv[1] + "/out", num_epochs=2, packing=sys.argv[2])
-    result = loraforge.train(recipe)
-    chat = loraforge.load_for_inference(result.output_dir, device="cpu")
-    chat.chat("hi", max_new_tokens=4)
-    after = snapshot()
+    after = {}
+    for packing in sys.argv[2:]:
+        out = sys.argv[1] + "/out-" + packing
+        recipe = demo_recipe(base, out, num_epochs=2, packing=packing)
+        result = loraforge.train(recipe)
+        chat = loraforge.load_for_inference(result.output_dir, device="cpu")
+        chat.chat("hi", max_new_tokens=4)
+        after[packing] = snapshot()
     print(json.dumps({"before": before, "after": after}))
     """
 )
+PACKING = ["off", "on"]
 
 
-@pytest.mark.parametrize("packing", ["off", "on"])
-def test_train_and_chat_leave_the_process_as_they_found_it(tmp_path: Path, packing: str):
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory) -> tuple[Path, dict]:
+    """One fresh interpreter's snapshots: before loraforge, and after each run (padded first)."""
+    root = tmp_path_factory.mktemp("composes")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), packing],
+        [sys.executable, "-c", SCRIPT, str(root), *PACKING],
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    before, after = seen["before"], seen["after"]
+    return root, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("packing", PACKING)
+def test_train_and_chat_leave_the_process_as_they_found_it(seen: tuple[Path, dict], packing: str):
+    root, snapshots = seen
+    # compared with the process before loraforge was imported, also for the second run
+    before, after = snapshots["before"], snapshots["after"][packing]
     # transformers caches a class-level probe result on first use (``*_cached_value``): its own
     # doing, which a model built without loraforge does too
     for name, attrs in after["phi3_classes"].items():
@@ -80,4 +94,4 @@ def test_train_and_chat_leave_the_process_as_they_found_it(tmp_path: Path, packi
     for key in before:
         assert after[key] == before[key], key
     assert after["backend"] == "svg"
-    assert (tmp_path / "out" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / f"out-{packing}" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
