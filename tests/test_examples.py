@@ -78,19 +78,34 @@ def test_recipe_through_cli(tiny, capsys):
     assert chat.chat(RECORDS[0]["instruction"], max_new_tokens=64) == RECORDS[0]["output"]
 
 
+# Runs each ``[script, *args]`` as ``python script *args`` would (``__main__``, ``sys.argv``, the
+# script's folder first on ``sys.path``), one after the other in one interpreter: torch and
+# transformers are imported once for both scripts. A line ``MARK`` starts each script's output.
+MARK = "----- next script -----"
+RUN_SCRIPTS = f"""
+import json, os, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    print({MARK!r}, flush=True)
+    sys.argv = argv
+    sys.path[0] = os.path.dirname(argv[0])
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
 def test_train_and_chat_scripts(tiny):
     root, base, data = tiny
     out = root / "run-scripts"
-    cmd = [sys.executable, str(EXAMPLE / "train.py"), str(RECIPE)]
+    train_argv = [str(EXAMPLE / "train.py"), str(RECIPE)]
     for pair in overrides(base, data, out):
-        cmd += ["--set", pair]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "done: 40 steps" in done.stdout
+        train_argv += ["--set", pair]
     prompts = [RECORDS[0]["instruction"], RECORDS[3]["instruction"]]
-    cmd = [sys.executable, str(EXAMPLE / "chat.py"), str(out), "--max-new-tokens", "64"]
+    chat_argv = [str(EXAMPLE / "chat.py"), str(out), "--max-new-tokens", "64"]
     for p in prompts:
-        cmd += ["--prompt", p]
+        chat_argv += ["--prompt", p]
+    cmd = [sys.executable, "-c", RUN_SCRIPTS, json.dumps([train_argv, chat_argv])]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[3]["output"]]
+    before, trained, chatted = done.stdout.split(MARK + "\n")
+    assert before == ""
+    assert "done: 40 steps" in trained
+    assert chatted.splitlines() == [RECORDS[0]["output"], RECORDS[3]["output"]]
