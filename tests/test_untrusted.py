@@ -492,23 +492,11 @@ print(json.dumps({
 }))
 """
 
-CHAT = """
-import json, sys
-from loraforge import load_for_inference
-
-chat = load_for_inference(sys.argv[1], device="cpu")
-conv = [{"role": "user", "content": "hi"}]
-print(json.dumps({
-    "name": chat.template.name,
-    "prompt": chat.template.render(conv, add_generation_prompt=True),
-    "stop_strings": chat.stop_strings,
-    "answer": chat.chat("hi", max_new_tokens=4),
-}))
-"""
-
 
 @pytest.mark.integration
-def test_template_defined_in_a_script_survives_to_chat(tmp_path):
+def test_template_defined_in_a_script_survives_to_chat(tmp_path, monkeypatch):
+    """The script trains in its own interpreter; the chat is here, in a process that never saw
+    the script's class (asserted), from another folder."""
     script = tmp_path / "train_it.py"
     script.write_text(SCRIPT, encoding="utf-8")
     work = tmp_path / "out"
@@ -524,13 +512,14 @@ def test_template_defined_in_a_script_survives_to_chat(tmp_path):
     assert run["template"]["spec"]["end_of_turn"] == "</s>"
     other = tmp_path / "elsewhere"
     other.mkdir()
-    chatted = subprocess.run(
-        [sys.executable, "-c", CHAT, str(work / "run")],
-        capture_output=True, text=True, cwd=other, timeout=300, check=False,
-    )  # fmt: skip
-    assert chatted.returncode == 0, chatted.stderr[-3000:]
-    got = json.loads(chatted.stdout.strip().splitlines()[-1])
-    assert got["name"] == "script-vicuna"
-    assert got["prompt"] == made["prompt"] == "USER: hi</s>\nASSISTANT: "
-    assert got["stop_strings"] == ["</s>"]
-    assert isinstance(got["answer"], str) and "</s>" not in got["answer"]
+    monkeypatch.chdir(other)
+    assert "script-vicuna" not in list_templates()
+    assert not hasattr(sys.modules["__main__"], "ScriptTemplate")
+    chat = load_for_inference(work / "run", device="cpu")
+    conv = [{"role": "user", "content": "hi"}]
+    assert chat.template.name == "script-vicuna"
+    prompt = chat.template.render(conv, add_generation_prompt=True)
+    assert prompt == made["prompt"] == "USER: hi</s>\nASSISTANT: "
+    assert chat.stop_strings == ["</s>"]
+    answer = chat.chat("hi", max_new_tokens=4)
+    assert isinstance(answer, str) and "</s>" not in answer
