@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -65,3 +73,127 @@ def tiny_model(tiny_tokenizer):
     from loraforge.tiny import build_tiny_model
 
     return build_tiny_model(tiny_tokenizer)
+
+
+# --------------------------------------------------------------------------- the second core
+#
+# Most of a fresh interpreter's time is importing torch, transformers and PEFT on one core, while
+# this process runs its tests on the other. A test marked ``@background(job)`` only
+# reads the result of a subprocess: ``job(folder)`` (called here, at the start of the session, in
+# the main thread) prepares what the subprocess needs in its own empty ``folder`` and returns the
+# keyword arguments of ``subprocess.run`` (``args``; ``cwd``, ``env`` default to this process's
+# at the start). The subprocesses run one after another on a background thread while the other
+# tests run; the marked tests run last, each taking its subprocess's result from the
+# ``background_run`` fixture. Tests marked with the same ``job`` object share one run.
+
+
+class BackgroundRun(NamedTuple):
+    folder: Path
+    proc: subprocess.CompletedProcess[str]
+
+
+class _Lane:
+    def __init__(self) -> None:
+        self.root: Path | None = None
+        self.jobs: dict[Callable[[Path], dict[str, Any]], dict[str, Any]] = {}
+        self.done: dict[Callable[[Path], dict[str, Any]], BackgroundRun | BaseException] = {}
+        self.ready = threading.Condition()
+        self.child: subprocess.Popen[str] | None = None
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    def start(self, items: list[pytest.Item]) -> None:
+        jobs = [m.args[0] for i in items for m in i.iter_markers("background")]
+        if not jobs:
+            return
+        self.root = Path(tempfile.mkdtemp(prefix="loraforge-background-"))
+        for n, job in enumerate(dict.fromkeys(jobs)):  # in the order the tests will read them
+            folder = self.root / f"{n}-{getattr(job, '__name__', 'job')}"
+            folder.mkdir()
+            try:  # what the subprocess needs: made here, in the main thread, its output hidden
+                with (
+                    contextlib.redirect_stdout(io.StringIO()),
+                    contextlib.redirect_stderr(io.StringIO()),
+                ):
+                    kw = {"cwd": os.getcwd(), "env": dict(os.environ), **job(folder)}
+            except BaseException as exc:  # reported by the test that reads it
+                self.done[job] = exc
+                continue
+            self.jobs[job] = {"folder": folder, **kw}
+        self.thread = threading.Thread(target=self._run, name="background-subprocesses")
+        self.thread.start()
+
+    def _run(self) -> None:
+        for job, spec in self.jobs.items():
+            folder = spec.pop("folder")
+            try:
+                with self.ready:
+                    if self.stopping:
+                        return
+                    self.child = subprocess.Popen(
+                        **spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    )
+                out, err = self.child.communicate(timeout=SUBPROCESS_TIMEOUT)
+                done: BackgroundRun | BaseException = BackgroundRun(
+                    folder,
+                    subprocess.CompletedProcess(spec["args"], self.child.returncode, out, err),
+                )
+            except BaseException as exc:
+                if self.child is not None:
+                    self.child.kill()
+                done = exc
+            with self.ready:
+                self.done[job] = done
+                self.ready.notify_all()
+
+    def result(self, job: Callable[[Path], dict[str, Any]]) -> BackgroundRun:
+        with self.ready:
+            self.ready.wait_for(lambda: job in self.done)
+            done = self.done[job]
+        if isinstance(done, BaseException):
+            raise done
+        return done
+
+    def stop(self) -> None:
+        with self.ready:
+            self.stopping = True
+            if self.child is not None and self.child.poll() is None:
+                self.child.kill()
+        if self.thread is not None:
+            self.thread.join()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+_LANE = _Lane()
+
+
+def background(job: Callable[[Path], dict[str, Any]]) -> pytest.MarkDecorator:
+    """``@background(job)``: the test reads ``job``'s subprocess (``pytest.mark.background(f)``
+    with one callable would mark ``f`` itself)."""
+    return pytest.mark.background.with_args(job)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read a background subprocess run last (in their order), after the others."""
+    last = [item for item in items if item.get_closest_marker("background")]
+    items[:] = [item for item in items if not item.get_closest_marker("background")] + last
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    if not session.config.option.collectonly:
+        _LANE.start(session.items)
+    try:
+        return (yield)
+    finally:
+        _LANE.stop()
+
+
+@pytest.fixture
+def background_run(request: pytest.FixtureRequest) -> BackgroundRun:
+    """The finished subprocess of this test's ``@background(job)``."""
+    marker = request.node.get_closest_marker("background")
+    assert marker is not None, "background_run needs @background(job)"
+    return _LANE.result(marker.args[0])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import background
 
 import loraforge
 from loraforge.cli import build_parser, main
@@ -100,17 +100,19 @@ def test_chat_interactive_loop(recipe_file, monkeypatch, capsys):
     assert "model> " in capsys.readouterr().out
 
 
+def _demo(folder):
+    return {
+        "args": [sys.executable, "-m", "loraforge.cli", "demo", "--output", str(folder / "demo")]
+    }
+
+
 @pytest.mark.integration
-def test_demo_command_in_a_subprocess(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "loraforge.cli", "demo", "--output", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
+@background(_demo)
+def test_demo_command_in_a_subprocess(background_run):
+    folder, proc = background_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[matches]" in proc.stdout
-    assert (tmp_path / "demo" / "run" / "adapter_model.safetensors").is_file()
+    assert (folder / "demo" / "run" / "adapter_model.safetensors").is_file()
     assert "step 10/" in proc.stderr  # the plain log line
 
 

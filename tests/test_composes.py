@@ -10,13 +10,12 @@ one taken before loraforge was imported.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import background
 
 pytestmark = pytest.mark.integration
 
@@ -66,23 +65,17 @@ SCRIPT = textwrap.dedent(
 PACKING = ["off", "on"]
 
 
-@pytest.fixture(scope="module")
-def seen(tmp_path_factory) -> tuple[Path, dict]:
+def _both_runs(folder: Path) -> dict:
     """One fresh interpreter's snapshots: before loraforge, and after each run (padded first)."""
-    root = tmp_path_factory.mktemp("composes")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(root), *PACKING],
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"args": [sys.executable, "-c", SCRIPT, str(folder), *PACKING]}
 
 
+@background(_both_runs)
 @pytest.mark.parametrize("packing", PACKING)
-def test_train_and_chat_leave_the_process_as_they_found_it(seen: tuple[Path, dict], packing: str):
-    root, snapshots = seen
+def test_train_and_chat_leave_the_process_as_they_found_it(background_run, packing: str):
+    root, proc = background_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    snapshots = json.loads(proc.stdout.strip().splitlines()[-1])
     # compared with the process before loraforge was imported, also for the second run
     before, after = snapshots["before"], snapshots["after"][packing]
     # transformers caches a class-level probe result on first use (``*_cached_value``): its own

@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import background
 
 import loraforge
 
@@ -31,19 +31,21 @@ def run_blocks(page: str) -> list[str]:
     return RUN_BLOCK.findall((DOCS / page).read_text(encoding="utf-8"))
 
 
+def _mkdocs_build(folder: Path) -> dict:
+    return {
+        "args": [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(folder / "site")],
+        "cwd": REPO,
+        "env": {**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    }
+
+
 @pytest.mark.integration
-def test_mkdocs_build_strict(tmp_path):
+@background(_mkdocs_build)
+def test_mkdocs_build_strict(background_run):
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
-    site = tmp_path / "site"
-    done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-    )
+    folder, done = background_run
+    site = folder / "site"
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     # the generated reference tables are there, one row per field and one section per command
     recipe_page = (site / "reference" / "recipe" / "index.html").read_text(encoding="utf-8")
@@ -77,21 +79,25 @@ def test_the_chinese_quickstart_runs_the_english_quickstart_s_code():
     assert [_code_of(b) for b in chinese] == [_code_of(b) for b in english]
 
 
+def _block_job(page: str, index: int) -> Callable[[Path], dict]:
+    def run_block(folder: Path) -> dict:
+        """The block in its own interpreter, in an empty folder."""
+        env = {"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "0"}
+        code = run_blocks(page)[index]
+        return {"args": [sys.executable, "-c", code], "cwd": folder, "env": {**os.environ, **env}}
+
+    return run_block
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("page", "index"),  # the Chinese page's blocks are the same code (checked above)
-    [(QUICKSTARTS[0], i) for i in range(len(run_blocks(QUICKSTARTS[0])))],
+    [
+        pytest.param(QUICKSTARTS[0], i, marks=background(_block_job(QUICKSTARTS[0], i)))
+        for i in range(len(run_blocks(QUICKSTARTS[0])))
+    ],
 )
-def test_quickstart_block_runs(page, index, tmp_path):
-    code = run_blocks(page)[index]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-        env=env,
-    )
+def test_quickstart_block_runs(page, index, background_run):
+    _, done = background_run
     assert done.returncode == 0, f"{page} block {index} failed:\n{done.stderr[-4000:]}"
     assert TRAINED_ANSWER in done.stdout, done.stdout[-2000:]

@@ -8,12 +8,11 @@ fails here.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import background
 
 from loraforge import LoraRecipe, load_for_inference
 from loraforge.cli import main
@@ -92,9 +91,11 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
-def test_train_and_chat_scripts(tiny):
-    root, base, data = tiny
-    out = root / "run-scripts"
+def _scripts(folder: Path) -> dict:
+    data = folder / "huanhuan-sample.json"
+    data.write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    base = prepare_tiny_base(folder / "base", hidden_size=64)
+    out = folder / "run-scripts"
     train_argv = [str(EXAMPLE / "train.py"), str(RECIPE)]
     for pair in overrides(base, data, out):
         train_argv += ["--set", pair]
@@ -102,8 +103,12 @@ def test_train_and_chat_scripts(tiny):
     chat_argv = [str(EXAMPLE / "chat.py"), str(out), "--max-new-tokens", "64"]
     for p in prompts:
         chat_argv += ["--prompt", p]
-    cmd = [sys.executable, "-c", RUN_SCRIPTS, json.dumps([train_argv, chat_argv])]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    return {"args": [sys.executable, "-c", RUN_SCRIPTS, json.dumps([train_argv, chat_argv])]}
+
+
+@background(_scripts)
+def test_train_and_chat_scripts(background_run):
+    _, done = background_run
     assert done.returncode == 0, done.stderr[-3000:]
     before, trained, chatted = done.stdout.split(MARK + "\n")
     assert before == ""

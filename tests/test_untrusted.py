@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import background
 
 from loraforge import ModelError, PromptTemplate, TemplateError, load_for_inference
 from loraforge.cli import main
@@ -53,12 +53,15 @@ def fresh_registry():
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
+    return make_clean_run(tmp_path_factory.mktemp("untrusted"))
+
+
+def make_clean_run(root: Path) -> Path:
     """A loraforge run folder (adapter, tokenizer, loraforge.json, recipe.yaml), made without
     training: a LoRA adapter freshly initialised on the tiny base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = tmp_path_factory.mktemp("untrusted")
     base = prepare_tiny_base(root / "base", hidden_size=64)
     run = root / "run"
     model = get_peft_model(
@@ -178,19 +181,23 @@ def test_base_model_code_named_by_the_run_is_not_run(run_copy, tmp_path):
     assert not sentinel.exists()
 
 
-@pytest.mark.integration
-def test_trust_remote_code_flag_runs_it_as_before(run_copy, tmp_path):
-    sentinel = tmp_path / "pwned"
-    plant_tokenizer_code(run_copy, sentinel)
-    set_recipe(run_copy, trust_remote_code=True)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
-    cmd = [sys.executable, "-m", "loraforge.cli", "-q", "chat", str(run_copy), "--prompt", "hi"]
+def _chat_trusting_remote_code(folder: Path) -> dict:
+    """``loraforge chat --trust-remote-code`` on a run folder whose tokenizer ships code."""
+    run = make_clean_run(folder / "made")
+    plant_tokenizer_code(run, folder / "pwned")
+    set_recipe(run, trust_remote_code=True)
+    env = dict(os.environ, HF_MODULES_CACHE=str(folder / "hf-modules"))
+    cmd = [sys.executable, "-m", "loraforge.cli", "-q", "chat", str(run), "--prompt", "hi"]
     cmd += ["--max-new-tokens", "2", "--trust-remote-code"]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False
-    )
+    return {"args": cmd, "env": env, "cwd": folder}
+
+
+@pytest.mark.integration
+@background(_chat_trusting_remote_code)
+def test_trust_remote_code_flag_runs_it_as_before(background_run):
+    folder, proc = background_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sentinel.read_text() == "ran"  # the caller allowed it: the folder's code ran
+    assert (folder / "pwned").read_text() == "ran"  # the caller allowed it: the folder's code ran
 
 
 # --------------------------------------------------------------------------- template modules
@@ -493,17 +500,19 @@ print(json.dumps({
 """
 
 
+def _train_with_a_script_template(folder: Path) -> dict:
+    script = folder / "train_it.py"
+    script.write_text(SCRIPT, encoding="utf-8")
+    return {"args": [sys.executable, str(script), str(folder / "out")], "cwd": folder}
+
+
 @pytest.mark.integration
-def test_template_defined_in_a_script_survives_to_chat(tmp_path, monkeypatch):
+@background(_train_with_a_script_template)
+def test_template_defined_in_a_script_survives_to_chat(background_run, tmp_path, monkeypatch):
     """The script trains in its own interpreter; the chat is here, in a process that never saw
     the script's class (asserted), from another folder."""
-    script = tmp_path / "train_it.py"
-    script.write_text(SCRIPT, encoding="utf-8")
-    work = tmp_path / "out"
-    trained = subprocess.run(
-        [sys.executable, str(script), str(work)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False,
-    )  # fmt: skip
+    folder, trained = background_run
+    work = folder / "out"
     assert trained.returncode == 0, trained.stderr[-3000:]
     made = json.loads(trained.stdout.strip().splitlines()[-1])
     assert made["listed"] == "registered (__main__)"
