@@ -133,6 +133,9 @@ class _Lane:
                     self.child = subprocess.Popen(
                         **spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                     )
+                    if hasattr(os, "setpriority"):  # it yields the CPU to the tests run here
+                        # (torch's threads, started later, inherit the priority)
+                        os.setpriority(os.PRIO_PROCESS, self.child.pid, 19)
                 out, err = self.child.communicate(timeout=SUBPROCESS_TIMEOUT)
                 done: BackgroundRun | BaseException = BackgroundRun(
                     folder,
