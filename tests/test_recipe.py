@@ -353,3 +353,13 @@ def test_step_summary_says_what_a_step_holds_for_each_packing_setting():
     assert LoraRecipe(model="m", data="d.json", batch_size=2).step_summary() == "2 padded examples"
     on = LoraRecipe(model="m", data="d.json", packing="on", pack_tokens=1024, grad_accum=2)
     assert on.step_summary().startswith("2 x packed rows of up to 1024 tokens")
+
+
+@pytest.mark.parametrize("field", ["data", "eval_data", "eval_prompts"])
+def test_a_path_no_file_can_have_is_named(tmp_path, field):
+    """A YAML escape can put an unpaired surrogate in a path (found by the fuzz test: ``~`` then
+    one made ``expanduser`` raise UnicodeEncodeError); it is a recipe error naming the field."""
+    path = tmp_path / "r.yaml"
+    path.write_text(f'data: d.json\n{field}: "~\\ud800\\udc00"\n', encoding="utf-8")
+    with pytest.raises(RecipeError, match=f"{field}: holds characters no file name"):
+        LoraRecipe.from_yaml(path)

@@ -391,7 +391,7 @@ def absolute_data_paths(values: Mapping[str, Any], base: str) -> dict[str, Any]:
     hub = out.get("data_source") in ("huggingface", "modelscope")
     for key in _DATA_PATHS:
         value = out.get(key)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and _encodable(value):  # else validation names it
             path = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
             if (
                 key != "eval_prompts"
@@ -401,6 +401,15 @@ def absolute_data_paths(values: Mapping[str, Any], base: str) -> dict[str, Any]:
                 continue  # a hub dataset id, not a path
             out[key] = path
     return out
+
+
+def _encodable(path: str) -> bool:
+    """Whether ``path`` can name a file on this system (not an unpaired surrogate, say)."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -560,6 +569,10 @@ def _validate(r: LoraRecipe) -> list[str]:
     ):
         bad("max_memory_gib", "must be None or a number > 0")
     problems += _variant_problems(r)
+    for name in _DATA_PATHS:
+        v = getattr(r, name)
+        if isinstance(v, str) and not _encodable(v):
+            bad(name, "holds characters no file name or dataset id has (an unpaired surrogate)")
     ep = r.eval_prompts
     if ep is not None and not ((isinstance(ep, str) and ep) or (isinstance(ep, tuple) and ep)):
         bad("eval_prompts", "must be a non-empty list of prompts or a .json/.jsonl file of them")
