@@ -260,6 +260,12 @@ class DeviceInfo:
 _F32 = 4  # a norm's 1/rms and attention's log-sum-exp (per token, per head); float32 norm input
 _PEFT_MASK = 1  # PEFT's dropout mask on CUDA: one bool per element
 _WORKING_SET = 20  # the backward pass of one layer, in hidden-sized activations per token
+# PEFT's DoRA forward keeps, per layer it has run and until that layer's backward, copies of the
+# adapted base weights in the compute dtype (autocast's cast for F.linear, the weight-norm's
+# operands): measured on the CPU under bf16 autocast (saved-tensor bytes, tests/test_plan.py) at
+# 1.7-2.6x the layer's weights; on an H200 a Phi-4 DoRA run with 18 layers not checkpointed
+# peaked 30.6 GiB over its weights (about 2x with the per-token count below). Counted as:
+_DORA_WEIGHT_COPIES = 2.75
 _BYTES_LOGIT = 14  # the loss per vocabulary entry of each position with logits (unchunked)
 _CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16 copy, the grad
 _RESERVE_BYTES = int(1.5 * GiB)  # CUDA context, allocator slack, optimizer state of the adapter
@@ -273,6 +279,28 @@ def _adapted_inputs(shape: ModelShape) -> tuple[int, ...]:
     qkv = (h,) if shape.fused_qkv else (h, h, h)
     gate_up = (h,) if shape.fused_mlp else (h, h)
     return (*qkv, q, *gate_up, shape.intermediate_size)
+
+
+def _adapted_outputs(shape: ModelShape) -> tuple[int, ...]:
+    """``out_features`` of one decoder layer's linear layers, in :func:`_adapted_inputs`' order."""
+    h, q = shape.hidden_size, shape.num_attention_heads * shape.head_dim
+    kv = shape.num_key_value_heads * shape.head_dim
+    qkv = (q + 2 * kv,) if shape.fused_qkv else (q, kv, kv)
+    inter = shape.intermediate_size
+    gate_up = (2 * inter,) if shape.fused_mlp else (inter, inter)
+    return (*qkv, h, *gate_up, h)
+
+
+def dora_layer_bytes(shape: ModelShape) -> tuple[float, float]:
+    """What PEFT's DoRA forward keeps beyond plain LoRA's (PEFT's forward), for one decoder
+    layer with DoRA on every linear layer: bytes per token (the base output and the LoRA output
+    of each adapted layer, which the magnitude's gradient needs) and bytes whatever the tokens
+    (copies of the layer's base weights in the compute dtype, ``_DORA_WEIGHT_COPIES`` of
+    them)."""
+    e = shape.activation_bytes
+    ins, outs = _adapted_inputs(shape), _adapted_outputs(shape)
+    weights = sum(i * o for i, o in zip(ins, outs, strict=True)) * e
+    return 2 * sum(outs) * e, _DORA_WEIGHT_COPIES * weights
 
 
 def _attention_bytes(shape: ModelShape, attention: str, o_proj_keeps_input: bool) -> float:
@@ -336,6 +364,7 @@ class _Memory:
     layer_input: float
     per_token: float  # outside the layers: norms lean_norms leaves alone, working set, loss
     fixed: float = 0.0
+    layer_fixed: float = 0.0  # what a layer keeps whatever the tokens (DoRA's weight copies)
 
     def needed(self, tokens: int, k: int) -> float:
         per_token = (
@@ -344,7 +373,8 @@ class _Memory:
             + (self.per_layer if k else 0.0)
             + self.per_token
         )
-        return tokens * per_token + self.fixed
+        kept = (self.layers - k + (1 if k else 0)) * self.layer_fixed
+        return tokens * per_token + self.fixed + kept
 
     def fewest_checkpointed(self, tokens: int) -> int | None:
         """The fewest layers to checkpoint for ``tokens`` to fit, or None if none does."""
@@ -723,6 +753,8 @@ def _memory(
         lora_dropout=recipe.lora_dropout,
         attention=attention,
     )
+    dora_per_token, dora_fixed = dora_layer_bytes(shape) if recipe.use_dora else (0.0, 0.0)
+    per_layer += dora_per_token
     # norms lean_norms leaves alone keep their float32 input (PEFT's count has it already)
     plain_norms = max(0, 2 * shape.num_hidden_layers + 1 - shape.lean_norms)
     norms = plain_norms * h * _F32 if lean else 0
@@ -737,6 +769,7 @@ def _memory(
         layer_input=h * e,
         per_token=norms + _WORKING_SET * h * e + loss,
         fixed=_CHUNKED_LOSS_BYTES if chunked else 0.0,
+        layer_fixed=dora_fixed,
     )
 
 
