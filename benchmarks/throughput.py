@@ -63,6 +63,17 @@ VARIANTS = {
 # ----------------------------------------------------------------------------- helpers
 
 
+def one_gpu_env() -> dict[str, str]:
+    """The environment of each setup's process: one GPU visible (the first, unless
+    ``CUDA_VISIBLE_DEVICES`` says otherwise). On a host with several GPUs a single process that
+    sees them all makes transformers' Trainer wrap the tutorial's and TRL's models in
+    ``nn.DataParallel`` (TRL refuses it; the tutorial's checkpointing breaks under it)."""
+    env = dict(os.environ)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    env["CUDA_VISIBLE_DEVICES"] = "0" if visible is None else visible.split(",")[0]
+    return env
+
+
 def matmul_peak_tflops() -> float:
     import torch
 
@@ -514,7 +525,7 @@ def main() -> None:
         if args.cap_gib is not None:
             cmd += ["--cap-gib", str(args.cap_gib)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=one_gpu_env())
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(
