@@ -11,6 +11,7 @@ peak GiB of any process, and loraforge's plan. Results go to
 
     python benchmarks/scaling.py --assets .gpu --rows one,torchrun1,accelerate1,fsdp2x1
     python benchmarks/scaling.py --assets .gpu --rows one,ddp2,trl2,fsdp2x2@24
+    python benchmarks/scaling.py --assets .gpu --rows one,torchrun1,accelerate1 --abba 2
 
 Rows: ``one`` (a plain process), ``torchrunN`` / ``accelerateN`` (loraforge, ``distributed:
 auto``, N processes under that launcher), ``ddpN`` (``distributed: ddp`` under torchrun),
@@ -126,6 +127,47 @@ def command(row: str, args: argparse.Namespace) -> tuple[list[str], dict]:
     return cmd, {"row": row, "launcher": kind, "processes": n, "cap_gib": cap}
 
 
+def schedule(rows: list[str], rounds: int) -> list[str]:
+    """The rows in order, or with ``rounds`` > 0 interleaved ABBA-style (``a,b,b,a`` per round
+    for two rows; the order, then its reverse, for more), so that a host's drift over the call
+    falls on every row alike."""
+    if rounds <= 0:
+        return rows
+    return [r for _ in range(rounds) for r in (*rows, *reversed(rows))]
+
+
+def summarise(rows: list[dict]) -> None:
+    """Per row: the runs' mean tokens/s and spread, and the mean against the first row's mean;
+    per round-trip pair (each row against the first row's run beside it), the ratios."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["row"], []).append(r["tokens_per_s"])
+    if not by:
+        return
+    first = next(iter(by))
+    base = sum(by[first]) / len(by[first])
+    for name, rates in by.items():
+        mean = sum(rates) / len(rates)
+        print(
+            f"mean {name:<14} {mean:>8.0f} tok/s over {len(rates)} runs "
+            f"(min {min(rates):.0f}, max {max(rates):.0f})  x{mean / base:.3f} of {first}",
+            flush=True,
+        )
+    for name in list(by)[1:]:  # pairs in run order: each run of `name` with its neighbour
+        pairs = []
+        for i, r in enumerate(rows):
+            if r["row"] != name:
+                continue
+            near = [x for x in rows[max(0, i - 1) : i + 2] if x["row"] == first]
+            if near:
+                pairs.append(r["tokens_per_s"] / near[0]["tokens_per_s"])
+        if pairs:
+            print(
+                f"pairs {name}/{first}: " + ", ".join(f"{x:.3f}" for x in pairs),
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--assets", type=Path, default=HERE.parent.parent / "shared")
@@ -134,6 +176,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--set", action="append", default=[], help="loraforge recipe override k=v")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per row")
+    ap.add_argument(
+        "--abba",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="run the rows interleaved, ROUNDS times forward then backward (a,b,b,a), and print "
+        "each row's mean against the first row's and the ratio of each neighbouring pair",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setup", default="loraforge", help=argparse.SUPPRESS)
@@ -153,7 +203,7 @@ def main() -> None:
     gpus = torch.cuda.device_count()
     print(f"card {card} x{gpus}; torch {torch.__version__}", flush=True)
     rows = []
-    for row in args.rows.split(","):
+    for row in schedule(args.rows.split(","), args.abba):
         cmd, info = command(row, args)
         t0 = time.perf_counter()
         try:
@@ -184,6 +234,8 @@ def main() -> None:
             f"{r['fast_path']}",
             flush=True,
         )
+    if args.abba:
+        summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{card.replace(' ', '-')}-{dt.date.today().isoformat()}-scaling.json"
     path.write_text(json.dumps({"card": card, "gpus": gpus, "rows": rows}, indent=2))
