@@ -31,6 +31,7 @@ BF16 = {**PADDED, "dtype": "bfloat16"}  # a bf16 base, the adapter in float32 be
 NF4 = {**PADDED, "quantization": "nf4"}  # QLoRA: a 4-bit base on every process (DDP)
 LORAPLUS = {**PADDED, "loraplus_lr_ratio": 16}  # PEFT's LoRA+ optimizer over the whole adapter
 PROMPTS = {"eval_prompts": ["你是谁？"], "eval_max_new_tokens": 8}
+EVAL = {**PADDED, "max_steps": 4, "eval_fraction": 0.1, "eval_steps": 2, "save_steps": 2}
 
 
 def _free_port() -> int:
@@ -85,6 +86,8 @@ def launch(tmp_path_factory):
         {"out": str(root / "ddp-nf4"), "set": {**NF4, "distributed": "auto"}},
         {"out": str(root / "fsdp2-loraplus"), "set": {**LORAPLUS, "distributed": "fsdp2"}},
         {"out": str(root / "ddp-prompts"), "set": {**PADDED, "distributed": "ddp", **PROMPTS}},
+        {"out": str(root / "ddp-eval"), "set": {**EVAL, "distributed": "ddp"}},
+        {"out": str(root / "fsdp2-eval"), "set": {**EVAL, "distributed": "fsdp2"}},
         {"out": str(occupied), "set": PADDED, "expect_error": "OutputDirError"},
         {
             "out": str(root / "poisoned"),
@@ -157,21 +160,22 @@ def _results(root: Path) -> list[dict]:
 def test_the_launch_ran_every_run_on_both_processes(launch):
     root, _, first, _ = launch
     done = [r for r in _results(root) if "steps" in r]
-    assert sorted((r["rank"], Path(r["out"]).name, r["steps"]) for r in done) == sorted(
-        (rank, name, STEPS)
-        for rank in (0, 1)
-        for name in (
-            "ddp",
-            "fsdp2",
-            "ddp-packed",
-            "fsdp2-packed",
-            "ddp-dropout",
-            "fsdp2-bf16",
-            "ddp-nf4",
-            "fsdp2-loraplus",
-            "ddp-prompts",
-        )
-    ), first.stdout[-3000:] + first.stderr[-3000:]
+    names = (
+        "ddp",
+        "fsdp2",
+        "ddp-packed",
+        "fsdp2-packed",
+        "ddp-dropout",
+        "fsdp2-bf16",
+        "ddp-nf4",
+        "fsdp2-loraplus",
+        "ddp-prompts",
+    )
+    expected = [(rank, name, STEPS) for rank in (0, 1) for name in names]
+    expected += [(rank, name, 4) for rank in (0, 1) for name in ("ddp-eval", "fsdp2-eval")]
+    assert sorted((r["rank"], Path(r["out"]).name, r["steps"]) for r in done) == sorted(expected), (
+        first.stdout[-3000:] + first.stderr[-3000:]
+    )
     assert first.returncode != 0  # the last run was killed
 
 
@@ -244,6 +248,25 @@ def test_four_processes_train_the_adapter_of_one(background_run, four, overrides
     diff = sum((a[k] - b[k]).pow(2).sum().item() for k in a) ** 0.5
     assert diff <= 1e-5 * sum(t.pow(2).sum().item() for t in a.values()) ** 0.5
     assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 1e-4
+
+
+@pytest.mark.integration
+def test_an_eval_split_under_fsdp2_evaluates_as_under_ddp(launch):
+    """Evaluations every 2 steps, each followed by a checkpoint the main process alone writes,
+    then the final evaluation: under FSDP2 every process must start each evaluation from the
+    same shards (the main process's state dict had left its root sharded and the others' not:
+    a mismatch of collectives). The losses equal DDP's, and so do the adapters."""
+    root, *_ = launch
+    metrics = {
+        name: json.loads((root / name / "loraforge.json").read_text(encoding="utf-8"))["metrics"]
+        for name in ("ddp-eval", "fsdp2-eval")
+    }
+    ddp, fsdp2 = metrics["ddp-eval"], metrics["fsdp2-eval"]
+    assert ddp["eval_loss"] == pytest.approx(fsdp2["eval_loss"], abs=1e-5)
+    state = root / "fsdp2-eval" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    history = json.loads(state.read_text(encoding="utf-8"))["log_history"]
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]  # within the run too
+    assert _max_diff(_adapter(root / "ddp-eval"), _adapter(root / "fsdp2-eval")) <= 1e-5
 
 
 @pytest.mark.integration

@@ -495,6 +495,22 @@ class ReplicatedAdapter:
         self.module.autocast = autocast
         return self.module
 
+    def reshard(self) -> None:
+        """Free every gathered layer and the model's gathered root on this process; call it on
+        every process before a forward pass that follows work only the main process did.
+
+        FSDP2 gathers a sharded module's weights in its forward pass and keeps the root's (the
+        embeddings and final norm) gathered after it; what frees them differs by path (a backward
+        pass frees all, a state dict frees the root). After an evaluation and then a checkpoint
+        written by the main process alone, the main process's root is sharded and the others' is
+        not: the next forward pass would gather the root on one process and the first layer on
+        the others, a mismatch of collectives (seen with an eval split under FSDP2)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def average_gradients(self) -> None:
         """Average the adapter's gradients over every process (one flat all-reduce per dtype
         and device); call it once per optimizer step, after the last backward pass."""

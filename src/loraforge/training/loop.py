@@ -67,6 +67,16 @@ class _LoraForgeTrainer(Trainer):
             return self._replicated.trained_module(self.accelerator.autocast)
         return super()._wrap_model(model, training=training, dataloader=dataloader)
 
+    def evaluate(self, *args: Any, **kw: Any) -> Any:
+        if self._replicated is not None:  # FSDP2: every process starts from the same shards
+            self._replicated.reshard()
+        return super().evaluate(*args, **kw)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self._replicated is not None:  # the main process's state dict resharded its root
+            self._replicated.reshard()
+
     def training_step(self, model: Any, inputs: Any, *args: Any, **kw: Any) -> Any:
         loss = super().training_step(model, inputs, *args, **kw)
         if self._replicated is not None and self.accelerator.sync_gradients:
