@@ -30,6 +30,8 @@ DROPOUT = {**PADDED, "lora_dropout": 0.1}
 BF16 = {**PADDED, "dtype": "bfloat16"}  # a bf16 base, the adapter in float32 beside it
 NF4 = {**PADDED, "quantization": "nf4"}  # QLoRA: a 4-bit base on every process (DDP)
 LORAPLUS = {**PADDED, "loraplus_lr_ratio": 16}  # PEFT's LoRA+ optimizer over the whole adapter
+DORA = {**PADDED, "use_dora": True}  # PEFT's DoRA forward, its magnitudes in the adapter
+PISSA = {**PADDED, "lora_init": "pissa"}  # every process changes its own base the same way
 PROMPTS = {"eval_prompts": ["你是谁？"], "eval_max_new_tokens": 8}
 EVAL = {**PADDED, "max_steps": 4, "eval_fraction": 0.1, "eval_steps": 2, "save_steps": 2}
 
@@ -85,6 +87,8 @@ def launch(tmp_path_factory):
         {"out": str(root / "fsdp2-bf16"), "set": {**BF16, "distributed": "fsdp2"}},
         {"out": str(root / "ddp-nf4"), "set": {**NF4, "distributed": "auto"}},
         {"out": str(root / "fsdp2-loraplus"), "set": {**LORAPLUS, "distributed": "fsdp2"}},
+        {"out": str(root / "fsdp2-dora"), "set": {**DORA, "distributed": "fsdp2"}},
+        {"out": str(root / "fsdp2-pissa"), "set": {**PISSA, "distributed": "fsdp2"}},
         {"out": str(root / "ddp-prompts"), "set": {**PADDED, "distributed": "ddp", **PROMPTS}},
         {"out": str(root / "ddp-eval"), "set": {**EVAL, "distributed": "ddp"}},
         {"out": str(root / "fsdp2-eval"), "set": {**EVAL, "distributed": "fsdp2"}},
@@ -138,6 +142,8 @@ _ONE_PROCESS: dict[str, Path] = {}
 def _one_process(base: Path, root: Path, overrides: dict) -> Path:
     """The adapter of one process whose step holds the two processes' micro-batches
     (``grad_accum`` 2); trained once per set of overrides in this module."""
+    import torch
+
     from loraforge import train
     from loraforge.demo import demo_recipe
 
@@ -145,7 +151,12 @@ def _one_process(base: Path, root: Path, overrides: dict) -> Path:
     if key not in _ONE_PROCESS:
         out = root / f"one-{len(_ONE_PROCESS)}"
         recipe = demo_recipe(base, out, **{**overrides, "grad_accum": 2})
-        _ONE_PROCESS[key] = train(recipe).output_dir
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): PiSSA's SVD
+        try:  # gives other last bits with other thread counts
+            _ONE_PROCESS[key] = train(recipe).output_dir
+        finally:
+            torch.set_num_threads(threads)
     return _ONE_PROCESS[key]
 
 
@@ -169,6 +180,8 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
         "fsdp2-bf16",
         "ddp-nf4",
         "fsdp2-loraplus",
+        "fsdp2-dora",
+        "fsdp2-pissa",
         "ddp-prompts",
     )
     expected = [(rank, name, STEPS) for rank in (0, 1) for name in names]
@@ -191,6 +204,8 @@ def test_the_launch_ran_every_run_on_both_processes(launch):
         ("fsdp2-bf16", BF16),
         ("ddp-nf4", NF4),
         ("fsdp2-loraplus", LORAPLUS),
+        ("fsdp2-dora", DORA),
+        ("fsdp2-pissa", PISSA),
     ],
 )
 def test_two_processes_train_the_adapter_of_one(launch, two, overrides):
