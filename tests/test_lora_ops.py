@@ -690,3 +690,35 @@ def test_partial_checkpointing_checkpoints_the_first_layers_and_keeps_the_gradie
     ref = _grads(fused)
     for n, g in _grads(part).items():
         torch.testing.assert_close(g, ref[n], rtol=1e-6, atol=1e-9)
+
+
+def test_selective_checkpointing_keeps_the_gradients_of_the_lean_functions():
+    """``gradient_checkpointing: selective`` keeps large products' outputs; the lean functions
+    add the LoRA term into their base product in place, which torch refuses for a kept output
+    (it crashed every selective run). Products inside them are recomputed instead: same loss and
+    gradients as without checkpointing, dropout on, with ``down_proj``'s 256-wide input (the
+    policy keeps products over inputs of 256 and more)."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.fast.plan import enable_selective_checkpointing
+
+    base = build_tiny_model(TOK, hidden_size=64, intermediate_size=256)
+    base.config.use_cache = False
+    config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS)
+    fused = get_peft_model(base, config)
+    lora_ops.fuse_lora_forward(fused)
+    selective = copy.deepcopy(fused)
+    enable_selective_checkpointing(selective.get_base_model())
+    assert all(layer.gradient_checkpointing for layer in _layers(selective))
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model in (fused, selective):
+        model.train()
+        torch.manual_seed(11)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    ref = _grads(fused)
+    for n, g in _grads(selective).items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-5, atol=1e-8)

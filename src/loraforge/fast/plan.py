@@ -778,7 +778,11 @@ def _memory(
 
 def selective_checkpoint_context() -> Any:
     """A ``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of large matrix products
-    and attention, recompute everything else (element-wise ops, rank-r LoRA products)."""
+    and attention, recompute everything else (element-wise ops, rank-r LoRA products).
+
+    Products inside an autograd Function's forward (loraforge's lean LoRA functions, which run
+    with gradients off there) are recomputed too: those functions add the LoRA term in place into
+    the base product, and a kept output may not change (torch refuses it at recomputation)."""
     import torch
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -786,6 +790,8 @@ def selective_checkpoint_context() -> Any:
     mms = {aten.mm.default, aten.bmm.default}
 
     def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # inside a Function's forward: its own business
+            return CheckpointPolicy.PREFER_RECOMPUTE
         if func in mms:
             inner = args[0].shape[-1]
             return CheckpointPolicy.MUST_SAVE if inner >= 256 else CheckpointPolicy.PREFER_RECOMPUTE
