@@ -488,6 +488,15 @@ def test_check_environment_lists_every_problem_of_this_machine():
     check_environment(_recipe(), None)
 
 
+def test_flex_attention_on_the_cpu_is_refused_before_training():
+    """torch's FlexAttention has no backward pass on the CPU: the run used to fail at its first
+    step with torch's NotImplementedError; the recipe check names the setting instead."""
+    flex = _recipe(attention="flex_attention", packing="on")
+    with pytest.raises(RecipeError, match=r"attention: 'flex_attention' trains only on a GPU"):
+        check_environment(flex, None)
+    check_environment(flex, H200)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
 def test_probe_without_cuda_is_the_cpu():
     assert DeviceInfo.probe() is None

@@ -180,7 +180,9 @@ class LoraRecipe:
         None, "Token budget of one packed row (None = chosen from the GPU memory budget)."
     )
     attention: Literal["auto", "varlen", "flex_attention", "sdpa", "eager"] = _f(
-        "auto", "Attention kernel; 'auto' = PyTorch varlen flash attention when packing on a GPU."
+        "auto",
+        "Attention kernel; 'auto' = PyTorch varlen flash attention when packing on a GPU. "
+        "'varlen' and 'flex_attention' train on a GPU only.",
     )
     fused_lora: bool = _f(
         True,

@@ -457,6 +457,11 @@ def check_environment(
             "attention: 'varlen' needs a CUDA GPU and torch >= 2.9 (torch.nn.attention.varlen), "
             f"and {why}; use 'auto' or 'sdpa'"
         )
+    if recipe.attention == "flex_attention" and device is None:
+        problems.append(
+            "attention: 'flex_attention' trains only on a GPU (torch's FlexAttention has no "
+            f"backward pass on the CPU), and {here}; use 'auto', 'sdpa' or 'eager'"
+        )
     if device is None and recipe.packing == "auto" and recipe.pack_tokens is not None:
         problems.append(
             "pack_tokens: has no effect here: packing: auto packs only on a GPU, and this machine "
