@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import SUBPROCESS_TIMEOUT, background, phi4_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 CHILD = Path(__file__).with_name("_dist_child.py")
 STEPS = 3
@@ -278,6 +280,12 @@ def test_an_eval_split_under_fsdp2_evaluates_as_under_ddp(launch):
     }
     ddp, fsdp2 = metrics["ddp-eval"], metrics["fsdp2-eval"]
     assert ddp["eval_loss"] == pytest.approx(fsdp2["eval_loss"], abs=1e-5)
+    from loraforge.training.steps import repeated_at_epoch_end
+
+    # the held-out split leaves an epoch that 2 processes x 4 examples do not divide: the run
+    # says how many examples its last micro-batches repeat
+    repeated = repeated_at_epoch_end(ddp["train_examples"], 4, 2)
+    assert repeated > 0 and ddp["step"]["repeated_per_epoch"] == repeated
     state = root / "fsdp2-eval" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
     history = json.loads(state.read_text(encoding="utf-8"))["log_history"]
     assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]  # within the run too
@@ -583,3 +591,31 @@ def test_the_sharded_model_runs_under_the_trainer_s_mixed_precision():
     assert seen == [False, True]
     assert out["logits"].dtype == torch.float32  # outputs back in float32, as accelerate's are
     torch.testing.assert_close(out["logits"], plain["logits"], atol=2e-2, rtol=2e-2)
+
+
+@given(
+    units=st.integers(1, 120),
+    per_micro_batch=st.integers(1, 6),
+    processes=st.integers(2, 8),  # one process: accelerate does not shard the sampler
+)
+@settings(max_examples=200, deadline=None)
+def test_the_repeats_the_log_announces_are_those_accelerate_makes(
+    units, per_micro_batch, processes
+):
+    """accelerate's batch sampler shard (even batches, as the Trainer prepares it) completes an
+    epoch's last micro-batches with its first units; the step layout says how many, from the
+    same arithmetic: counted here on accelerate's own sampler, every process's share."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from loraforge.training.steps import repeated_at_epoch_end
+
+    batches = BatchSampler(SequentialSampler(range(units)), per_micro_batch, drop_last=False)
+    taken = [
+        i
+        for rank in range(processes)
+        for batch in BatchSamplerShard(batches, processes, rank, even_batches=True)
+        for i in batch
+    ]
+    assert sorted(set(taken)) == list(range(units))  # every unit, some twice
+    assert len(taken) - units == repeated_at_epoch_end(units, per_micro_batch, processes)

@@ -138,6 +138,10 @@ class StepLayout:
         steps_per_epoch: optimizer steps in one pass over the data.
         total_steps: optimizer steps of the run (the learning-rate schedule's length).
         warmup_steps: steps of learning-rate warm-up.
+        repeated_per_epoch: examples (padded) or rows (packed) that several processes train
+            twice in an epoch: accelerate completes the epoch's last micro-batches with the
+            epoch's first ones (its ``even_batches``) so that every process takes as many full
+            micro-batches; 0 with one process, or when the epoch divides evenly.
     """
 
     packed: bool
@@ -152,16 +156,37 @@ class StepLayout:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    repeated_per_epoch: int = 0
 
     def describe(self) -> str:
         several = f"{self.processes} processes x " if self.processes > 1 else ""
+        unit = "rows" if self.packed else "examples"
+        k = self.repeated_per_epoch
+        repeats = (
+            f"; the epoch's last micro-batches are completed with its first {k} {unit}, trained "
+            "twice (accelerate's even batches; one process would not repeat them)"
+            if k
+            else ""
+        )
         return (
             f"one optimizer step = {several}{self.micro_batches_per_step} x {self.micro_batch}: "
             f"{self.examples_per_step:.1f} examples, {self.tokens_per_step:,.0f} tokens, "
             f"{self.supervised_tokens_per_step:,.0f} supervised tokens on average; "
             f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all "
             f"(learning-rate schedule over {self.total_steps} steps, {self.warmup_steps} warm-up)"
+            f"{repeats}"
         )
+
+
+def repeated_at_epoch_end(units: int, per_micro_batch: int, processes: int) -> int:
+    """How many of an epoch's ``units`` (examples, or packed rows) several processes train twice:
+    accelerate's batch sampler shard (``even_batches``, not ``drop_last``) completes the last
+    micro-batch and the last round of micro-batches with the epoch's first units, so that each
+    of ``processes`` takes as many micro-batches of ``per_micro_batch`` units."""
+    if processes <= 1 or units <= 0:
+        return 0
+    round_size = per_micro_batch * processes
+    return math.ceil(units / round_size) * round_size - units
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +491,9 @@ def lay_out_steps(
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=math.ceil(recipe.warmup_ratio * total),
+        repeated_per_epoch=repeated_at_epoch_end(
+            len(train_ds), 1 if plan.packing else recipe.micro_batch_size, ranks.world_size
+        ),
     )
     logger.info("steps: %s", layout.describe())
     return Batches(train_ds, eval_ds, collator, layout)
