@@ -4,7 +4,11 @@
   ``compute_loss`` hands each training micro-batch and its loss to the non-finite guard and, on
   the packed path with a detachable head, runs the forward with the head detached so the loss
   applies it in chunks; and whose ``floating_point_ops`` counts from a cached parameter count.
-  Everything the subclass uses is given to it when it is built; nothing is found by searching.
+  Under FSDP2 (a [`ReplicatedAdapter`][loraforge.training.distributed.ReplicatedAdapter] given)
+  it trains the sharded model under the accelerator's autocast instead of a DDP wrapper,
+  averages the adapter's gradients once per step, and reshards on every process before an
+  evaluation and after a checkpoint. Everything the subclass uses is given to it when it is
+  built; nothing is found by searching.
 * [`PlainLog`][loraforge.training.loop.PlainLog] and
   [`MarkComplete`][loraforge.training.loop.MarkComplete]: a plain log line per logging step, and
   the manifest that marks a checkpoint complete (with the run's recipe and data fingerprint).
@@ -45,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 class _LoraForgeTrainer(Trainer):
-    """``transformers.Trainer`` with two hooks overridden (see the module's docstring)."""
+    """``transformers.Trainer`` with the hooks the module's docstring lists overridden."""
 
     def __init__(
         self,
