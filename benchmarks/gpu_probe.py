@@ -101,8 +101,7 @@ def bins_from(tokens, budget: int, n_bins: int):
 def run_variant(model, batches, attn: str, ckpt: str, steps: int, n_mm: int):
     from loraforge.fast.attention import set_attention
     from loraforge.fast.losses import packed_loss
-    from loraforge.fast.plan import enable_selective_checkpointing
-    from loraforge.models import enable_checkpointing
+    from loraforge.models import enable_checkpointing, enable_selective_checkpointing
 
     set_attention(model, attn)
     base = model.get_base_model()

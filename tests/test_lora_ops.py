@@ -700,7 +700,7 @@ def test_selective_checkpointing_keeps_the_gradients_of_the_lean_functions():
     policy keeps products over inputs of 256 and more)."""
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.fast.plan import enable_selective_checkpointing
+    from loraforge.models import enable_selective_checkpointing
 
     base = build_tiny_model(TOK, hidden_size=64, intermediate_size=256)
     base.config.use_cache = False

@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraforge import LoraRecipe, ModelError, RecipeError
+from loraforge.fast.activations import layer_activation_bytes
 from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
 from loraforge.fast.plan import (
     DeviceInfo,
     FastPlan,
     ModelShape,
     check_environment,
-    layer_activation_bytes,
     plan_fast_path,
 )
 
@@ -268,7 +268,7 @@ def test_dora_layer_keeps_no_more_than_the_planner_counts():
     than what a layer keeps, or a DoRA plan overruns max_memory_gib (it did on an H200)."""
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.fast.plan import dora_layer_bytes
+    from loraforge.fast.activations import dora_layer_bytes
 
     model = get_peft_model(
         _tiny_model("phi3"),

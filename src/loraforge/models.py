@@ -476,6 +476,41 @@ def enable_checkpointing(model: Any, context_fn: Any = None, layers: int | None 
             block.gradient_checkpointing = False
 
 
+def selective_checkpoint_context() -> Any:
+    """A ``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of large matrix products
+    and attention, recompute everything else (element-wise ops, rank-r LoRA products).
+
+    Products inside an autograd Function's forward (loraforge's lean LoRA functions, which run
+    with gradients off there) are recomputed too: those functions add the LoRA term in place into
+    the base product, and a kept output may not change (torch refuses it at recomputation)."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    mms = {aten.mm.default, aten.bmm.default}
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # inside a Function's forward: its own business
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if func in mms:
+            inner = args[0].shape[-1]
+            return CheckpointPolicy.MUST_SAVE if inner >= 256 else CheckpointPolicy.PREFER_RECOMPUTE
+        if func is aten.addmm.default:
+            inner = args[1].shape[-1]
+            return CheckpointPolicy.MUST_SAVE if inner >= 256 else CheckpointPolicy.PREFER_RECOMPUTE
+        name = str(func)
+        if "attn" in name or "attention" in name:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def enable_selective_checkpointing(model: Any) -> None:
+    """Selective activation checkpointing on every decoder layer (non-reentrant)."""
+    enable_checkpointing(model, context_fn=selective_checkpoint_context)
+
+
 @contextlib.contextmanager
 def peft_rename_warning_ignored() -> Iterator[None]:
     """Within the block, ignore PEFT's ``is_gradient_checkpointing`` FutureWarning (transformers

@@ -2,6 +2,8 @@
 
 * [`plan`][loraforge.fast.plan]: the planner, a pure function of the model's shape, the recipe
   and a memory budget;
+* [`activations`][loraforge.fast.activations]: what a decoder layer keeps for its backward
+  pass, counted from the model's shape (the planner's memory model);
 * [`attention`][loraforge.fast.attention]: variable-length flash attention for packed rows;
 * [`packing`][loraforge.fast.packing]: padding-free rows of whole examples;
 * [`losses`][loraforge.fast.losses]: the packed loss and the chunked ``lm_head`` cross-entropy;

@@ -21,8 +21,8 @@ machine by :func:`check_environment`, before the model is loaded.
 Memory: under ``max_memory_gib`` the planner prefers, in order, the largest packed row (of 2,048 to
 8,192 tokens) with no checkpointing; else the fewest checkpointed layers (then the largest row);
 else every layer checkpointed. What a decoder layer keeps for the backward pass is counted from the
-shape (:func:`layer_activation_bytes`); a test measures it against the tensors autograd really
-keeps.
+shape ([`loraforge.fast.activations`][loraforge.fast.activations]); a test measures it against
+the tensors autograd really keeps.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ModelError, RecipeError
+from loraforge.fast.activations import FLOAT32 as _F32
+from loraforge.fast.activations import dora_layer_bytes, layer_activation_bytes
 from loraforge.fast.losses import CHUNK_BYTES as _CHUNK_BYTES
 
 if TYPE_CHECKING:
@@ -41,10 +43,7 @@ __all__ = [
     "FastPlan",
     "ModelShape",
     "check_environment",
-    "enable_selective_checkpointing",
-    "layer_activation_bytes",
     "plan_fast_path",
-    "selective_checkpoint_context",
     "sharded_shape",
 ]
 
@@ -252,104 +251,14 @@ class DeviceInfo:
         )
 
 
-# --------------------------------------------------------------------------- the activation model
+# --------------------------------------------------------------------------- memory
 
-# Bytes a decoder layer keeps for the backward pass, per token (measured against the tensors
-# autograd keeps: tests/test_plan.py on the CPU; an H200 with Phi-4's and Qwen2.5-7B's shapes gave
-# 23.86 / 52.33 x hidden (lean) and 53.55 / 78.21 x hidden (PEFT), as counted here).
-_F32 = 4  # a norm's 1/rms and attention's log-sum-exp (per token, per head); float32 norm input
-_PEFT_MASK = 1  # PEFT's dropout mask on CUDA: one bool per element
 _WORKING_SET = 20  # the backward pass of one layer, in hidden-sized activations per token
-# PEFT's DoRA forward keeps, per layer it has run and until that layer's backward, copies of the
-# adapted base weights in the compute dtype (autocast's cast for F.linear, the weight-norm's
-# operands): measured on the CPU under bf16 autocast (saved-tensor bytes, tests/test_plan.py) at
-# 1.7-2.6x the layer's weights; on an H200 a Phi-4 DoRA run with 18 layers not checkpointed
-# peaked 30.6 GiB over its weights (about 2x with the per-token count below). Counted as:
-_DORA_WEIGHT_COPIES = 2.75
 _BYTES_LOGIT = 14  # the loss per vocabulary entry of each position with logits (unchunked)
 _CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16 copy, the grad
 _RESERVE_BYTES = int(1.5 * GiB)  # CUDA context, allocator slack, optimizer state of the adapter
 _ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
 _CPU_ROW = 4096
-
-
-def _adapted_inputs(shape: ModelShape) -> tuple[int, ...]:
-    """``in_features`` of one decoder layer's linear layers (LoRA on every one, 'all-linear')."""
-    h, q = shape.hidden_size, shape.num_attention_heads * shape.head_dim
-    qkv = (h,) if shape.fused_qkv else (h, h, h)
-    gate_up = (h,) if shape.fused_mlp else (h, h)
-    return (*qkv, q, *gate_up, shape.intermediate_size)
-
-
-def _adapted_outputs(shape: ModelShape) -> tuple[int, ...]:
-    """``out_features`` of one decoder layer's linear layers, in :func:`_adapted_inputs`' order."""
-    h, q = shape.hidden_size, shape.num_attention_heads * shape.head_dim
-    kv = shape.num_key_value_heads * shape.head_dim
-    qkv = (q + 2 * kv,) if shape.fused_qkv else (q, kv, kv)
-    inter = shape.intermediate_size
-    gate_up = (2 * inter,) if shape.fused_mlp else (inter, inter)
-    return (*qkv, h, *gate_up, h)
-
-
-def dora_layer_bytes(shape: ModelShape) -> tuple[float, float]:
-    """What PEFT's DoRA forward keeps beyond plain LoRA's (PEFT's forward), for one decoder
-    layer with DoRA on every linear layer: bytes per token (the base output and the LoRA output
-    of each adapted layer, which the magnitude's gradient needs) and bytes whatever the tokens
-    (copies of the layer's base weights in the compute dtype, ``_DORA_WEIGHT_COPIES`` of
-    them)."""
-    e = shape.activation_bytes
-    ins, outs = _adapted_inputs(shape), _adapted_outputs(shape)
-    weights = sum(i * o for i, o in zip(ins, outs, strict=True)) * e
-    return 2 * sum(outs) * e, _DORA_WEIGHT_COPIES * weights
-
-
-def _attention_bytes(shape: ModelShape, attention: str, o_proj_keeps_input: bool) -> float:
-    """q, k, v, the output and the log-sum-exp. With transformers' SDPA on Phi-3's fused qkv,
-    v is a view of the whole qkv output (all of which stays), and the output comes back laid out
-    (heads, tokens), so an ``o_proj`` that keeps its input keeps a copy (measured)."""
-    e = shape.activation_bytes
-    q = shape.num_attention_heads * shape.head_dim
-    kv = shape.num_key_value_heads * shape.head_dim
-    kept = (2 * q + 2 * kv) * e + shape.num_attention_heads * _F32
-    if attention != "varlen" and shape.fused_qkv:
-        kept += (q + kv) * e + (q * e if o_proj_keeps_input else 0)
-    return kept
-
-
-def layer_activation_bytes(
-    shape: ModelShape,
-    *,
-    fused_lora: bool = True,
-    lora_r: int = 8,
-    lora_dropout: float = 0.1,
-    attention: str = "varlen",
-) -> float:
-    """Bytes one decoder layer keeps for its backward pass, per token, on a CUDA GPU, with LoRA
-    on every linear layer.
-
-    With the lean functions (``fused_lora``, norms taken by ``lean_norms``): each norm's output
-    and ``1/rms``; attention's q, k, v, output and log-sum-exp; per adapted layer the rank-r
-    product and the dropout mask as bits; the MLP's ``gate_up`` output (fused SwiGLU) or its gate,
-    up, activation and product (separate projections). With PEFT's forward: each norm's float32
-    input; per adapted layer the dropped copy of its input, the mask (one byte an element) and the
-    rank-r product; the MLP's gate and up outputs and the activation.
-
-    On the CPU the lean functions keep a seed instead of the mask's bits, and PEFT's mask has the
-    input's dtype; the count here is the GPU's.
-    """
-    e, h, inter = shape.activation_bytes, shape.hidden_size, shape.intermediate_size
-    inputs = _adapted_inputs(shape)
-    dropout = lora_dropout > 0
-    attn = _attention_bytes(shape, attention, o_proj_keeps_input=fused_lora)
-    if fused_lora:
-        norms = 2 * (h * e + _F32)
-        adapters = sum(lora_r * e + (d / 8 if dropout else 0) for d in inputs)
-        mlp = (2 if shape.fused_mlp else 4) * inter * e
-    else:
-        norms = 2 * (h * _F32 + _F32)
-        adapters = sum(d * e + (d * _PEFT_MASK if dropout else 0) + lora_r * e for d in inputs)
-        mlp = 3 * inter * e
-    return norms + attn + adapters + mlp
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,43 +685,3 @@ def _memory(
         fixed=_CHUNKED_LOSS_BYTES if chunked else 0.0,
         layer_fixed=dora_fixed,
     )
-
-
-# --------------------------------------------------------------------------- applying
-
-
-def selective_checkpoint_context() -> Any:
-    """A ``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of large matrix products
-    and attention, recompute everything else (element-wise ops, rank-r LoRA products).
-
-    Products inside an autograd Function's forward (loraforge's lean LoRA functions, which run
-    with gradients off there) are recomputed too: those functions add the LoRA term in place into
-    the base product, and a kept output may not change (torch refuses it at recomputation)."""
-    import torch
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    aten = torch.ops.aten
-    mms = {aten.mm.default, aten.bmm.default}
-
-    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():  # inside a Function's forward: its own business
-            return CheckpointPolicy.PREFER_RECOMPUTE
-        if func in mms:
-            inner = args[0].shape[-1]
-            return CheckpointPolicy.MUST_SAVE if inner >= 256 else CheckpointPolicy.PREFER_RECOMPUTE
-        if func is aten.addmm.default:
-            inner = args[1].shape[-1]
-            return CheckpointPolicy.MUST_SAVE if inner >= 256 else CheckpointPolicy.PREFER_RECOMPUTE
-        name = str(func)
-        if "attn" in name or "attention" in name:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-    return create_selective_checkpoint_contexts(policy)
-
-
-def enable_selective_checkpointing(model: Any) -> None:
-    """Selective activation checkpointing on every decoder layer (non-reentrant)."""
-    from loraforge.models import enable_checkpointing
-
-    enable_checkpointing(model, context_fn=selective_checkpoint_context)

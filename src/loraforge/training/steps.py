@@ -34,13 +34,13 @@ from loraforge.fast.plan import (
     DeviceInfo,
     FastPlan,
     ModelShape,
-    enable_selective_checkpointing,
     plan_fast_path,
 )
 from loraforge.fast.quant import check_quantized
 from loraforge.fast.rope import install_fused_rope
 from loraforge.models import (
     enable_checkpointing,
+    enable_selective_checkpointing,
     ensure_pad_token,
     load_model,
     peft_rename_warning_ignored,
