@@ -91,6 +91,7 @@ def worker(args: argparse.Namespace) -> None:
             / max(r["timed_s"] for r in every),
             "peak_gib": max(r["peak_gib"] for r in every),
             "per_process_tokens_per_s": [round(r["tokens_per_s"]) for r in every],
+            "step_s_median": max(r["step_s_median"] or 0.0 for r in every),
             "fast_path": every[0].get("fast_path", ""),
         }
         print("RESULT " + json.dumps(row), flush=True)
@@ -146,11 +147,15 @@ def summarise(rows: list[dict]) -> None:
         return
     first = next(iter(by))
     base = sum(by[first]) / len(by[first])
+    med = {n: [r["step_s_median"] for r in rows if r["row"] == n] for n in by}
     for name, rates in by.items():
         mean = sum(rates) / len(rates)
+        step = sum(med[name]) / len(med[name])
+        base_step = sum(med[first]) / len(med[first])
         print(
             f"mean {name:<14} {mean:>8.0f} tok/s over {len(rates)} runs "
-            f"(min {min(rates):.0f}, max {max(rates):.0f})  x{mean / base:.3f} of {first}",
+            f"(min {min(rates):.0f}, max {max(rates):.0f})  x{mean / base:.3f} of {first}; "
+            f"median step {step:.3f} s (x{base_step / step:.3f})",
             flush=True,
         )
     for name in list(by)[1:]:  # pairs in run order: each run of `name` with its neighbour
@@ -230,7 +235,8 @@ def main() -> None:
         rows.append(r)
         print(
             f"{row:<14} {r['tokens_per_s']:>8.0f} tok/s  x{r['scaling']:.3f}  "
-            f"peak {r['peak_gib']:.1f} GiB  per process {r['per_process_tokens_per_s']}  "
+            f"peak {r['peak_gib']:.1f} GiB  median step {r['step_s_median']:.3f} s  "
+            f"per process {r['per_process_tokens_per_s']}  "
             f"{r['fast_path']}",
             flush=True,
         )

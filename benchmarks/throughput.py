@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import subprocess
@@ -232,7 +233,10 @@ class Meter:
         (t0, n0), (t1, n1) = self.marks[self.warmup - 1], self.marks[-1]
         real = sum(b[0] for b in self.batches[n0:n1])
         sup = sum(b[1] for b in self.batches[n0:n1])
+        timed = [t for t, _ in self.marks[self.warmup - 1 :]]
+        steps = sorted(b - a for a, b in itertools.pairwise(timed))
         return {
+            "step_s_median": steps[len(steps) // 2] if steps else None,  # robust to a hiccup
             "tokens_per_s": real / (t1 - t0),
             "supervised_tokens_per_s": sup / (t1 - t0),
             "timed_steps": len(self.marks) - self.warmup,
@@ -432,6 +436,7 @@ def child(
         else:
             r = run_loraforge(assets, warmup, steps, Path(tmp) / "run", **overrides)
     r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
+    r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if gpu else 0.0
     r["wall_s"] = time.perf_counter() - t0
     return r
 
@@ -547,7 +552,8 @@ def main() -> None:
         runs.append(r)
         print(
             f"{label:<10} {r['tokens_per_s']:>8.0f} tok/s {r['supervised_tokens_per_s']:>7.0f} sup/s "
-            f"{r['peak_gib']:>6.1f} GiB  MFU {r['mfu']:.1%}  3 epochs {r['three_epochs_min']:.1f} min"
+            f"{r['peak_gib']:>6.1f} GiB ({r.get('peak_reserved_gib', 0):.1f} reserved)  MFU "
+            f"{r['mfu']:.1%}  3 epochs {r['three_epochs_min']:.1f} min"
             f"  {r.get('fast_path', '')}",
             flush=True,
         )
