@@ -18,11 +18,16 @@ name into a registered implementation when the plan is applied. Settings that ca
 the recipe alone are refused by [`LoraRecipe`][loraforge.LoraRecipe]; those that depend on the
 machine by :func:`check_environment`, before the model is loaded.
 
-Memory: under ``max_memory_gib`` the planner prefers, in order, the largest packed row (of 2,048 to
-8,192 tokens) with no checkpointing; else the fewest checkpointed layers (then the largest row);
-else every layer checkpointed. What a decoder layer keeps for the backward pass is counted from the
-shape ([`loraforge.fast.activations`][loraforge.fast.activations]); a test measures it against
-the tensors autograd really keeps.
+Memory and time: under ``max_memory_gib`` each packed row size (2,048 to 8,192 tokens) is paired
+with the fewest decoder layers it needs checkpointed to fit, and the planner takes the pair with the
+least estimated time per token ([`relative_time`][loraforge.fast.plan.relative_time]: a
+checkpointed layer runs its forward twice; each row pays a fixed cost of launches, and on a 4-bit
+base of dequantizing every weight in each pass, which longer rows spread over more tokens). DoRA,
+whose count is verified on 2,048-token rows only, takes the fewest checkpointed layers, then the
+longer row. If no pair fits, every layer is checkpointed on the shortest row. What a decoder
+layer keeps for the backward pass is counted from the shape
+([`loraforge.fast.activations`][loraforge.fast.activations]); a test measures it against the
+tensors autograd really keeps.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ __all__ = [
     "FastPlan",
     "ModelShape",
     "check_environment",
+    "over_budget_advice",
     "plan_fast_path",
+    "relative_time",
     "sharded_shape",
 ]
 
@@ -260,6 +267,35 @@ _RESERVE_BYTES = int(1.5 * GiB)  # CUDA context, allocator slack, optimizer stat
 _ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
 _CPU_ROW = 4096
 
+# The time model that ranks the plans that fit (H200 measurements of Phi-4, 2026-11-29; the
+# figures are in docs/benchmarks.md, "How the planner weighs rows"):
+_RECOMPUTE_SHARE = 0.3  # a checkpointed model's extra time: its forward again (frozen base)
+_ROW_TOKENS = 500  # each row's fixed cost (kernel launches), in tokens' worth of compute
+_DEQUANT_TOKENS = 160  # each row's cost of dequantizing a 4-bit model once, the same unit
+
+
+def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: bool = False) -> float:
+    """Estimated time per token of rows of ``tokens`` with ``checkpointed`` of ``layers``
+    decoder layers checkpointed, against the compute of a token with none (1.0).
+
+    Three costs: a checkpointed layer runs its forward again (``0.3`` of a layer's step with
+    the base frozen); every row pays a fixed cost for launching its kernels (worth about 500
+    tokens of compute on an H200, more again for the layers recomputed); and on a 4-bit base
+    every weight is dequantized once in the forward, once in the backward and once more in a
+    recomputed forward (about 160 tokens' worth a pass over the model). The constants come from
+    rows measured on an H200; only the order of the plans matters to the planner.
+
+    Examples:
+        >>> relative_time(2048, 0, 40) < relative_time(2048, 4, 40)  # recomputation costs
+        True
+        >>> long_rows = relative_time(8192, 40, 40, quantized=True)  # every layer recomputed
+        >>> long_rows < relative_time(2048, 28, 40, quantized=True)
+        True
+    """
+    share = checkpointed / layers if layers else 0.0
+    per_row = _ROW_TOKENS * (1 + share) + (_DEQUANT_TOKENS * (2 + share) if quantized else 0.0)
+    return 1 + _RECOMPUTE_SHARE * share + per_row / tokens
+
 
 @dataclass(frozen=True, slots=True)
 class _Memory:
@@ -452,6 +488,35 @@ class FastPlan:
         )
 
 
+def over_budget_advice(recipe: LoraRecipe, plan: FastPlan) -> str:
+    """What to say when the plan's memory estimate is over its budget.
+
+    Three cases: the recipe switched checkpointing off (expect an out-of-memory error); it fixed
+    the row size and recomputes every layer (the estimate errs high when layers are recomputed:
+    the run may fit); or the planner's own sizing found nothing that fits (expect an
+    out-of-memory error)."""
+    estimate = f"estimated {(plan.estimated_bytes or 0) / GiB:.1f} GiB"
+    budget = f"max_memory_gib={recipe.max_memory_gib}"
+    if recipe.gradient_checkpointing == "off":
+        return (
+            f"with gradient_checkpointing: off, as the recipe says, the plan is {estimate}, over "
+            f"{budget}; expect an out-of-memory error (set gradient_checkpointing: auto, lower "
+            "pack_tokens or max_length, or raise max_memory_gib)"
+        )
+    if recipe.pack_tokens is not None and recipe.gradient_checkpointing != "auto":
+        return (
+            f"the settings the recipe fixed (pack_tokens: {recipe.pack_tokens}, "
+            f"gradient_checkpointing: {recipe.gradient_checkpointing}) are {estimate}, over "
+            f"{budget}. The estimate errs high when layers are recomputed, so the run may fit; "
+            "if it runs out of memory, lower pack_tokens or raise max_memory_gib"
+        )
+    return (
+        f"the planned activations do not fit {budget} even with every layer checkpointed "
+        f"({estimate}); expect an out-of-memory error (lower max_length or pack_tokens, or "
+        "raise max_memory_gib)"
+    )
+
+
 def _attention(requested: str, packing: bool, device: DeviceInfo | None) -> str:
     if requested == "auto":
         return "varlen" if packing and device is not None and device.varlen_attention else "sdpa"
@@ -614,8 +679,15 @@ def _plan_one(
     if ckpt == "auto":
         fits = {t: mem.fewest_checkpointed(t) for t in candidates}
         fitting = [t for t in candidates if fits[t] is not None]
-        if fitting:  # the fewest checkpointed layers, then the largest row
-            rows = min(fitting, key=lambda t: (fits[t], -t))
+        quantized = recipe.quantization != "none"
+
+        def order(t: int) -> tuple[float, int]:  # the least estimated time, then the longer row
+            if recipe.use_dora:  # its count is verified on 2,048-token rows only: the fewest
+                return (fits[t] or 0, -t)  # checkpointed layers, then the longer row
+            return (relative_time(t, fits[t] or 0, n, quantized=quantized), -t)
+
+        if fitting:
+            rows = min(fitting, key=order)
             k = fits[rows] or 0
         else:
             rows, k = min(candidates), n

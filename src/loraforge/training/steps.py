@@ -34,6 +34,7 @@ from loraforge.fast.plan import (
     DeviceInfo,
     FastPlan,
     ModelShape,
+    over_budget_advice,
     plan_fast_path,
 )
 from loraforge.fast.quant import check_quantized
@@ -351,12 +352,7 @@ def plan_run(
     )
     logger.info("fast path: %s", plan.describe())
     if not plan.fits:
-        logger.warning(
-            "fast path: the planned activations do not fit max_memory_gib=%s even with every "
-            "layer checkpointed; expect an out-of-memory error (lower max_length or pack_tokens, "
-            "or raise max_memory_gib)",
-            recipe.max_memory_gib,
-        )
+        logger.warning("fast path: %s", over_budget_advice(recipe, plan))
     return plan
 
 
