@@ -92,6 +92,8 @@ def worker(args: argparse.Namespace) -> None:
             "peak_gib": max(r["peak_gib"] for r in every),
             "per_process_tokens_per_s": [round(r["tokens_per_s"]) for r in every],
             "step_s_median": max(r["step_s_median"] or 0.0 for r in every),
+            "timed_tokens": sum(r["timed_tokens"] for r in every),
+            "timed_steps": every[0]["timed_steps"],
             "fast_path": every[0].get("fast_path", ""),
         }
         print("RESULT " + json.dumps(row), flush=True)
