@@ -461,6 +461,21 @@ def main() -> None:
         " (rows named loraforge[<variant>]; --set applies to each; after the --only setups if"
         " --only is given)",
     )
+    ap.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        metavar="LABEL=SETUP[:k=v,...]",
+        help="one more row: SETUP (e.g. loraforge_qlora) with these recipe overrides, named LABEL"
+        " (e.g. 'qlora_8k=loraforge_qlora:pack_tokens=8192,gradient_checkpointing=full'), after"
+        " the --only and --variants rows (with neither, only the --row rows run); its rate is"
+        " printed against TRL's row of the invocation",
+    )
+    ap.add_argument(
+        "--row-timeout",
+        type=float,
+        help="seconds each row's process may run before it is stopped (reported as FAILED)",
+    )
     args = ap.parse_args()
     overrides = {}
     for kv in args.set:
@@ -503,7 +518,7 @@ def main() -> None:
         flush=True,
     )
     runs = []
-    only = args.only or ("" if args.variants else ",".join(SETUPS))
+    only = args.only or ("" if args.variants or args.row else ",".join(SETUPS))
     jobs = [(name, name, []) for name in only.split(",") if name]
     if args.variants:
         everything = [v for v in VARIANTS if v not in ("dropout0", "mem80")]
@@ -512,6 +527,17 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
         jobs += [(f"loraforge[{v}]", "loraforge", VARIANTS[v]) for v in chosen]
+    extra: dict[str, str] = {}  # label -> setup of each --row
+    for spec in args.row:
+        label, _, rest = spec.partition("=")
+        setup, _, sets = rest.partition(":")
+        if not label or setup not in (*SETUPS, *QLORA_SETUPS):
+            raise SystemExit(
+                f"--row {spec!r}: expected LABEL=SETUP[:k=v,...] with SETUP one of "
+                f"{', '.join((*SETUPS, *QLORA_SETUPS))}"
+            )
+        extra[label] = setup
+        jobs.append((label, setup, [kv for kv in sets.split(",") if kv]))
     for label, name, variant_sets in jobs:
         cmd = [
             sys.executable,
@@ -530,19 +556,27 @@ def main() -> None:
         if args.cap_gib is not None:
             cmd += ["--cap-gib", str(args.cap_gib)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=one_gpu_env())
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=one_gpu_env(), timeout=args.row_timeout
+            )
+            stdout, stderr = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            stderr += f"\nstopped after --row-timeout {args.row_timeout:g}s"
+        line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(
-                f"{label}: FAILED ({time.perf_counter() - t0:.0f}s)\n{proc.stdout[-3000:]}\n"
-                f"{proc.stderr[-6000:]}",
+                f"{label}: FAILED ({time.perf_counter() - t0:.0f}s)\n{stdout[-3000:]}\n"
+                f"{stderr[-6000:]}",
                 flush=True,
             )
             continue
-        plan = [x for x in proc.stderr.splitlines() if x.startswith("loraforge.")]
+        plan = [x for x in stderr.splitlines() if x.startswith("loraforge.")]
         if plan:  # what the run chose: fast path, fused layers and their check, RoPE, loss
             print("\n".join(f"  {x}" for x in plan[-12:]), flush=True)
-        prof = [x for x in proc.stdout.splitlines() if x.startswith("PROFILE")]
+        prof = [x for x in stdout.splitlines() if x.startswith("PROFILE")]
         if prof:
             print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])
@@ -567,6 +601,10 @@ def main() -> None:
     for mine, base in pairs:
         if mine in by and base in by:
             print(f"{mine} / {base}: {by[mine]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x")
+    for label, setup in extra.items():  # each --row against TRL's row of its kind
+        base = "trl_qlora" if setup == "loraforge_qlora" else "trl_liger"
+        if label in by and base in by:
+            print(f"{label} / {base}: {by[label]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x")
     plain_name = "loraforge[lora]" if "loraforge[lora]" in by else "loraforge"
     plain = by.get(plain_name)
     for label, r in by.items():  # each variant's price against plain LoRA on the same path
