@@ -24,7 +24,7 @@ least estimated time per token ([`relative_time`][loraforge.fast.plan.relative_t
 checkpointed layer runs its forward twice; each row pays a fixed cost of launches, and on a 4-bit
 base of dequantizing every weight in each pass, which longer rows spread over more tokens). DoRA,
 whose count is verified on 2,048-token rows only, takes the fewest checkpointed layers, then the
-longer row. If no pair fits, every layer is checkpointed on the shortest row. What a decoder
+shorter row. If no pair fits, every layer is checkpointed on the shortest row. What a decoder
 layer keeps for the backward pass is counted from the shape
 ([`loraforge.fast.activations`][loraforge.fast.activations]); a test measures it against the
 tensors autograd really keeps.
@@ -285,6 +285,9 @@ def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: boo
     recomputed forward (about 160 tokens' worth a pass over the model). The constants come from
     rows measured on an H200; only the order of the plans matters to the planner.
 
+    Raises:
+        ValueError: ``tokens`` is not positive, or ``checkpointed`` is not within ``layers``.
+
     Examples:
         >>> relative_time(2048, 0, 40) < relative_time(2048, 4, 40)  # recomputation costs
         True
@@ -292,6 +295,11 @@ def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: boo
         >>> long_rows < relative_time(2048, 28, 40, quantized=True)
         True
     """
+    if tokens <= 0 or layers < 0 or not 0 <= checkpointed <= max(layers, 0):
+        raise ValueError(
+            f"relative_time: tokens must be positive and 0 <= checkpointed <= layers; got "
+            f"tokens={tokens}, checkpointed={checkpointed}, layers={layers}"
+        )
     share = checkpointed / layers if layers else 0.0
     per_row = _ROW_TOKENS * (1 + share) + (_DEQUANT_TOKENS * (2 + share) if quantized else 0.0)
     return 1 + _RECOMPUTE_SHARE * share + per_row / tokens
@@ -488,33 +496,36 @@ class FastPlan:
         )
 
 
+_MAY_FIT_BYTES = 2 * GiB  # how far a plan recomputing every layer may be over and still fit
+
+
 def over_budget_advice(recipe: LoraRecipe, plan: FastPlan) -> str:
     """What to say when the plan's memory estimate is over its budget.
 
-    Three cases: the recipe switched checkpointing off (expect an out-of-memory error); it fixed
-    the row size and recomputes every layer (the estimate errs high when layers are recomputed:
-    the run may fit); or the planner's own sizing found nothing that fits (expect an
-    out-of-memory error)."""
-    estimate = f"estimated {(plan.estimated_bytes or 0) / GiB:.1f} GiB"
-    budget = f"max_memory_gib={recipe.max_memory_gib}"
-    if recipe.gradient_checkpointing == "off":
-        return (
-            f"with gradient_checkpointing: off, as the recipe says, the plan is {estimate}, over "
-            f"{budget}; expect an out-of-memory error (set gradient_checkpointing: auto, lower "
-            "pack_tokens or max_length, or raise max_memory_gib)"
-        )
-    if recipe.pack_tokens is not None and recipe.gradient_checkpointing != "auto":
-        return (
-            f"the settings the recipe fixed (pack_tokens: {recipe.pack_tokens}, "
-            f"gradient_checkpointing: {recipe.gradient_checkpointing}) are {estimate}, over "
-            f"{budget}. The estimate errs high when layers are recomputed, so the run may fit; "
-            "if it runs out of memory, lower pack_tokens or raise max_memory_gib"
-        )
-    return (
-        f"the planned activations do not fit {budget} even with every layer checkpointed "
-        f"({estimate}); expect an out-of-memory error (lower max_length or pack_tokens, or "
-        "raise max_memory_gib)"
+    A plan that recomputes every layer (not DoRA) and is over by at most 2 GiB may still fit:
+    the count errs high there (a 4-bit Phi-4 on 8,192-token rows reserved 15.1 GiB where it
+    estimated 16.6). Any other plan over its budget should expect an out-of-memory error; the
+    advice names what to lower for it."""
+    budget = plan.budget_bytes or 0
+    over = (plan.estimated_bytes or 0) - budget
+    limit = (
+        f"max_memory_gib={recipe.max_memory_gib:g}"
+        if recipe.max_memory_gib is not None and recipe.max_memory_gib * GiB <= budget
+        else f"the card's {budget / GiB:.1f} GiB"
     )
+    said = f"estimated {(plan.estimated_bytes or 0) / GiB:.1f} GiB, over {limit}"
+    rows = "pack_tokens or max_length" if plan.packing else "batch_size or max_length"
+    recomputes_all = plan.gradient_checkpointing == "full" and not recipe.use_dora
+    if recomputes_all and over <= _MAY_FIT_BYTES:
+        return (
+            f"the plan is {said}. The count errs high when every layer is recomputed, so the run "
+            f"may fit; if it runs out of memory, lower {rows} or raise max_memory_gib"
+        )
+    if plan.gradient_checkpointing in ("off", "selective"):
+        fix = "set gradient_checkpointing: auto or full, lower " + rows
+    else:
+        fix = "lower " + rows
+    return f"the plan is {said}; expect an out-of-memory error ({fix}, or raise max_memory_gib)"
 
 
 def _attention(requested: str, packing: bool, device: DeviceInfo | None) -> str:
@@ -679,12 +690,14 @@ def _plan_one(
     if ckpt == "auto":
         fits = {t: mem.fewest_checkpointed(t) for t in candidates}
         fitting = [t for t in candidates if fits[t] is not None]
-        quantized = recipe.quantization != "none"
+        nf4 = recipe.quantization == "nf4"  # dequantized per pass (int8 is not: unmeasured)
 
         def order(t: int) -> tuple[float, int]:  # the least estimated time, then the longer row
+            k = fits[t]
+            assert k is not None  # only rows that fit are ranked
             if recipe.use_dora:  # its count is verified on 2,048-token rows only: the fewest
-                return (fits[t] or 0, -t)  # checkpointed layers, then the longer row
-            return (relative_time(t, fits[t] or 0, n, quantized=quantized), -t)
+                return (k, t)  # checkpointed layers, then the shorter row
+            return (relative_time(t, k, n, quantized=nf4), -t)
 
         if fitting:
             rows = min(fitting, key=order)
