@@ -404,3 +404,63 @@ def test_demo_recipe_still_validates(workdir, base, capsys):
     r.to_yaml(workdir / "demo.yaml")
     assert main(["validate", str(workdir / "demo.yaml")]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the plan for a card
+
+
+@pytest.fixture(scope="module")
+def phi4_folder(tmp_path_factory) -> Path:
+    """Phi-4's config.json (no weights: an empty model.safetensors, which validate does not
+    read) beside the tiny tokenizer with Phi-4's chat_template."""
+    from conftest import phi4_config
+
+    folder = tmp_path_factory.mktemp("phi4-config") / "phi-4"
+    phi4_config().save_pretrained(str(folder))
+    build_tiny_tokenizer().save_pretrained(str(folder))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_validate_shows_the_plan_for_a_smaller_card_from_the_config(workdir, phi4_folder, capsys):
+    recipe = write_recipe(
+        workdir / "recipe.yaml", model=str(phi4_folder), data="data.json", quantization="nf4"
+    )
+    assert main(["validate", str(recipe), "--gpu-gib", "16", "--set", "max_memory_gib=15"]) == 0
+    out = capsys.readouterr().out
+    plan = next(line for line in out.splitlines() if line.strip().startswith("plan:"))
+    assert "on a 16 GiB GPU (8.5 GiB of weights in bfloat16, nf4" in plan
+    assert "max_length=384" in plan and "4096 tokens/row" in plan and "38 layers" in plan
+    # the recipe fixes rows the estimate puts over the budget: said, and the run may still fit
+    fixed = ["--set", "pack_tokens=8192", "--set", "gradient_checkpointing=full"]
+    assert (
+        main(["validate", str(recipe), "--gpu-gib", "16", "--set", "max_memory_gib=15", *fixed])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "estimated 16.6 GiB, over max_memory_gib=15" in out and "may fit" in out
+
+
+def test_validate_refuses_a_card_the_weights_do_not_fit(workdir, phi4_folder, base, capsys):
+    recipe = write_recipe(workdir / "recipe.yaml", model=str(phi4_folder), data="data.json")
+    assert main(["validate", str(recipe), "--gpu-gib", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "plan on a 24 GiB GPU:" in err and "the model's weights take 27.3 GiB" in err
+    # a tiny local model: the plan; a hub id: nothing to plan from (validate downloads nothing)
+    tiny = write_recipe(workdir / "tiny.yaml", model=str(base), data="data.json")
+    assert main(["validate", str(tiny), "--gpu-gib", "24"]) == 0
+    assert "packing 8192 tokens/row" in capsys.readouterr().out
+    hub = write_recipe(workdir / "hub.yaml", model="LLM-Research/phi-4", data="data.json")
+    assert main(["validate", str(hub), "--gpu-gib", "24"]) == 0
+    assert "plan:      not computed: it needs a local model folder's config.json" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "abc", "inf"])
+def test_validate_gpu_gib_must_be_a_positive_size(workdir, bad, capsys):
+    recipe = write_recipe(workdir / "recipe.yaml", model="LLM-Research/phi-4", data="data.json")
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(recipe), "--gpu-gib", bad])
+    assert exc.value.code == 2
+    assert f"expected a positive number of GiB, e.g. 24; got {bad!r}" in capsys.readouterr().err

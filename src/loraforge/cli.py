@@ -66,6 +66,18 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of GiB, e.g. 24; got {text!r}"
+        )
+    return value
+
+
 def _recipe(args: argparse.Namespace) -> Any:
     from loraforge.recipe import LoraRecipe
 
@@ -212,6 +224,57 @@ def _check_tokenizer(recipe: Any, folder: str, problems: list[str]) -> str:
     return f"loaded; template {recipe.template!r} renders exactly like its chat_template"
 
 
+def _card(gib: float | None, here: Any) -> Any:
+    """The GPU to check and plan for: one of ``gib`` GiB (``--gpu-gib``), else this machine's
+    (``None`` without one). A card of ``gib`` GiB is planned as a GPU machine with
+    ``loraforge[gpu]`` installed: varlen attention and Liger-Kernel."""
+    from loraforge.fast.plan import DeviceInfo
+
+    if gib is None:
+        return here
+    return DeviceInfo(
+        name=f"a {gib:g} GiB GPU",
+        memory_bytes=int(gib * 2**30),
+        varlen_attention=True,
+        liger=True,
+    )
+
+
+def _plan_lines(recipe: Any, config: Path, card: Any, problems: list[str]) -> list[str]:
+    """The fast path's plan for ``card`` from the model's config alone (no weights), with rows
+    sized for examples of up to ``max_length`` tokens and every token counted as supervised."""
+    from transformers import AutoConfig
+
+    from loraforge.fast.plan import ModelShape, over_budget_advice, plan_fast_path
+
+    dtype = "bfloat16" if recipe.dtype == "auto" else recipe.dtype
+    try:
+        shape = ModelShape.from_config(
+            AutoConfig.from_pretrained(
+                str(config.parent), trust_remote_code=recipe.trust_remote_code
+            ),
+            dtype,
+            quantization=recipe.quantization,
+        )
+        plan = plan_fast_path(recipe, shape, card, longest_example=recipe.max_length)
+    except LoraForgeError as exc:  # the weights leave nothing under the budget, and the like
+        problems.append(f"plan on {card.name}: {exc}")
+        return []
+    except (OSError, ValueError) as exc:
+        problems.append(f"plan on {card.name}: cannot read {config}: {exc}")
+        return []
+    lines = [
+        f"{'plan:':<10} on {card.name} ({shape.weight_bytes / 2**30:.1f} GiB of weights in "
+        f"{dtype}{', ' + recipe.quantization if recipe.quantization != 'none' else ''}; from the "
+        f"config, for examples of up to max_length={recipe.max_length} tokens): "
+        f"{plan.describe()}"
+        + (f"; estimated {(plan.estimated_bytes or 0) / 2**30:.1f} GiB" if plan.fits else "")
+    ]
+    if not plan.fits:
+        lines.append(f"{'':<10} {over_budget_advice(recipe, plan)}")
+    return lines
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check what can be checked without downloading anything; every problem at once."""
     recipe = _recipe(args)
@@ -273,10 +336,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         skipped += bad
     from loraforge.fast.plan import DeviceInfo, check_environment
 
-    try:  # what this machine can honour (liger, varlen attention, pack_tokens on a CPU...)
-        check_environment(recipe, DeviceInfo.probe())
+    card = _card(args.gpu_gib, DeviceInfo.probe())
+    try:  # what the card can honour (liger, varlen attention, pack_tokens on a CPU...): this
+        check_environment(recipe, card)  # machine's, or one of --gpu-gib with these packages
     except RecipeError as exc:
         problems += exc.problems
+    if card is not None:
+        config = folder / "config.json"
+        if local and config.is_file():
+            lines += _plan_lines(recipe, config, card, problems)
+        else:
+            lines.append(f"{'plan:':<10} not computed: it needs a local model folder's config.json")
     if problems:
         raise RecipeError(problems, source=args.recipe)
     lines.append(f"{'step:':<10} {recipe.step_summary()}")
@@ -569,12 +639,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Check a recipe without loading weights or downloading: every setting; model and\n"
         "model_source (a local folder must exist and hold config.json and safetensors weights;\n"
         "a hub id is not looked up); a local tokenizer is loaded and the template compared with\n"
-        "its chat_template; every data record is read. All problems are listed at once.",
+        "its chat_template; every data record is read. All problems are listed at once. With\n"
+        "--gpu-gib (or on a machine with a GPU) it also shows the fast path's plan for that card\n"
+        "from the local model folder's config.json: row size, checkpointing, estimated memory.",
         "  loraforge validate recipe.yaml\n"
-        "  loraforge validate recipe.yaml --set data=huanhuan.json",
+        "  loraforge validate recipe.yaml --set data=huanhuan.json\n"
+        "  loraforge validate recipe.yaml --gpu-gib 24   # the plan on a 24 GiB card",
     )
     s.add_argument("recipe", help="recipe YAML file to check")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    s.add_argument(
+        "--gpu-gib",
+        type=_positive_gib,
+        metavar="GIB",
+        help="also show the fast path's plan (row size, checkpointing, estimated memory) for a "
+        "GPU with this much memory, from a local model folder's config.json (default: for this "
+        "machine's GPU, if it has one)",
+    )
     s.set_defaults(func=cmd_validate)
     return p
 
