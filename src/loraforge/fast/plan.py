@@ -37,7 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ModelError, RecipeError
 from loraforge.fast.activations import FLOAT32 as _F32
-from loraforge.fast.activations import dora_layer_bytes, layer_activation_bytes
+from loraforge.fast.activations import (
+    dora_layer_bytes,
+    dora_working_bytes,
+    layer_activation_bytes,
+)
 from loraforge.fast.losses import CHUNK_BYTES as _CHUNK_BYTES
 
 if TYPE_CHECKING:
@@ -754,6 +758,7 @@ def _memory(
     )
     dora_per_token, dora_fixed = dora_layer_bytes(shape) if recipe.use_dora else (0.0, 0.0)
     per_layer += dora_per_token
+    dora_working = dora_working_bytes(shape) if recipe.use_dora else 0.0  # its float32 products
     # norms lean_norms leaves alone keep their float32 input (PEFT's count has it already)
     plain_norms = max(0, 2 * shape.num_hidden_layers + 1 - shape.lean_norms)
     norms = plain_norms * h * _F32 if lean else 0
@@ -766,7 +771,7 @@ def _memory(
         layers=shape.num_hidden_layers,
         per_layer=per_layer,
         layer_input=h * e,
-        per_token=norms + _WORKING_SET * h * e + loss,
+        per_token=norms + _WORKING_SET * h * e + loss + dora_working,
         fixed=_CHUNKED_LOSS_BYTES if chunked else 0.0,
         layer_fixed=dora_fixed,
     )
