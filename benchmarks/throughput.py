@@ -19,8 +19,10 @@ TRL and Liger-Kernel must be importable for the ``trl_liger`` setup.
 ``unsloth_qlora`` (issue 14) runs Unsloth's QLoRA beside TRL's: Unsloth pins TRL and datasets
 below the versions the other rows use, so its process puts its own install folder first on
 ``PYTHONPATH`` (``$LORAFORGE_UNSLOTH_SITE``, default ``/tmp/site_unsloth``) and imports Unsloth
-before transformers. It needs a GPU and has NOT been run yet (written from Unsloth 2026.10.9's
-source and checked on a CPU only as far as its loader and trainer set-up go).
+before transformers. It needs a GPU and has NOT been run yet: written from Unsloth 2026.10.9's
+source; on a CPU (Unsloth's ``UNSLOTH_ALLOW_CPU=1``) only its imports, the checkpoint and
+``FastLanguageModel.from_pretrained`` up to its GPU probe ran, and the same ``SFTConfig`` under
+TRL 1.15 with a plain PEFT model.
 """
 
 from __future__ import annotations
@@ -454,7 +456,7 @@ def unsloth_checkpoint(assets: Path, arch: str) -> tuple[Path, dict]:
     tiny = "-tiny" if os.environ.get("LORAFORGE_BENCH_TINY") else ""
     base = os.environ.get("LORAFORGE_BENCH_UNSLOTH_CKPT")
     root = Path(base) if base else Path(tempfile.gettempdir()) / "loraforge-bench-unsloth"
-    folder = root / f"phi4-{arch}{tiny}-bf16"
+    folder = root / f"phi4-{arch}{tiny}-random"  # not "-bf16": Unsloth reads that suffix
     done = folder / "COMPLETE"
     if done.exists():
         return folder, {"checkpoint": "reused", "checkpoint_s": 0.0}
