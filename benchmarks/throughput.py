@@ -15,6 +15,14 @@ tutorial's 3 epochs; then the ratios. Results go to ``benchmarks/results/<card>-
 ``phi4/tokenizer_config.json``, ``data/huanhuan.json``); the default is ``../shared`` itself. On a
 GPU machine, where ``../shared`` does not travel, copy those files into a git-ignored folder.
 TRL and Liger-Kernel must be importable for the ``trl_liger`` setup.
+
+``unsloth_qlora`` (issue 14) runs Unsloth's QLoRA beside TRL's: Unsloth pins TRL and datasets
+below the versions the other rows use, so its process puts its own install folder first on
+``PYTHONPATH`` (``$LORAFORGE_UNSLOTH_SITE``, default ``/tmp/site_unsloth``) and imports Unsloth
+before transformers. It needs a GPU and has NOT been run yet: written from Unsloth 2026.10.9's
+source; on a CPU (Unsloth's ``UNSLOTH_ALLOW_CPU=1``) only its imports, the checkpoint and
+``FastLanguageModel.from_pretrained`` up to its GPU probe ran, and the same ``SFTConfig`` under
+TRL 1.15 with a plain PEFT model.
 """
 
 from __future__ import annotations
@@ -38,11 +46,31 @@ TUTORIAL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 SETUPS = ("tutorial", "trl_liger", "loraforge")
 # QLoRA (issue 14): NF4 base, double quantization, bf16 compute; with --cap-gib the process is
 # capped as a smaller card would be (torch.cuda.set_per_process_memory_fraction)
-QLORA_SETUPS = ("trl_qlora", "loraforge_qlora")
+QLORA_SETUPS = ("trl_qlora", "unsloth_qlora", "loraforge_qlora")
 # optimizer steps per setup: about 80k timed tokens for the packed setups (TRL packs 8,192-token
-# rows, loraforge's plan 2,048 under 40 GiB); the tutorial's steps are 4 x ~110 tokens
-WARMUP = {"tutorial": 3, "trl_liger": 3, "loraforge": 5, "trl_qlora": 2, "loraforge_qlora": 3}
-STEPS = {"tutorial": 30, "trl_liger": 10, "loraforge": 40, "trl_qlora": 4, "loraforge_qlora": 12}
+# rows, loraforge's plan 2,048 under 40 GiB); the tutorial's steps are 4 x ~110 tokens. Unsloth
+# packs 8,192-token rows as TRL does (its SFTTrainer is TRL's, patched), so the same steps.
+WARMUP = {
+    "tutorial": 3,
+    "trl_liger": 3,
+    "loraforge": 5,
+    "trl_qlora": 2,
+    "unsloth_qlora": 2,
+    "loraforge_qlora": 3,
+}
+STEPS = {
+    "tutorial": 30,
+    "trl_liger": 10,
+    "loraforge": 40,
+    "trl_qlora": 4,
+    "unsloth_qlora": 4,
+    "loraforge_qlora": 12,
+}
+# the Unsloth row's process: its own install folder first on PYTHONPATH (Unsloth 2026.10.9 pins
+# trl<=1.15 and datasets<5, the other rows carry trl 1.16 and datasets 5.2)
+UNSLOTH_SITE = os.environ.get("LORAFORGE_UNSLOTH_SITE", "/tmp/site_unsloth")
+# what the Unsloth row reads from --set / --row (anything else is reported as ignored)
+UNSLOTH_KEYS = ("lora_dropout", "pack_tokens", "unsloth_arch", "gradient_checkpointing")
 GPU = os.environ.get("LORAFORGE_BENCH_CPU") is None
 # loraforge's max_memory_gib under each --cap-gib: the peak targets of issue 14 (allocated memory
 # at most 22 GiB on a 24 GiB card, 15 GiB on a 16 GiB card; the CUDA context lies outside both)
@@ -72,6 +100,25 @@ def one_gpu_env() -> dict[str, str]:
     env = dict(os.environ)
     visible = env.get("CUDA_VISIBLE_DEVICES")
     env["CUDA_VISIBLE_DEVICES"] = "0" if visible is None else visible.split(",")[0]
+    return env
+
+
+def child_env(name: str) -> dict[str, str]:
+    """The environment of setup ``name``'s process: :func:`one_gpu_env`, and for the Unsloth row
+    its install folder first on ``PYTHONPATH`` (where that folder exists), the Hugging Face hub
+    offline (a GPU machine without internet would otherwise wait on each lookup) and Unsloth's
+    compile cache in a temporary folder instead of the working directory."""
+    env = one_gpu_env()
+    if name != "unsloth_qlora":
+        return env
+    if Path(UNSLOTH_SITE).is_dir():
+        rest = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = UNSLOTH_SITE + (os.pathsep + rest if rest else "")
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env.setdefault(key, "1")
+    env.setdefault(
+        "UNSLOTH_COMPILE_LOCATION", str(Path(tempfile.gettempdir()) / "loraforge-bench-unsloth-cc")
+    )
     return env
 
 
@@ -355,6 +402,267 @@ def run_trl_qlora(assets: Path, warmup: int, steps: int, out: Path) -> dict:
     return run_trl_liger(assets, warmup, steps, out, model=build_nf4_model(assets))
 
 
+def unsloth_config(assets: Path, arch: str):
+    """Phi-4's shape as Unsloth loads it. ``llama`` (the default): ``LlamaConfig`` with Phi-4's
+    sizes, which is how Unsloth ships Phi-4 (``microsoft/phi-4`` maps to ``unsloth/phi-4``, a
+    ``LlamaForCausalLM`` with q/k/v and gate/up split; the same matmuls) and the only way Unsloth
+    runs it on its hand-written Llama path (``FastLlamaModel``: fused LoRA MLP/QKV/O kernels).
+    ``phi3``: Phi-4's own ``Phi3ForCausalLM`` config, which Unsloth hands to its generic
+    ``FastModel`` path (transformers' modelling code, compiled)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    cfg = AutoConfig.from_pretrained(str(assets / "phi4" / "config.json"))
+    if os.environ.get("LORAFORGE_BENCH_TINY"):  # a CPU dry run of the code path
+        cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = 2, 256, 512
+        cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2
+    if arch == "phi3":
+        return cfg
+    if arch != "llama":
+        raise SystemExit(f"unsloth_arch={arch!r}: expected 'llama' or 'phi3'")
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        rms_norm_eps=cfg.rms_norm_eps,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        tie_word_embeddings=False,
+        rope_parameters=dict(cfg.rope_parameters),
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def unsloth_checkpoint(assets: Path, arch: str) -> tuple[Path, dict]:
+    """A random-initialised Phi-4 shape (:func:`unsloth_config`) in bf16, saved as safetensors
+    with Phi-4's tokenizer files, for Unsloth to load from disk (its ``from_pretrained`` takes a
+    path, not a model). Built on the GPU in one piece (29 GB; before the process is capped) and
+    kept in ``$LORAFORGE_BENCH_UNSLOTH_CKPT`` (default: a folder of the temporary directory) for
+    the next row or invocation, so only the first pays for it. Returns the folder and the
+    seconds spent building and saving."""
+    import gc
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tiny = "-tiny" if os.environ.get("LORAFORGE_BENCH_TINY") else ""
+    base = os.environ.get("LORAFORGE_BENCH_UNSLOTH_CKPT")
+    root = Path(base) if base else Path(tempfile.gettempdir()) / "loraforge-bench-unsloth"
+    folder = root / f"phi4-{arch}{tiny}-random"  # not "-bf16": Unsloth reads that suffix
+    done = folder / "COMPLETE"
+    if done.exists():
+        return folder, {"checkpoint": "reused", "checkpoint_s": 0.0}
+    partial = folder.with_name(folder.name + ".partial")  # this function's own folder
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    cfg = unsloth_config(assets, arch)
+    need = 2.1 * cfg.vocab_size * cfg.hidden_size * 2 + 2.1 * cfg.num_hidden_layers * (
+        cfg.hidden_size
+        * (
+            cfg.hidden_size
+            + 2 * cfg.hidden_size // cfg.num_attention_heads * cfg.num_key_value_heads
+        )
+        + cfg.hidden_size * cfg.hidden_size
+        + 3 * cfg.hidden_size * cfg.intermediate_size
+    )  # bytes of the bf16 weights, with 5 % to spare
+    free = shutil.disk_usage(partial).free
+    if free < need:
+        raise SystemExit(
+            f"unsloth_qlora: {partial} has {free / 1e9:.1f} GB free; the bf16 checkpoint needs about"
+            f" {need / 1e9:.1f} GB (set LORAFORGE_BENCH_UNSLOTH_CKPT to a folder on a larger disk)"
+        )
+    cfg.use_cache = False
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg)
+    torch.set_default_dtype(torch.float32)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    model.save_pretrained(str(partial), max_shard_size="5GB")
+    t2 = time.perf_counter()
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json"):
+        if (assets / "phi4" / name).exists():
+            shutil.copyfile(assets / "phi4" / name, partial / name)
+    size = sum(f.stat().st_size for f in partial.iterdir())
+    done_partial = partial / "COMPLETE"
+    done_partial.write_text(f"{size}\n")
+    partial.rename(folder)
+    info = {
+        "checkpoint": f"{arch}, {size / 1e9:.1f} GB",
+        "checkpoint_build_s": t1 - t0,
+        "checkpoint_save_s": t2 - t1,
+        "checkpoint_s": t2 - t0,
+    }
+    print(f"unsloth checkpoint {folder}: {json.dumps(info)}", flush=True)
+    return folder, info
+
+
+def _unsloth_fused_counts(model) -> str:
+    """How many decoder layers run Unsloth's fused LoRA kernels (its llama path sets
+    ``apply_qkv``/``apply_o`` on the attention and replaces the MLP's ``forward``)."""
+    layers = None
+    inner = model
+    for _ in range(4):  # PeftModel -> LoraModel -> LlamaForCausalLM -> LlamaModel
+        layers = getattr(inner, "layers", None)
+        if layers is not None:
+            break
+        inner = getattr(inner, "model", None)
+        if inner is None:
+            break
+    if layers is None:
+        return "fused LoRA kernels: layers not found"
+
+    def name_of(fn) -> str:
+        return getattr(getattr(fn, "__func__", fn), "__name__", "")
+
+    qkv = sum(name_of(getattr(x.self_attn, "apply_qkv", None)) == "apply_lora_qkv" for x in layers)
+    o = sum(name_of(getattr(x.self_attn, "apply_o", None)) == "apply_lora_o" for x in layers)
+    mlp = sum(
+        name_of(getattr(x.mlp, "_unsloth_forward", None) or x.mlp.forward).startswith(
+            "apply_lora_mlp"
+        )
+        for x in layers
+    )
+    n = len(layers)
+    return f"fused LoRA kernels: QKV {qkv}/{n}, O {o}/{n}, MLP {mlp}/{n}"
+
+
+def run_unsloth_qlora(
+    assets: Path, warmup: int, steps: int, out: Path, ckpt: Path, overrides: dict
+) -> dict:
+    """Unsloth's QLoRA, as close to TRL's row as Unsloth allows: ``FastLanguageModel`` loads the
+    bf16 checkpoint of :func:`unsloth_checkpoint` with ``load_in_4bit=True`` (NF4, double
+    quantization, bf16 compute: Unsloth's own ``BitsAndBytesConfig``), ``get_peft_model`` puts
+    LoRA r=8, alpha 32, dropout 0.1 on every linear layer of the decoder with Unsloth's
+    gradient checkpointing (``"unsloth"``: recomputation with activations offloaded to the host),
+    and TRL's ``SFTTrainer`` (which importing Unsloth patches) packs 8,192-token rows (BFD,
+    padding-free) over the same tokenized data with the same learning rate and steps. Unlike
+    TRL's row: no Liger (Unsloth's own Triton kernels take its place) and no flex_attention
+    (Unsloth runs packed rows through flash-attn, xformers or torch's varlen attention, in that
+    order of what is installed). Overrides: ``lora_dropout``, ``pack_tokens`` (the row length),
+    ``unsloth_arch`` (``llama`` or ``phi3``, :func:`unsloth_config`) and
+    ``gradient_checkpointing`` (``unsloth``, ``true`` or ``false``).
+
+    Not run yet: written against Unsloth 2026.10.9's source; its first GPU run is in
+    ``.gpu/unsloth.sh`` of the session that wrote it."""
+    # child() imported unsloth before anything imported transformers, PEFT or TRL (it patches them)
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    arch = str(overrides.get("unsloth_arch", "llama"))
+    pack = int(overrides.get("pack_tokens", 8192))
+    dropout = float(overrides.get("lora_dropout", 0.1))
+    gc_mode = overrides.get("gradient_checkpointing", "unsloth")
+    gc_mode = {"full": "unsloth", "on": "unsloth", "off": False}.get(gc_mode, gc_mode)
+    info: dict = {}
+    tok = tokenizer_of(assets)
+    built = tokenized(assets, tok)
+    ds = Dataset.from_dict(
+        {
+            "input_ids": built["input_ids"],
+            "completion_mask": [[int(x != -100) for x in lab] for lab in built["labels"]],
+        }
+    )
+    t0 = time.perf_counter()
+    model, unsloth_tok = FastLanguageModel.from_pretrained(
+        model_name=str(ckpt),
+        max_seq_length=pack,
+        dtype=torch.bfloat16 if GPU else None,
+        load_in_4bit=True,
+        use_gradient_checkpointing=gc_mode,
+    )
+    info["load_s"] = time.perf_counter() - t0
+    targets = (
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        if arch == "phi3"
+        else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    t0 = time.perf_counter()
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=8,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        use_gradient_checkpointing=gc_mode,
+        random_state=3407,
+        # where Unsloth may put offloaded embeddings: the row's own folder, not the working one
+        temporary_location=str(out / "unsloth_buffers"),
+    )
+    info["peft_s"] = time.perf_counter() - t0
+    meter = Meter(warmup)
+    cfg = SFTConfig(
+        output_dir=str(out),
+        max_length=pack,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        # gradient_checkpointing left at TRL's default, as Unsloth's notebooks do: the model's
+        # own setting (use_gradient_checkpointing above) decides
+        use_liger_kernel=False,
+        bf16=GPU,
+        learning_rate=1e-4,
+        max_steps=warmup + steps,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataset_num_proc=4,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=unsloth_tok,
+        callbacks=[meter.callback()],
+    )
+    trainer.data_collator = meter.wrap(trainer.data_collator)
+    trainer.train()
+    if len(meter.marks) <= warmup:
+        raise RuntimeError(
+            f"the Unsloth trainer reported {len(meter.marks)} optimizer steps to the callback,"
+            f" fewer than the {warmup} warm-up steps: nothing timed"
+        )
+    result = meter.result()
+    import datasets
+    import transformers
+    import trl
+    import unsloth
+
+    ignored = sorted(k for k in overrides if k not in UNSLOTH_KEYS)
+    result.update(info)
+    result["fast_path"] = (
+        f"unsloth {unsloth.__version__} ({arch}; trl {trl.__version__}, datasets "
+        f"{datasets.__version__}, transformers {transformers.__version__}); packing {pack} "
+        f"tokens/row; checkpointing {gc_mode}; lora_dropout {dropout:g}; "
+        f"{_unsloth_fused_counts(model)}; load {info['load_s']:.0f}s"
+        + (f"; ignored overrides {', '.join(ignored)}" if ignored else "")
+    )
+    return result
+
+
 def run_loraforge(
     assets: Path, warmup: int, steps: int, out: Path, model=None, **overrides
 ) -> dict:
@@ -415,6 +723,18 @@ def child(
     import torch
 
     gpu = torch.cuda.is_available()
+    before: dict = {}
+    if name == "unsloth_qlora":
+        # Unsloth first (it patches transformers, PEFT and TRL as it is imported), then its bf16
+        # checkpoint, built before the cap (the 16-bit model is larger than a capped card)
+        if Path(UNSLOTH_SITE).is_dir() and UNSLOTH_SITE not in sys.path:
+            sys.path.insert(0, UNSLOTH_SITE)
+        t0 = time.perf_counter()
+        import unsloth  # noqa: F401
+
+        before["import_s"] = time.perf_counter() - t0
+        ckpt, made = unsloth_checkpoint(assets, str(overrides.get("unsloth_arch", "llama")))
+        before.update(made)
     if gpu:
         if cap_gib is not None:  # emulate a smaller card: allocations past the cap fail
             total = torch.cuda.get_device_properties(0).total_memory
@@ -422,7 +742,10 @@ def child(
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        if name == "tutorial":
+        if name == "unsloth_qlora":
+            r = run_unsloth_qlora(assets, warmup, steps, Path(tmp), ckpt, overrides)
+            r.update(before)
+        elif name == "tutorial":
             r = run_tutorial(assets, warmup, steps, Path(tmp))
         elif name == "trl_liger":
             r = run_trl_liger(assets, warmup, steps, Path(tmp))
@@ -439,6 +762,22 @@ def child(
     r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if gpu else 0.0
     r["wall_s"] = time.perf_counter() - t0
     return r
+
+
+def row_timeouts(spec: str | None) -> dict[str, float]:
+    """``--row-timeout``: ``{"": default, NAME: seconds}`` from ``S[,NAME=S,...]``."""
+    out: dict[str, float] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, eq, value = item.rpartition("=")
+        try:
+            out[name.strip() if eq else ""] = float(value)
+        except ValueError:
+            raise SystemExit(
+                f"--row-timeout {spec!r}: {item!r} is neither seconds nor NAME=seconds"
+            ) from None
+    return out
 
 
 def main() -> None:
@@ -473,10 +812,23 @@ def main() -> None:
     )
     ap.add_argument(
         "--row-timeout",
-        type=float,
-        help="seconds each row's process may run before it is stopped (reported as FAILED)",
+        metavar="S[,NAME=S,...]",
+        help="seconds each row's process may run before it is stopped (reported as FAILED): one"
+        " number for every row, and NAME=S for the rows of a setup or label (e.g."
+        " '90,unsloth_qlora=240')",
+    )
+    ap.add_argument(
+        "--prepare-unsloth",
+        metavar="ARCH",
+        help="only build and save the unsloth_qlora row's bf16 checkpoint (ARCH: llama or phi3)"
+        " where the row will find it, then exit (needs torch and transformers, not Unsloth)",
     )
     args = ap.parse_args()
+    if args.prepare_unsloth:
+        folder, info = unsloth_checkpoint(args.assets, args.prepare_unsloth)
+        print(f"unsloth checkpoint ready: {folder} {json.dumps(info)}", flush=True)
+        return
+    timeouts = row_timeouts(args.row_timeout)
     overrides = {}
     for kv in args.set:
         k, _, v = kv.partition("=")
@@ -518,6 +870,24 @@ def main() -> None:
         flush=True,
     )
     runs = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = card.replace(" ", "-") + (f"-cap{args.cap_gib:g}GiB" if args.cap_gib else "")
+    path = args.out / f"{slug}-{dt.date.today().isoformat()}.json"
+
+    def save() -> None:  # after each row too, so a call stopped later keeps the rows done
+        record = {
+            "card": card,
+            "bf16_matmul_tflops": peak,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "loraforge": loraforge.__version__,
+            "epoch_tokens": ds_tokens,
+            "cap_gib": args.cap_gib,
+            "matmul_params": n_mm,
+            "runs": runs,
+        }
+        path.write_text(json.dumps(record, indent=2))
+
     only = args.only or ("" if args.variants or args.row else ",".join(SETUPS))
     jobs = [(name, name, []) for name in only.split(",") if name]
     if args.variants:
@@ -556,15 +926,16 @@ def main() -> None:
         if args.cap_gib is not None:
             cmd += ["--cap-gib", str(args.cap_gib)]
         t0 = time.perf_counter()
+        limit = timeouts.get(label, timeouts.get(name, timeouts.get("")))
         try:
             proc = subprocess.run(
-                cmd, capture_output=True, text=True, env=one_gpu_env(), timeout=args.row_timeout
+                cmd, capture_output=True, text=True, env=child_env(name), timeout=limit
             )
             stdout, stderr = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
             stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
             stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-            stderr += f"\nstopped after --row-timeout {args.row_timeout:g}s"
+            stderr += f"\nstopped after --row-timeout {limit:g}s"
         line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(
@@ -574,8 +945,11 @@ def main() -> None:
             )
             continue
         plan = [x for x in stderr.splitlines() if x.startswith("loraforge.")]
+        if name == "unsloth_qlora":  # what Unsloth says it patched, chose and ignored
+            plan = [x for x in (stdout + "\n" + stderr).splitlines() if "Unsloth" in x]
+            plan += [x for x in stdout.splitlines() if x.startswith("unsloth checkpoint")]
         if plan:  # what the run chose: fast path, fused layers and their check, RoPE, loss
-            print("\n".join(f"  {x}" for x in plan[-12:]), flush=True)
+            print("\n".join(f"  {x[:400]}" for x in plan[-12:]), flush=True)
         prof = [x for x in stdout.splitlines() if x.startswith("PROFILE")]
         if prof:
             print("\n".join(prof[:400]), flush=True)
@@ -584,6 +958,7 @@ def main() -> None:
         r["mfu"] = r["tokens_per_s"] * 4 * n_mm / (peak * 1e12)
         r["three_epochs_min"] = 3 * ds_tokens / r["tokens_per_s"] / 60
         runs.append(r)
+        save()
         print(
             f"{label:<10} {r['tokens_per_s']:>8.0f} tok/s {r['supervised_tokens_per_s']:>7.0f} sup/s "
             f"{r['peak_gib']:>6.1f} GiB ({r.get('peak_reserved_gib', 0):.1f} reserved)  MFU "
@@ -596,15 +971,19 @@ def main() -> None:
         ("loraforge", "tutorial"),
         ("loraforge", "trl_liger"),
         ("loraforge_qlora", "trl_qlora"),
+        ("unsloth_qlora", "trl_qlora"),
+        ("loraforge_qlora", "unsloth_qlora"),
     ]
     pairs += [("loraforge_qlora", "loraforge")]  # the price of 4 bits
     for mine, base in pairs:
         if mine in by and base in by:
             print(f"{mine} / {base}: {by[mine]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x")
-    for label, setup in extra.items():  # each --row against TRL's row of its kind
-        base = "trl_qlora" if setup == "loraforge_qlora" else "trl_liger"
-        if label in by and base in by:
-            print(f"{label} / {base}: {by[label]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x")
+    for label, setup in extra.items():  # each --row against TRL's (and Unsloth's) row of its kind
+        bases = ["trl_qlora", "unsloth_qlora"] if setup in QLORA_SETUPS else ["trl_liger"]
+        for base in bases:
+            if label in by and base in by and label != base:
+                ratio = by[label]["tokens_per_s"] / by[base]["tokens_per_s"]
+                print(f"{label} / {base}: {ratio:.2f}x")
     plain_name = "loraforge[lora]" if "loraforge[lora]" in by else "loraforge"
     plain = by.get(plain_name)
     for label, r in by.items():  # each variant's price against plain LoRA on the same path
@@ -617,25 +996,7 @@ def main() -> None:
                 print(
                     f"{label} / trl_liger: {r['tokens_per_s'] / by['trl_liger']['tokens_per_s']:.2f}x"
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = card.replace(" ", "-") + (f"-cap{args.cap_gib:g}GiB" if args.cap_gib else "")
-    path = args.out / f"{slug}-{dt.date.today().isoformat()}.json"
-    path.write_text(
-        json.dumps(
-            {
-                "card": card,
-                "bf16_matmul_tflops": peak,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "loraforge": loraforge.__version__,
-                "epoch_tokens": ds_tokens,
-                "cap_gib": args.cap_gib,
-                "matmul_params": n_mm,
-                "runs": runs,
-            },
-            indent=2,
-        )
-    )
+    save()
     print(f"wrote {path}")
 
 
