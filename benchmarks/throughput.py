@@ -340,6 +340,31 @@ def run_tutorial(assets: Path, warmup: int, steps: int, out: Path) -> dict:
     return meter.result()
 
 
+def packed_sft_settings(out: Path, pack: int, warmup: int, steps: int) -> dict:
+    """The ``SFTConfig`` settings TRL's rows and Unsloth's share: BFD packing to ``pack``
+    tokens, padding-free, one row per optimizer step, the responses only."""
+    return dict(
+        output_dir=str(out),
+        max_length=pack,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        # train on the responses only, as the other setups do (TRL folds the completion_mask
+        # column into the labels only when asked; without this it trains on every token)
+        completion_only_loss=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        bf16=GPU,
+        learning_rate=1e-4,
+        max_steps=warmup + steps,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataset_num_proc=4,
+    )
+
+
 def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path, model=None) -> dict:
     """TRL SFTTrainer: BFD packing to 8,192 tokens, padding-free, flex_attention, gradient
     checkpointing, Liger kernels, LoRA on all linear layers."""
@@ -359,26 +384,9 @@ def run_trl_liger(assets: Path, warmup: int, steps: int, out: Path, model=None) 
     model.set_attn_implementation("flex_attention" if GPU else "sdpa")
     meter = Meter(warmup)
     cfg = SFTConfig(
-        output_dir=str(out),
-        max_length=8192,
-        packing=True,
-        packing_strategy="bfd",
-        padding_free=True,
-        # train on the responses only, as the other setups do (TRL folds the completion_mask
-        # column into the labels only when asked; without this it trains on every token)
-        completion_only_loss=True,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
+        **packed_sft_settings(out, 8192, warmup, steps),
         gradient_checkpointing=True,
         use_liger_kernel=GPU,
-        bf16=GPU,
-        learning_rate=1e-4,
-        max_steps=warmup + steps,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataset_num_proc=4,
     )
     trainer = SFTTrainer(
         model=model,
@@ -610,27 +618,9 @@ def run_unsloth_qlora(
     )
     info["peft_s"] = time.perf_counter() - t0
     meter = Meter(warmup)
-    cfg = SFTConfig(
-        output_dir=str(out),
-        max_length=pack,
-        packing=True,
-        packing_strategy="bfd",
-        padding_free=True,
-        completion_only_loss=True,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
-        # gradient_checkpointing left at TRL's default, as Unsloth's notebooks do: the model's
-        # own setting (use_gradient_checkpointing above) decides
-        use_liger_kernel=False,
-        bf16=GPU,
-        learning_rate=1e-4,
-        max_steps=warmup + steps,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataset_num_proc=4,
-    )
+    # gradient_checkpointing left at TRL's default, as Unsloth's notebooks do: the model's own
+    # setting (use_gradient_checkpointing above) decides
+    cfg = SFTConfig(**packed_sft_settings(out, pack, warmup, steps), use_liger_kernel=False)
     trainer = SFTTrainer(
         model=model,
         args=cfg,
