@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from loraforge import LoraRecipe, ModelError, RecipeError
 from loraforge.fast.activations import layer_activation_bytes
+from loraforge.fast.costs import relative_time
 from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
 from loraforge.fast.plan import (
     DeviceInfo,
@@ -22,7 +23,6 @@ from loraforge.fast.plan import (
     check_environment,
     over_budget_advice,
     plan_fast_path,
-    relative_time,
 )
 
 GiB = 2**30

@@ -20,7 +20,7 @@ machine by :func:`check_environment`, before the model is loaded.
 
 Memory and time: under ``max_memory_gib`` each packed row size (2,048 to 8,192 tokens) is paired
 with the fewest decoder layers it needs checkpointed to fit, and the planner takes the pair with the
-least estimated time per token ([`relative_time`][loraforge.fast.plan.relative_time]: a
+least estimated time per token ([`relative_time`][loraforge.fast.costs.relative_time]: a
 checkpointed layer runs its forward twice; each row pays a fixed cost of launches, and on a 4-bit
 base of dequantizing every weight in each pass, which longer rows spread over more tokens). DoRA,
 whose count is verified on 2,048-token rows only, takes the fewest checkpointed layers, then the
@@ -42,6 +42,7 @@ from loraforge.fast.activations import (
     dora_working_bytes,
     layer_activation_bytes,
 )
+from loraforge.fast.costs import relative_time
 from loraforge.fast.losses import CHUNK_BYTES as _CHUNK_BYTES
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ __all__ = [
     "check_environment",
     "over_budget_advice",
     "plan_fast_path",
-    "relative_time",
     "sharded_shape",
 ]
 
@@ -270,43 +270,6 @@ _CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16
 _RESERVE_BYTES = int(1.5 * GiB)  # CUDA context, allocator slack, optimizer state of the adapter
 _ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
 _CPU_ROW = 4096
-
-# The time model that ranks the plans that fit (H200 measurements of Phi-4, 2026-11-29; the
-# figures are in docs/benchmarks.md, "How the planner weighs rows"):
-_RECOMPUTE_SHARE = 0.3  # a checkpointed model's extra time: its forward again (frozen base)
-_ROW_TOKENS = 500  # each row's fixed cost (kernel launches), in tokens' worth of compute
-_DEQUANT_TOKENS = 160  # each row's cost of dequantizing a 4-bit model once, the same unit
-
-
-def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: bool = False) -> float:
-    """Estimated time per token of rows of ``tokens`` with ``checkpointed`` of ``layers``
-    decoder layers checkpointed, against the compute of a token with none (1.0).
-
-    Three costs: a checkpointed layer runs its forward again (``0.3`` of a layer's step with
-    the base frozen); every row pays a fixed cost for launching its kernels (worth about 500
-    tokens of compute on an H200, more again for the layers recomputed); and on a 4-bit base
-    every weight is dequantized once in the forward, once in the backward and once more in a
-    recomputed forward (about 160 tokens' worth a pass over the model). The constants come from
-    rows measured on an H200; only the order of the plans matters to the planner.
-
-    Raises:
-        ValueError: ``tokens`` is not positive, or ``checkpointed`` is not within ``layers``.
-
-    Examples:
-        >>> relative_time(2048, 0, 40) < relative_time(2048, 4, 40)  # recomputation costs
-        True
-        >>> long_rows = relative_time(8192, 40, 40, quantized=True)  # every layer recomputed
-        >>> long_rows < relative_time(2048, 28, 40, quantized=True)
-        True
-    """
-    if tokens <= 0 or layers < 0 or not 0 <= checkpointed <= max(layers, 0):
-        raise ValueError(
-            f"relative_time: tokens must be positive and 0 <= checkpointed <= layers; got "
-            f"tokens={tokens}, checkpointed={checkpointed}, layers={layers}"
-        )
-    share = checkpointed / layers if layers else 0.0
-    per_row = _ROW_TOKENS * (1 + share) + (_DEQUANT_TOKENS * (2 + share) if quantized else 0.0)
-    return 1 + _RECOMPUTE_SHARE * share + per_row / tokens
 
 
 @dataclass(frozen=True, slots=True)

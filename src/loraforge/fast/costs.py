@@ -1,0 +1,48 @@
+"""What a plan costs in time: the estimate the planner ranks the plans that fit by.
+
+[`plan_fast_path`][loraforge.fast.plan.plan_fast_path] pairs each packed row size with the fewest
+decoder layers it needs checkpointed to fit its memory budget, then takes the pair with the least
+[`relative_time`][loraforge.fast.costs.relative_time]. Pure arithmetic: no torch. The constants
+come from rows measured on an H200 with Phi-4's shape (docs/benchmarks.md, "How the planner weighs
+rows"); only the order they give the plans matters.
+"""
+
+from __future__ import annotations
+
+__all__ = ["relative_time"]
+
+# measured on an H200, Phi-4 (2026-11-29):
+_RECOMPUTE_SHARE = 0.3  # a checkpointed model's extra time: its forward again (frozen base)
+_ROW_TOKENS = 500  # each row's fixed cost (kernel launches), in tokens' worth of compute
+_DEQUANT_TOKENS = 160  # each row's cost of dequantizing a 4-bit model once, the same unit
+
+
+def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: bool = False) -> float:
+    """Estimated time per token of rows of ``tokens`` with ``checkpointed`` of ``layers``
+    decoder layers checkpointed, against the compute of a token with none (1.0).
+
+    Three costs: a checkpointed layer runs its forward again (``0.3`` of a layer's step with
+    the base frozen); every row pays a fixed cost for launching its kernels (worth about 500
+    tokens of compute on an H200, more again for the layers recomputed); and on a 4-bit base
+    every weight is dequantized once in the forward, once in the backward and once more in a
+    recomputed forward (about 160 tokens' worth a pass over the model). The constants come from
+    rows measured on an H200; only the order of the plans matters to the planner.
+
+    Raises:
+        ValueError: ``tokens`` is not positive, or ``checkpointed`` is not within ``layers``.
+
+    Examples:
+        >>> relative_time(2048, 0, 40) < relative_time(2048, 4, 40)  # recomputation costs
+        True
+        >>> long_rows = relative_time(8192, 40, 40, quantized=True)  # every layer recomputed
+        >>> long_rows < relative_time(2048, 28, 40, quantized=True)
+        True
+    """
+    if tokens <= 0 or layers < 0 or not 0 <= checkpointed <= max(layers, 0):
+        raise ValueError(
+            f"relative_time: tokens must be positive and 0 <= checkpointed <= layers; got "
+            f"tokens={tokens}, checkpointed={checkpointed}, layers={layers}"
+        )
+    share = checkpointed / layers if layers else 0.0
+    per_row = _ROW_TOKENS * (1 + share) + (_DEQUANT_TOKENS * (2 + share) if quantized else 0.0)
+    return 1 + _RECOMPUTE_SHARE * share + per_row / tokens
