@@ -64,7 +64,9 @@ def test_frozen_gc_restores_the_collector_and_leaves_a_callers_freeze_alone():
         frozen = gc.get_freeze_count()
         with frozen_gc():
             pass
-        assert gc.get_freeze_count() == frozen  # not unfrozen behind the caller's back
+        # not unfrozen behind the caller's back (that would leave 0); a frozen object whose last
+        # reference goes away meanwhile (another thread's) is freed, so the count may drop a little
+        assert frozen // 2 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
 
