@@ -801,6 +801,15 @@ def main() -> None:
         " printed against TRL's row of the invocation",
     )
     ap.add_argument(
+        "--row-src",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="run the rows named LABEL with the loraforge package found under PATH (e.g. an older"
+        " commit's src folder, from 'git archive'): PATH goes first on that row's PYTHONPATH, so"
+        " two versions of the code are timed side by side in one invocation",
+    )
+    ap.add_argument(
         "--row-timeout",
         metavar="S[,NAME=S,...]",
         help="seconds each row's process may run before it is stopped (reported as FAILED): one"
@@ -898,6 +907,12 @@ def main() -> None:
             )
         extra[label] = setup
         jobs.append((label, setup, [kv for kv in sets.split(",") if kv]))
+    sources: dict[str, str] = {}  # label -> the loraforge source folder of that row
+    for spec in args.row_src:
+        label, _, folder = spec.partition("=")
+        if not label or not (Path(folder) / "loraforge" / "__init__.py").is_file():
+            raise SystemExit(f"--row-src {spec!r}: expected LABEL=PATH with PATH/loraforge/")
+        sources[label] = str(Path(folder).resolve())
     for label, name, variant_sets in jobs:
         cmd = [
             sys.executable,
@@ -917,10 +932,13 @@ def main() -> None:
             cmd += ["--cap-gib", str(args.cap_gib)]
         t0 = time.perf_counter()
         limit = timeouts.get(label, timeouts.get(name, timeouts.get("")))
+        env = child_env(name)
+        if label in sources:
+            rest = env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = sources[label] + (os.pathsep + rest if rest else "")
+            print(f"{label}: loraforge from {sources[label]}", flush=True)
         try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env=child_env(name), timeout=limit
-            )
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=limit)
             stdout, stderr = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
             stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
@@ -945,6 +963,8 @@ def main() -> None:
             print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])
         r["name"] = label
+        if label in sources:
+            r["loraforge_src"] = sources[label]
         r["mfu"] = r["tokens_per_s"] * 4 * n_mm / (peak * 1e12)
         r["three_epochs_min"] = 3 * ds_tokens / r["tokens_per_s"] / 60
         runs.append(r)

@@ -264,3 +264,67 @@ def test_lean_functions_on_nf4_equal_peft_qlora_in_bf16_on_gpu(base):
     errors = {name: relative_error(got[name], want[name]) for name in want}
     assert max(errors.values()) < 3e-2, errors
     assert not report.fallback_calls
+
+
+def _quantized(shape, nested: bool, dtype=torch.bfloat16, device: str = "cpu"):
+    import bitsandbytes.functional as bnbf
+
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(shape, generator=gen) * 0.05).to(dtype).to(device)
+    return bnbf.quantize_4bit(
+        w, blocksize=64, quant_type="nf4", compress_statistics=nested, quant_storage=torch.uint8
+    )
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_arithmetic_of_the_kernel_equals_bitsandbytes(nested):
+    """The arithmetic loraforge's dequantization kernel does (written here in torch), bit for bit
+    equal to bitsandbytes' dequantize_4bit: high nibble first, scales code2[q] * absmax2 + offset
+    in float32 (two roundings), then nf4[nibble] * scale rounded once to the dtype."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = _quantized((96, 640), nested)
+    b = packed.view(-1).to(torch.int64)
+    if nested:
+        s2 = state.state2
+        scale2 = s2.absmax.repeat_interleave(s2.blocksize)[: state.absmax.numel()]
+        scale = s2.code[state.absmax.to(torch.int64)] * scale2 + state.offset
+    else:
+        scale = state.absmax
+    values = torch.stack([state.code[b >> 4], state.code[b & 15]], dim=1).reshape(-1)
+    ours = (values * scale.repeat_interleave(64)).to(state.dtype).view(state.shape)
+    assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
+
+
+def test_nf4_dequantize_off_the_gpu_is_bitsandbytes():
+    import bitsandbytes.functional as bnbf
+
+    from loraforge.fast import nf4
+
+    packed, state = _quantized((64, 128), nested=True)
+    assert not nf4.kernel_available(torch.device("cpu"))
+    want = bnbf.dequantize_4bit(packed, state)
+    assert torch.equal(nf4.dequantize(packed, state, torch.bfloat16), want)
+    # another dtype than the state's: bitsandbytes' result, cast
+    got = nf4.dequantize(packed, state, torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, bnbf.dequantize_4bit(packed, state).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nf4_kernel_equals_bitsandbytes_on_phi4_shapes(nested, dtype):
+    """loraforge's one-kernel dequantization on the GPU, on each of Phi-4's four weight shapes,
+    bit for bit equal to bitsandbytes' dequantize_4bit (and it is the one used)."""
+    import bitsandbytes.functional as bnbf
+
+    from loraforge.fast import nf4
+
+    assert nf4.kernel_available(torch.device("cuda", torch.cuda.current_device()))
+    for shape in [(7680, 5120), (5120, 5120), (35840, 5120), (5120, 17920)]:
+        packed, state = _quantized(shape, nested, dtype=dtype, device="cuda")
+        assert nf4._fits(packed, state, dtype)
+        want = bnbf.dequantize_4bit(packed, state)
+        assert torch.equal(nf4.dequantize(packed, state, dtype), want)

@@ -90,3 +90,37 @@ def test_without_liger_the_model_keeps_transformers_rope():
         assert n == 0 and "liger-kernel is not installed" in why
     else:  # pragma: no cover - only where liger-kernel is installed
         pytest.skip("liger-kernel is installed here")
+
+
+def _qkv_consumers(model, attention, x, cos_sin) -> list[str]:
+    """The kinds of backward nodes that read ``qkv_proj``'s output in one attention call."""
+    seen_fn = []
+    hook = attention.qkv_proj.register_forward_hook(lambda m, a, out: seen_fn.append(out.grad_fn))
+    try:
+        out = attention(x, cos_sin, None)[0]
+    finally:
+        hook.remove()
+    qkv_fn, consumers, stack, seen = seen_fn[0], [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if any(n is qkv_fn for n, _ in node.next_functions):
+            consumers.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return sorted(consumers)
+
+
+def test_the_fused_qkv_output_is_split_once_not_sliced_three_times():
+    """The installed forward splits ``qkv_proj``'s output with one ``split`` (its backward pass
+    concatenates the three gradients) instead of three slices (three zero-filled full-size
+    gradients and two additions); the class's forward slices."""
+    model = _model()
+    attention = model.base_model.model.model.layers[0].self_attn
+    rotary = model.base_model.model.model.rotary_emb
+    x = torch.randn(1, 8, 64, requires_grad=True)
+    cos_sin = rotary(x, torch.arange(8)[None])
+    assert _qkv_consumers(model, attention, x, cos_sin) == ["SliceBackward0"] * 3
+    assert install_fused_rope(model, rope=reference_rope)[0] == 2
+    assert _qkv_consumers(model, attention, x, cos_sin) == ["SplitWithSizesBackward0"]

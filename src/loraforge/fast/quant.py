@@ -309,10 +309,10 @@ def dense_dtype(base: Any) -> torch.dtype:
 class FrozenNF4:
     """A frozen 4-bit weight handed to the lean autograd functions in place of a dense one.
 
-    [`dense`][loraforge.fast.quant.FrozenNF4.dense] dequantizes it (bitsandbytes'
-    ``dequantize_4bit``) to the dtype computed in; the functions call it in the forward pass and
-    again in the backward pass and keep only this object (the packed ``uint8`` weight and its
-    scales, which the model holds anyway), never the dequantized copy.
+    [`dense`][loraforge.fast.quant.FrozenNF4.dense] dequantizes it to the dtype computed in; the
+    functions call it in the forward pass and again in the backward pass and keep only this
+    object (the packed ``uint8`` weight and its scales, which the model holds anyway), never the
+    dequantized copy.
     """
 
     __slots__ = ("data", "dtype", "state")
@@ -326,10 +326,12 @@ class FrozenNF4:
         return tuple(self.state.shape)
 
     def dense(self) -> torch.Tensor:
-        """The weight dequantized, ``(out_features, in_features)`` in ``dtype``."""
-        import bitsandbytes.functional as bnbf
+        """The weight dequantized, ``(out_features, in_features)`` in ``dtype``: by
+        [`nf4.dequantize`][loraforge.fast.nf4.dequantize] (one kernel, checked bit for bit
+        against bitsandbytes' ``dequantize_4bit`` on each GPU; bitsandbytes' function elsewhere)."""
+        from loraforge.fast import nf4
 
-        return bnbf.dequantize_4bit(self.data, self.state).to(self.dtype)
+        return nf4.dequantize(self.data, self.state, self.dtype)
 
 
 def frozen_weight(base: Any, dtype: torch.dtype) -> torch.Tensor | FrozenNF4:

@@ -7,6 +7,9 @@ replacing that module function for the whole process. Here the same kernel is us
 :func:`install_fused_rope` gives each ``Phi3Attention`` *instance* of the model a forward that
 does what the class's forward does on the training path (no cache) with the fused rotary
 embedding, and hands every other call (a cache, positional extras) to the class's forward.
+It also splits the fused ``qkv_proj`` output with one ``split`` instead of three slices, so the
+backward pass assembles the three gradients with one concatenation instead of zero-filling three
+full-size gradients and adding them (same values).
 
 Before any is installed, one layer is run both ways on a small random batch, as the training
 path calls it (the model's own rotary embedding, its attention implementation and keyword
@@ -68,9 +71,10 @@ class _FusedRopeAttention:
         qkv = m.qkv_proj(hidden_states)
         nq = m.config.num_attention_heads * m.head_dim
         nkv = m.num_key_value_heads * m.head_dim
-        q = qkv[..., :nq].view(shape).transpose(1, 2)
-        k = qkv[..., nq : nq + nkv].view(shape).transpose(1, 2)
-        v = qkv[..., nq + nkv :].view(shape).transpose(1, 2)
+        # one split instead of three slices: its backward pass writes the three gradients into
+        # one tensor (a concatenation) where three slices' would zero-fill three full-size
+        # tensors and add them; the values are the same
+        q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split([nq, nkv, nkv], dim=-1))
         cos, sin = position_embeddings
         q, k = self.rope(q, k, cos, sin)
         name = m.config._attn_implementation
