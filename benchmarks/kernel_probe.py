@@ -4,11 +4,10 @@ Prints, for Phi-4's shapes at 2,048 tokens, the GPU time (CUDA events around ``-
 back-to-back calls) and the CPU time to enqueue them (no synchronisation in between) of:
 
 * ``dropout``: loraforge's dropout kernel (one Philox draw per eight elements, the random halves
-  laid out with ``tl.join``, the mask kept as bits) against the kernel it replaced (the halves
-  picked with ``tl.where``; 10 or 7 Philox rounds, programs of 256 to 1,024 groups), with a plain
-  copy and the bit-reading kernel as bandwidth references. The sweep that chose the shipped
-  layout (``tl.join`` over the same rounds and programs) is in
-  ``benchmarks/results/NVIDIA-H200-2026-11-29-s4-kernel-probe.log``;
+  laid out with ``tl.join``, the mask kept as bits) as shipped, then a sweep of it (``join``) and
+  of the kernel it replaced (``where``: the halves picked with ``tl.where``) over 10 or 7 Philox
+  rounds and programs of 256 to 1,024 groups, with a plain copy and the bit-reading kernel as
+  bandwidth references;
 * ``dequant``: bitsandbytes' ``dequantize_4bit`` of a double-quantized NF4 weight, the same with
   the block scales already dequantized, and loraforge's one-kernel dequantization
   (:mod:`loraforge.fast.nf4`), with its largest difference from bitsandbytes' result.
@@ -102,15 +101,16 @@ def probe_dropout(reps: int) -> None:
         big = 2**61 + 12345  # seeds as training draws them: 64-bit
         report("  the same, a 64-bit seed", *timed(partial(lk.drop, x, 0.1, big), reps), nbytes)
         ref = lk.drop(x, 0.1, 12345)[1]
-        for rounds in (10, 7):
-            for groups, warps in ((512, 4), (1024, 8), (256, 4)):
-                kernel = v["where"][(launch(n, 8 * groups),)]
-                go = partial(
-                    kernel, x, out, bits, n, thr, 12345, GROUPS=groups, ROUNDS=rounds,
-                    num_warps=warps,
-                )  # fmt: skip
-                label = f"before: where, rounds={rounds} groups={groups} warps={warps}"
-                report(label, *timed(go, reps), nbytes)
+        shipped = lk.triton_kernels().drop  # the tl.join layout
+        for name, kernel in (("where", v["where"]), ("join", shipped)):
+            for rounds in (10, 7):
+                for groups, warps in ((512, 4), (1024, 8), (256, 4)):
+                    go = partial(
+                        kernel[(launch(n, 8 * groups),)], x, out, bits, n, thr, 12345,
+                        GROUPS=groups, ROUNDS=rounds, num_warps=warps,
+                    )  # fmt: skip
+                    label = f"{name} rounds={rounds} groups={groups} warps={warps}"
+                    report(label, *timed(go, reps), nbytes)
         report(
             "apply_bits (reads the mask)", *timed(partial(lk.apply_mask_bits, x, ref), reps), nbytes
         )

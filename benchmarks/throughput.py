@@ -839,13 +839,10 @@ def main() -> None:
 
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         logging.getLogger("loraforge").setLevel(logging.INFO)
-        print(
-            "RESULT "
-            + json.dumps(
-                child(args.child, args.assets, args.warmup, args.steps, overrides, args.cap_gib)
-            ),
-            flush=True,
-        )
+        result = child(args.child, args.assets, args.warmup, args.steps, overrides, args.cap_gib)
+        if "loraforge" in sys.modules:  # which copy of loraforge ran (see --row-src)
+            result["loraforge_file"] = str(sys.modules["loraforge"].__file__)
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     import torch
@@ -913,6 +910,9 @@ def main() -> None:
         if not label or not (Path(folder) / "loraforge" / "__init__.py").is_file():
             raise SystemExit(f"--row-src {spec!r}: expected LABEL=PATH with PATH/loraforge/")
         sources[label] = str(Path(folder).resolve())
+    unknown = sorted(set(sources) - {label for label, _, _ in jobs})
+    if unknown:
+        raise SystemExit(f"--row-src: no row is named {', '.join(unknown)}")
     for label, name, variant_sets in jobs:
         cmd = [
             sys.executable,

@@ -311,10 +311,36 @@ def test_nf4_dequantize_off_the_gpu_is_bitsandbytes():
     assert torch.equal(got, bnbf.dequantize_4bit(packed, state).float())
 
 
+def test_nf4_kernel_takes_only_the_layout_it_was_checked_on():
+    """What the one-kernel dequantization covers (else bitsandbytes' function runs): NF4 in
+    blocks of 64 packed in contiguous uint8, dequantized to the state's dtype."""
+    import bitsandbytes.functional as bnbf
+
+    from loraforge.fast import nf4
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def quantized(**kw):
+        args = {"blocksize": 64, "quant_type": "nf4", "compress_statistics": True}
+        return bnbf.quantize_4bit(w, quant_storage=kw.pop("storage", torch.uint8), **{**args, **kw})
+
+    packed, state = quantized()
+    assert nf4.layout_fits(packed, state, torch.bfloat16)
+    assert nf4.layout_fits(*quantized(compress_statistics=False), torch.bfloat16)
+    assert not nf4.layout_fits(packed, state, torch.float16)  # another dtype than the state's
+    assert not nf4.layout_fits(*quantized(quant_type="fp4"), torch.bfloat16)
+    assert not nf4.layout_fits(*quantized(blocksize=128), torch.bfloat16)
+    assert not nf4.layout_fits(*quantized(storage=torch.bfloat16), torch.bfloat16)
+    strided = torch.empty(packed.numel() * 2, 1, dtype=torch.uint8)[::2]
+    strided.copy_(packed)
+    assert not strided.is_contiguous() and not nf4.layout_fits(strided, state, torch.bfloat16)
+    assert not nf4._fits(packed, state, torch.bfloat16)  # not on a CUDA device
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nf4_kernel_equals_bitsandbytes_on_phi4_shapes(nested, dtype):
     """loraforge's one-kernel dequantization on the GPU, on each of Phi-4's four weight shapes,
     bit for bit equal to bitsandbytes' dequantize_4bit (and it is the one used)."""

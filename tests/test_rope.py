@@ -92,7 +92,7 @@ def test_without_liger_the_model_keeps_transformers_rope():
         pytest.skip("liger-kernel is installed here")
 
 
-def _qkv_consumers(model, attention, x, cos_sin) -> list[str]:
+def _qkv_consumers(attention, x, cos_sin) -> list[str]:
     """The kinds of backward nodes that read ``qkv_proj``'s output in one attention call."""
     seen_fn = []
     hook = attention.qkv_proj.register_forward_hook(lambda m, a, out: seen_fn.append(out.grad_fn))
@@ -121,6 +121,6 @@ def test_the_fused_qkv_output_is_split_once_not_sliced_three_times():
     rotary = model.base_model.model.model.rotary_emb
     x = torch.randn(1, 8, 64, requires_grad=True)
     cos_sin = rotary(x, torch.arange(8)[None])
-    assert _qkv_consumers(model, attention, x, cos_sin) == ["SliceBackward0"] * 3
+    assert _qkv_consumers(attention, x, cos_sin) == ["SliceBackward0"] * 3
     assert install_fused_rope(model, rope=reference_rope)[0] == 2
-    assert _qkv_consumers(model, attention, x, cos_sin) == ["SplitWithSizesBackward0"]
+    assert _qkv_consumers(attention, x, cos_sin) == ["SplitWithSizesBackward0"]

@@ -164,11 +164,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
     k = _kernels(gate_up)
     if k is not None:
-        gu = gate_up.contiguous()
-        n = gu.shape[-1] // 2
-        out = torch.empty((*gu.shape[:-1], n), dtype=gu.dtype, device=gu.device)
-        k.swiglu_fwd[(gu.numel() // (2 * n), k.cdiv(n, _BLOCK))](gu, out, n, BLOCK=_BLOCK)
-        return out
+        return _triton_swiglu(k, gate_up.contiguous())
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -177,16 +173,26 @@ def swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient with respect to ``gate_up`` of ``swiglu(gate_up)``, given ``grad``."""
     k = _kernels(gate_up)
     if k is not None:
-        gu, g = gate_up.contiguous(), grad.contiguous()
-        n = gu.shape[-1] // 2
-        out = torch.empty_like(gu)
-        k.swiglu_bwd[(gu.numel() // (2 * n), k.cdiv(n, _BLOCK))](gu, g, out, n, BLOCK=_BLOCK)
-        return out
+        return _triton_swiglu_backward(k, gate_up.contiguous(), grad.contiguous())
     gate, up = gate_up.float().chunk(2, dim=-1)
     g = grad.float()
     sig = torch.sigmoid(gate)
     d_gate = g * up * sig * (1 + gate * (1 - sig))
     return torch.cat([d_gate, g * gate * sig], dim=-1).to(gate_up.dtype)
+
+
+def _triton_swiglu(k: Any, gu: torch.Tensor) -> torch.Tensor:
+    n = gu.shape[-1] // 2
+    out = torch.empty((*gu.shape[:-1], n), dtype=gu.dtype, device=gu.device)
+    k.swiglu_fwd[(gu.numel() // (2 * n), k.cdiv(n, _BLOCK))](gu, out, n, BLOCK=_BLOCK)
+    return out
+
+
+def _triton_swiglu_backward(k: Any, gu: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    n = gu.shape[-1] // 2
+    out = torch.empty_like(gu)
+    k.swiglu_bwd[(gu.numel() // (2 * n), k.cdiv(n, _BLOCK))](gu, g, out, n, BLOCK=_BLOCK)
+    return out
 
 
 _BLOCK = 1024  # constant: columns per program of the SwiGLU kernels
@@ -204,11 +210,7 @@ def rms_norm(
     x2 = x.reshape(-1, shape[-1])
     k = _kernels(x2)
     if k is not None and x2.is_contiguous():
-        rows, n = x2.shape
-        y = torch.empty_like(x2)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        block = max(_next_pow2(n), 128)
-        k.rms_fwd[(rows,)](x2, weight, y, rstd, n, eps, BLOCK=block, num_warps=_warps(block))
+        y, rstd = _triton_rms_norm(k, x2, weight, eps)
         return y.view(shape), rstd
     xf = x2.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
@@ -226,17 +228,33 @@ def rms_norm_backward_from_output(
     y2, g2 = y.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
     k = _kernels(y2)
     if k is not None and y2.is_contiguous():
-        g2 = g2.contiguous()
-        rows, n = y2.shape
-        dx = torch.empty_like(y2)
-        block = max(_next_pow2(n), 128)
-        k.rms_bwd[(rows,)](y2, g2, weight, rstd, dx, n, BLOCK=block, num_warps=_warps(block))
-        return dx.view(shape)
+        return _triton_rms_backward(k, y2, g2.contiguous(), weight, rstd).view(shape)
     w = weight.float()
     xh = y2.float() / w
     gw = g2.float() * w
     c = (gw * xh).mean(-1, keepdim=True)
     return (rstd[:, None] * (gw - xh * c)).to(y.dtype).view(shape)
+
+
+def _triton_rms_norm(
+    k: Any, x2: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, n = x2.shape
+    y = torch.empty_like(x2)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x2.device)
+    block = max(_next_pow2(n), 128)
+    k.rms_fwd[(rows,)](x2, weight, y, rstd, n, eps, BLOCK=block, num_warps=_warps(block))
+    return y, rstd
+
+
+def _triton_rms_backward(
+    k: Any, y2: torch.Tensor, g2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> torch.Tensor:
+    rows, n = y2.shape
+    dx = torch.empty_like(y2)
+    block = max(_next_pow2(n), 128)
+    k.rms_bwd[(rows,)](y2, g2, weight, rstd, dx, n, BLOCK=block, num_warps=_warps(block))
+    return dx
 
 
 def _next_pow2(n: int) -> int:
@@ -315,26 +333,27 @@ def _build_triton_kernels() -> Any:
         tl.store(out_ptr + row * 2 * n_cols + n_cols + cols, db.to(dt), mask=inside)
 
     @triton.jit
-    def drop_kernel(src_ptr, out_ptr, bits_ptr, n, threshold, seed, GROUPS: tl.constexpr):  # type: ignore[no-untyped-def]
+    def drop_kernel(src, out, bits, n, thr, seed, GROUPS: tl.constexpr, ROUNDS: tl.constexpr = 10):  # type: ignore[no-untyped-def]
         # one Philox draw, 128 bits = eight 16-bit halves, decides eight elements: element 8g + j
         # with j = 4i + 2k + h is kept when half h (0: low, 1: high) of word 2k + i of draw
-        # (seed, g) is >= threshold; byte g of bits holds their keep-bits (bit j: element 8g + j).
+        # (seed, g) is >= thr; byte g of bits holds their keep-bits (bit j: element 8g + j).
         # The halves are laid out with tl.join, which keeps each group's eight in one thread
-        # (3x faster on an H200 than selecting them with tl.where; benchmarks/kernel_probe.py)
+        # (2.1-3.1x faster on an H200 than selecting them with tl.where: benchmarks/kernel_probe.py;
+        # ROUNDS: Philox rounds, 10 as Triton's default; other values only for that benchmark)
         groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
         # 32-bit offsets: with 64-bit ones, Triton before 3.4 runs 64-bit Philox (64-bit words)
-        r0, r1, r2, r3 = tl.randint4x(seed, groups.to(tl.int32))
+        r0, r1, r2, r3 = tl.randint4x(seed, groups.to(tl.int32), ROUNDS)
         lo = tl.join(tl.join(r0 & 0xFFFF, r1 & 0xFFFF), tl.join(r2 & 0xFFFF, r3 & 0xFFFF))
         hi = tl.join(tl.join(r0 >> 16, r1 >> 16), tl.join(r2 >> 16, r3 >> 16))
         half = tl.reshape(tl.join(lo, hi), (GROUPS, 8)).to(tl.int32)
         j = tl.arange(0, 8)[None, :]
         offs = groups[:, None] * 8 + j
         inside = offs < n
-        kept = (half >= threshold) & inside
-        x = tl.load(src_ptr + offs, mask=inside, other=0)
-        tl.store(out_ptr + offs, tl.where(kept, x, tl.zeros_like(x)), mask=inside)
+        kept = (half >= thr) & inside
+        x = tl.load(src + offs, mask=inside, other=0)
+        tl.store(out + offs, tl.where(kept, x, tl.zeros_like(x)), mask=inside)
         byte = tl.sum(kept.to(tl.int32) << j, axis=1)
-        tl.store(bits_ptr + groups, byte.to(tl.uint8), mask=groups * 8 < n)
+        tl.store(bits + groups, byte.to(tl.uint8), mask=groups * 8 < n)
 
     @triton.jit
     def apply_bits(src_ptr, out_ptr, bits_ptr, n, GROUPS: tl.constexpr):  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["dequantize", "kernel_available"]
+__all__ = ["dequantize", "kernel_available", "layout_fits"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,31 @@ def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Te
 
 
 def _fits(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> bool:
-    """Whether the kernel covers this weight: NF4 in blocks of 64 on a CUDA device, double
-    quantized with 8-bit scales (or plain float32 scales), dequantized to the state's dtype."""
-    if not packed.is_cuda or packed.dtype != torch.uint8 or not packed.is_contiguous():
+    """Whether the kernel covers this weight here: :func:`layout_fits`, on the current CUDA
+    device (where Triton launches), with the quantization state on the same device."""
+    if not packed.is_cuda or packed.device.index != torch.cuda.current_device():
+        return False
+    if not layout_fits(packed, state, dtype):
+        return False
+    tables = [state.absmax, state.code]
+    if state.nested:
+        tables += [state.state2.absmax, state.state2.code, state.offset]
+    return all(isinstance(t, torch.Tensor) and t.device == packed.device for t in tables)
+
+
+def layout_fits(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> bool:
+    """Whether the kernel's arithmetic covers this weight, wherever it is: NF4 in blocks of 64
+    packed two to a ``uint8`` (contiguous), its 16-entry float32 code book, double quantized with
+    8-bit scales and a 256-entry float32 code book (or plain float32 scales), dequantized to the
+    state's dtype (bfloat16, float16 or float32), fewer than 2**31 elements."""
+    if packed.dtype != torch.uint8 or not packed.is_contiguous():
         return False
     if state.quant_type != "nf4" or state.blocksize != 64 or state.dtype != dtype:
         return False
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    code = state.code
+    if not isinstance(code, torch.Tensor) or code.dtype != torch.float32 or code.numel() != 16:
         return False
     n = 1
     for s in state.shape:
@@ -62,6 +80,7 @@ def _fits(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> bool:
         return bool(
             state.absmax.dtype == torch.uint8
             and s2.absmax.dtype == torch.float32
+            and s2.code.dtype == torch.float32
             and s2.code.numel() == 256
             and s2.blocksize > 0
         )

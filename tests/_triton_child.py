@@ -1,0 +1,138 @@
+"""Checks of loraforge's Triton kernels under Triton's CPU interpreter, run in a child process.
+
+``tests/test_triton_interpret.py`` starts this file with ``TRITON_INTERPRET=1`` in the
+environment: the variable must be set before Triton is imported (Triton's own library functions,
+e.g. its Philox, are built for the interpreter at import), so these checks cannot run in the
+pytest process. Prints one ``RESULT {json}`` line: each check's name and ``"ok"`` or its
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import numpy as np
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from loraforge.fast import kernels, nf4  # noqa: E402
+
+_M = np.uint64(0xFFFFFFFF)
+K = kernels._build_triton_kernels()
+Q = nf4._build()
+
+
+def philox4x32_10(seed: int, counters: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Philox-4x32 with 10 rounds for counters ``(c, 0, 0, 0)`` and key ``(seed_lo, seed_hi)``,
+    as Triton's ``randint4x`` with 32-bit offsets computes it."""
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    ka, kb = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+    c0 = counters.astype(np.uint64) & _M
+    c1 = np.zeros_like(c0)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = b * c2, a * c0  # 32 x 32 -> 64 bits
+        hi0, hi1 = p0 >> np.uint64(32), p1 >> np.uint64(32)
+        c0, c2, c1, c3 = hi0 ^ c1 ^ k0, hi1 ^ c3 ^ k1, p0 & _M, p1 & _M
+        k0, k1 = (k0 + ka) & _M, (k1 + kb) & _M
+    return c0, c1, c2, c3
+
+
+def reference_keep_mask(n: int, p: float, seed: int) -> torch.Tensor:
+    """The documented dropout mask for ``n`` elements (True = kept): element ``8g + j``, with
+    ``j = 4i + 2k + h``, is kept when half ``h`` (0: low) of word ``2k + i`` of the draw
+    ``(seed, g)`` is at least ``round(p * 65536)``."""
+    groups = (n + 7) // 8
+    words = philox4x32_10(seed, np.arange(groups, dtype=np.uint64))
+    halves = np.empty((groups, 8), dtype=np.int64)
+    for i in range(2):
+        for k in range(2):
+            word = words[2 * k + i]
+            halves[:, 4 * i + 2 * k] = (word & np.uint64(0xFFFF)).astype(np.int64)
+            halves[:, 4 * i + 2 * k + 1] = (word >> np.uint64(16)).astype(np.int64)
+    threshold = min(round(p * 65536), 65536)
+    return torch.from_numpy(halves.reshape(-1)[:n] >= threshold)
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((bits[:, None] >> shifts) & 1).bool().reshape(-1)[:n]
+
+
+def check_dropout(shape: tuple[int, int], p: float, seed: int) -> None:
+    x = torch.randn(shape)
+    n = x.numel()
+    out, bits = kernels._triton_drop(K, x, p, seed)
+    want = reference_keep_mask(n, p, seed)
+    assert torch.equal(unpack_bits(bits, n), want), "mask differs from the documented one"
+    assert torch.equal(out.reshape(-1), x.reshape(-1) * want), "output is not input x mask"
+    again = kernels._triton_apply_bits(K, x, bits, inplace=False)
+    assert torch.equal(again, out), "the bits do not give the mask back"
+    groups = n // 8
+    by_position = want[: groups * 8].view(-1, 8).float().mean(0)
+    sigma = (p * (1 - p) / groups) ** 0.5  # each position keeps 1 - p: within 4.5 sigma
+    assert (by_position - (1 - p)).abs().max().item() < 4.5 * sigma, by_position
+
+
+def check_swiglu_and_rms() -> None:
+    gen = torch.Generator().manual_seed(0)
+    gu = torch.randn(6, 2 * 96, generator=gen) * 2
+    g = torch.randn(6, 96, generator=gen)
+    ref = gu.clone().requires_grad_()
+    gate, up = ref.chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up
+    act.backward(g)
+    torch.testing.assert_close(kernels._triton_swiglu(K, gu), act.detach())
+    torch.testing.assert_close(kernels._triton_swiglu_backward(K, gu, g), ref.grad)
+    x = torch.randn(5, 200, generator=gen) * 3
+    w = torch.empty(200).uniform_(0.2, 2.0, generator=gen)
+    xr = x.clone().requires_grad_()
+    y_ref = w * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5))
+    dy = torch.randn(5, 200, generator=gen)
+    y_ref.backward(dy)
+    y, rstd = kernels._triton_rms_norm(K, x, w, 1e-5)
+    torch.testing.assert_close(y, y_ref.detach())
+    torch.testing.assert_close(kernels._triton_rms_backward(K, y, dy, w, rstd), xr.grad)
+
+
+def check_nf4(nested: bool, dtype: torch.dtype) -> None:
+    import bitsandbytes.functional as bnbf
+
+    w = (torch.randn(96, 640, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    packed, state = bnbf.quantize_4bit(
+        w, blocksize=64, quant_type="nf4", compress_statistics=nested, quant_storage=torch.uint8
+    )
+    ours, theirs = nf4._run(Q, packed, state), bnbf.dequantize_4bit(packed, state)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    if dtype != torch.bfloat16:
+        assert torch.equal(ours, theirs), "differs from bitsandbytes"
+    else:  # the interpreter truncates to bfloat16 where the GPU rounds: one unit at most
+        step = theirs.float().abs() * 2.0**-7
+        assert ((ours.float() - theirs.float()).abs() <= step).all(), "beyond one unit"
+
+
+CHECKS = {
+    "dropout_p0.1": lambda: check_dropout((96, 640), 0.1, 12345),
+    "dropout_p0.5_64bit_seed_ragged": lambda: check_dropout((7, 333), 0.5, 2**61 + 7),
+    "swiglu_and_rms": check_swiglu_and_rms,
+}
+for _nested in (True, False):
+    for _dtype in (torch.float16, torch.float32, torch.bfloat16):
+        name = f"nf4_{'nested' if _nested else 'flat'}_{str(_dtype).removeprefix('torch.')}"
+        CHECKS[name] = lambda n=_nested, d=_dtype: check_nf4(n, d)
+
+
+if __name__ == "__main__":
+    results = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    print("RESULT " + json.dumps(results), flush=True)

@@ -1,0 +1,57 @@
+"""loraforge's Triton kernels on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+On a GPU the kernels are checked by ``tests/test_gpu.py``; here the same kernel code runs on CPU
+tensors in CI (where Triton is installed: Linux x86-64), so a change to an index, a layout or
+the random stream is caught without a GPU. The checks run in one child process
+(``tests/_triton_child.py``): the interpreter must be switched on before Triton is imported.
+
+* the dropout kernel's mask is the documented function of the seed (a reference Philox-4x32-10
+  written in numpy), the bits give it back, the dropped output is the input times the mask, and
+  each of a draw's eight positions keeps 1 - p;
+* SwiGLU and the RMSNorm kernels against torch in float32;
+* the NF4 dequantization kernel bit for bit against bitsandbytes in float16 and float32 (the
+  interpreter truncates float32 to bfloat16 where a GPU rounds to nearest, so bfloat16 is within
+  one unit in the last place here; ``tests/test_qlora.py`` checks it bit for bit on a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="Triton is not installed (Linux x86-64 only)")
+pytest.importorskip("bitsandbytes", reason="the NF4 checks compare with bitsandbytes")
+
+CHILD = Path(__file__).with_name("_triton_child.py")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, str]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, str(CHILD)], capture_output=True, text=True, env=env, timeout=600
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, f"the child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        "dropout_p0.1",
+        "dropout_p0.5_64bit_seed_ragged",
+        "swiglu_and_rms",
+        *(f"nf4_{q}_{d}" for q in ("nested", "flat") for d in ("float16", "float32", "bfloat16")),
+    ],
+)
+def test_kernel_under_the_interpreter(results, check):
+    assert check in results, sorted(results)
+    assert results[check] == "ok", results[check]
