@@ -39,7 +39,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+# the loraforge this process imports: the working tree's, or a row's --row-src folder (set by the
+# parent in LORAFORGE_BENCH_SRC; first on sys.path, ahead of PYTHONPATH and the working tree)
+SRC = Path(os.environ.get("LORAFORGE_BENCH_SRC") or HERE.parent / "src").resolve()
+sys.path.insert(0, str(SRC))
 
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 TUTORIAL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -239,6 +242,11 @@ def tokenized(assets: Path, tokenizer):
     return builder.build(str(assets / "data" / "huanhuan.json"))
 
 
+# torch.cuda.memory_stats() counters reported per timed step (cudaMalloc / cudaFree calls of the
+# caching allocator, and its retries after freeing its cache to satisfy an allocation)
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
 class Meter:
     """Counts real and supervised tokens per collated micro-batch and times optimizer steps."""
 
@@ -246,6 +254,7 @@ class Meter:
         self.warmup = warmup
         self.batches: list[tuple[int, int]] = []
         self.marks: list[tuple[float, int]] = []
+        self.allocator: list[list[int]] = []  # ALLOCATOR_COUNTS after the warm-up and at the end
 
     def wrap(self, collator):
         def call(features):
@@ -272,6 +281,10 @@ class Meter:
                 timed = state.global_step in (meter.warmup, args.max_steps)
                 if timed and torch.cuda.is_available():
                     torch.cuda.synchronize()
+                    # the caching allocator's calls to cudaMalloc/cudaFree (each may stall the
+                    # GPU) and its out-of-memory retries, at the start and end of the timed steps
+                    stats = torch.cuda.memory_stats()
+                    meter.allocator.append([stats.get(k, 0) for k in ALLOCATOR_COUNTS])
                 meter.marks.append((time.perf_counter(), len(meter.batches)))
 
         return Timer()
@@ -282,7 +295,12 @@ class Meter:
         sup = sum(b[1] for b in self.batches[n0:n1])
         timed = [t for t, _ in self.marks[self.warmup - 1 :]]
         steps = sorted(b - a for a, b in itertools.pairwise(timed))
+        counts = {}
+        if len(self.allocator) == 2 and steps:  # per timed step, from the allocator's counters
+            for key, a, b in zip(ALLOCATOR_COUNTS, *self.allocator, strict=True):
+                counts[f"{key}_per_step"] = (b - a) / len(steps)
         return {
+            **counts,
             "step_s_median": steps[len(steps) // 2] if steps else None,  # robust to a hiccup
             "tokens_per_s": real / (t1 - t0),
             "supervised_tokens_per_s": sup / (t1 - t0),
@@ -806,8 +824,8 @@ def main() -> None:
         default=[],
         metavar="LABEL=PATH",
         help="run the rows named LABEL with the loraforge package found under PATH (e.g. an older"
-        " commit's src folder, from 'git archive'): PATH goes first on that row's PYTHONPATH, so"
-        " two versions of the code are timed side by side in one invocation",
+        " commit's src folder, from 'git archive'), so two versions of the code are timed side by"
+        " side in one invocation; a row that imported loraforge from anywhere else is FAILED",
     )
     ap.add_argument(
         "--row-timeout",
@@ -933,9 +951,9 @@ def main() -> None:
         t0 = time.perf_counter()
         limit = timeouts.get(label, timeouts.get(name, timeouts.get("")))
         env = child_env(name)
+        env.pop("LORAFORGE_BENCH_SRC", None)
         if label in sources:
-            rest = env.get("PYTHONPATH", "")
-            env["PYTHONPATH"] = sources[label] + (os.pathsep + rest if rest else "")
+            env["LORAFORGE_BENCH_SRC"] = sources[label]
             print(f"{label}: loraforge from {sources[label]}", flush=True)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=limit)
@@ -963,6 +981,11 @@ def main() -> None:
             print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])
         r["name"] = label
+        ran = r.get("loraforge_file")
+        want = sources.get(label, str(SRC))
+        if ran is not None and not Path(ran).resolve().is_relative_to(want):
+            print(f"{label}: FAILED: it imported loraforge from {ran}, not from {want}", flush=True)
+            continue
         if label in sources:
             r["loraforge_src"] = sources[label]
         r["mfu"] = r["tokens_per_s"] * 4 * n_mm / (peak * 1e12)
@@ -976,6 +999,13 @@ def main() -> None:
             f"  {r.get('fast_path', '')}",
             flush=True,
         )
+        if "num_device_alloc_per_step" in r:
+            print(
+                f"  allocator per timed step: {r['num_device_alloc_per_step']:.1f} cudaMalloc, "
+                f"{r['num_device_free_per_step']:.1f} cudaFree, "
+                f"{r['num_alloc_retries_per_step']:.1f} retries",
+                flush=True,
+            )
     by = {r["name"]: r for r in runs}
     pairs = [
         ("loraforge", "tutorial"),
