@@ -125,6 +125,26 @@ def child_env(name: str) -> dict[str, str]:
     return env
 
 
+def by_median(runs: list[dict]) -> dict[str, dict]:
+    """Each label's run with the median tokens/s (the lower middle of an even count), with all
+    its runs' rates added (``tokens_per_s_runs``); prints one line per label."""
+    labels: dict[str, list[dict]] = {}
+    for r in runs:
+        labels.setdefault(r["name"], []).append(r)
+    out = {}
+    for label, rs in labels.items():
+        rates = sorted(x["tokens_per_s"] for x in rs)
+        middle = sorted(rs, key=lambda x: x["tokens_per_s"])[(len(rs) - 1) // 2]
+        out[label] = {**middle, "tokens_per_s_runs": [x["tokens_per_s"] for x in rs]}
+        spread = rates[-1] / rates[0] - 1 if rates[0] else float("nan")
+        print(
+            f"{label}: median {middle['tokens_per_s']:.0f} tok/s of {len(rs)} runs "
+            f"({rates[0]:.0f}-{rates[-1]:.0f}, spread {spread:.1%})",
+            flush=True,
+        )
+    return out
+
+
 def matmul_peak_tflops() -> float:
     import torch
 
@@ -835,6 +855,15 @@ def main() -> None:
         " '90,unsloth_qlora=240')",
     )
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the rows N times, alternating their order (as listed, then reversed, ...: ABBA"
+        " for two rows); each row is then reported as the median of its runs, with their range,"
+        " and the ratios use the medians (identical runs spread by up to 27%% on one H200 host)",
+    )
+    ap.add_argument(
         "--prepare-unsloth",
         metavar="ARCH",
         help="only build and save the unsloth_qlora row's bf16 checkpoint (ARCH: llama or phi3)"
@@ -931,7 +960,12 @@ def main() -> None:
     unknown = sorted(set(sources) - {label for label, _, _ in jobs})
     if unknown:
         raise SystemExit(f"--row-src: no row is named {', '.join(unknown)}")
-    for label, name, variant_sets in jobs:
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat {args.repeat}: expected 1 or more")
+    rounds = [(k, jobs if k % 2 == 0 else jobs[::-1]) for k in range(args.repeat)]
+    for round_index, label, name, variant_sets in (
+        (k, *job) for k, order in rounds for job in order
+    ):
         cmd = [
             sys.executable,
             __file__,
@@ -981,6 +1015,7 @@ def main() -> None:
             print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])
         r["name"] = label
+        r["round"] = round_index + 1
         ran = r.get("loraforge_file")
         want = sources.get(label, str(SRC))
         if ran is not None and not Path(ran).resolve().is_relative_to(want):
@@ -1006,7 +1041,7 @@ def main() -> None:
                 f"{r['num_alloc_retries_per_step']:.1f} retries",
                 flush=True,
             )
-    by = {r["name"]: r for r in runs}
+    by = {r["name"]: r for r in runs} if args.repeat == 1 else by_median(runs)
     pairs = [
         ("loraforge", "tutorial"),
         ("loraforge", "trl_liger"),
