@@ -94,14 +94,15 @@ def _run(k: Any, packed: torch.Tensor, state: Any) -> torch.Tensor:
     if state.nested:
         s2 = state.state2
         offset = state.offset.reshape(1).to(device=packed.device, dtype=torch.float32)
-        k.nested[grid](
-            packed, state.absmax, s2.code, s2.absmax, offset, state.code, out, n_bytes,
-            BLOCK2=s2.blocksize, BYTES=_BYTES, enable_fp_fusion=False,
-        )  # fmt: skip
-    else:
-        k.flat[grid](
-            packed, state.absmax, state.code, out, n_bytes, BYTES=_BYTES, enable_fp_fusion=False
-        )
+        scales = (state.absmax, s2.code, s2.absmax, offset)
+        block2 = s2.blocksize
+    else:  # plain float32 scales; the second level's arguments are unused
+        scales = (state.absmax,) * 4
+        block2 = 1
+    k.dequantize[grid](
+        packed, *scales, state.code, out, n_bytes,
+        NESTED=bool(state.nested), BLOCK2=block2, BYTES=_BYTES, enable_fp_fusion=False,
+    )  # fmt: skip
     return out
 
 
@@ -113,33 +114,38 @@ def _build() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def nested(w, aq, c2, a2, off, nf4, out, n_bytes, BLOCK2: tl.constexpr, BYTES: tl.constexpr):  # type: ignore[no-untyped-def]
-        # w: packed bytes; aq: 8-bit block scales; c2, a2: their code book and float32 scales
-        # (one per BLOCK2 of them); off: their offset; nf4: the 16 NF4 values; out: the weight
+    def dequantize(  # type: ignore[no-untyped-def]
+        w,
+        aq,
+        c2,
+        a2,
+        off,
+        nf4,
+        out,
+        n_bytes,
+        NESTED: tl.constexpr,
+        BLOCK2: tl.constexpr,
+        BYTES: tl.constexpr,
+    ):
+        # w: packed bytes; aq: the block scales (8-bit if NESTED, else float32); c2, a2: their
+        # code book and float32 scales (one per BLOCK2 of them); off: their offset; nf4: the 16
+        # NF4 values; out: the weight
         i = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
         inside = i < n_bytes
         b = tl.load(w + i, mask=inside, other=0).to(tl.int32)
         blk = i // 32  # 64 elements = 32 bytes per block scale
-        q = tl.load(aq + blk, mask=inside, other=0).to(tl.int32)
-        scale = tl.load(c2 + q) * tl.load(a2 + blk // BLOCK2, mask=inside, other=0)
-        scale = scale + tl.load(off)
+        if NESTED:
+            q = tl.load(aq + blk, mask=inside, other=0).to(tl.int32)
+            scale = tl.load(c2 + q) * tl.load(a2 + blk // BLOCK2, mask=inside, other=0)
+            scale = scale + tl.load(off)
+        else:
+            scale = tl.load(aq + blk, mask=inside, other=0)
         hi = tl.load(nf4 + (b >> 4)) * scale
         lo = tl.load(nf4 + (b & 15)) * scale
         o = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
         tl.store(out + o, tl.interleave(hi, lo).to(out.dtype.element_ty), mask=o < 2 * n_bytes)
 
-    @triton.jit
-    def flat(w, absmax, nf4, out, n_bytes, BYTES: tl.constexpr):  # type: ignore[no-untyped-def]
-        i = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
-        inside = i < n_bytes
-        b = tl.load(w + i, mask=inside, other=0).to(tl.int32)
-        scale = tl.load(absmax + i // 32, mask=inside, other=0)
-        hi = tl.load(nf4 + (b >> 4)) * scale
-        lo = tl.load(nf4 + (b & 15)) * scale
-        o = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-        tl.store(out + o, tl.interleave(hi, lo).to(out.dtype.element_ty), mask=o < 2 * n_bytes)
-
-    return types.SimpleNamespace(nested=nested, flat=flat)
+    return types.SimpleNamespace(dequantize=dequantize)
 
 
 @functools.cache  # memoised per device: the answer depends on Triton, bitsandbytes and the GPU
