@@ -10,6 +10,7 @@ tutorial's 3 epochs; then the ratios. Results go to ``benchmarks/results/<card>-
     python benchmarks/throughput.py                       # all three setups, ../shared
     python benchmarks/throughput.py --assets .gpu --only loraforge --set liger_kernels=off
     python benchmarks/throughput.py --assets .gpu --variants all   # one row per LoRA variant
+    python benchmarks/throughput.py --assets .gpu --thin --only loraforge  # the CPU's cost a step
 
 ``--assets`` is laid out like ``../shared`` (``phi4/config.json``, ``phi4/tokenizer.json``,
 ``phi4/tokenizer_config.json``, ``data/huanhuan.json``); the default is ``../shared`` itself. On a
@@ -742,6 +743,28 @@ def run_loraforge(
     return result
 
 
+# ----------------------------------------------------------------------------- host cost
+
+# --thin: Phi-4's structure with these widths (head_dim stays 128, as Phi-4's); the GPU's work is
+# then a few percent of a step (measured on an H200: about 36 ms of a 0.3 s step at 8,192 tokens)
+THIN = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 4,
+        "num_key_value_heads": 1}  # fmt: skip
+
+
+def thin_assets(assets: Path, folder: Path) -> Path:
+    """An assets folder in ``folder`` like ``assets``, whose ``phi4/config.json`` has the widths
+    of :data:`THIN` (the tokenizer files and the data are linked, not copied)."""
+    (folder / "phi4").mkdir(parents=True)
+    for f in (assets / "phi4").iterdir():
+        if f.name != "config.json":
+            (folder / "phi4" / f.name).symlink_to(f.resolve())
+    config = json.loads((assets / "phi4" / "config.json").read_text(encoding="utf-8"))
+    config.update(THIN)
+    (folder / "phi4" / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    (folder / "data").symlink_to((assets / "data").resolve(), target_is_directory=True)
+    return folder
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -864,6 +887,15 @@ def main() -> None:
         " and the ratios use the medians (identical runs spread by up to 27%% on one H200 host)",
     )
     ap.add_argument(
+        "--thin",
+        action="store_true",
+        help="host-cost mode: every row trains a model of Phi-4's structure (40 decoder layers, the"
+        " same modules, vocabulary and data) with tiny widths (THIN), so the GPU's work is about a"
+        " tenth of a step or less and tokens/s measure the CPU's work per step (launches, Python,"
+        " autograd; a thin step's time bounds it from above); compare rows of one invocation"
+        " only, MFU means nothing here",
+    )
+    ap.add_argument(
         "--prepare-unsloth",
         metavar="ARCH",
         help="only build and save the unsloth_qlora row's bf16 checkpoint (ARCH: llama or phi3)"
@@ -881,6 +913,9 @@ def main() -> None:
         import yaml
 
         overrides[k] = yaml.safe_load(v)
+    if args.thin and not args.child:  # the children get the thin folder as their --assets
+        thin_dir = tempfile.TemporaryDirectory(prefix="loraforge-thin-")
+        args.assets = thin_assets(args.assets, Path(thin_dir.name))
     if args.child:
         import logging  # loraforge's plan lines (fast path, fused layers, RoPE) go to stderr
 
@@ -912,14 +947,20 @@ def main() -> None:
         f"{transformers.__version__}; {ds_tokens:,} tokens an epoch; N = {n_mm / 1e9:.2f}B",
         flush=True,
     )
+    if args.thin:
+        print(
+            f"host-cost mode (--thin): widths {THIN}; tokens/s measure the CPU's work", flush=True
+        )
     runs = []
     args.out.mkdir(parents=True, exist_ok=True)
     slug = card.replace(" ", "-") + (f"-cap{args.cap_gib:g}GiB" if args.cap_gib else "")
+    slug += "-thin" if args.thin else ""
     path = args.out / f"{slug}-{dt.date.today().isoformat()}.json"
 
     def save() -> None:  # after each row too, so a call stopped later keeps the rows done
         record = {
             "card": card,
+            "thin": THIN if args.thin else None,
             "bf16_matmul_tflops": peak,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -162,3 +162,28 @@ def test_the_run_says_what_one_optimizer_step_holds(tiny_base, packing, caplog):
         assert step["examples_per_step"] > 2  # each of the 2 rows holds several examples
     assert step["tokens_per_step"] > step["supervised_tokens_per_step"] > 0
     assert "one optimizer step = 2 x" in caplog.text
+
+
+def test_chunked_head_check_runs_under_the_training_autocast(monkeypatch):
+    """The start-of-run check of the chunked head runs the model as training will: under its
+    mixed precision, so the lean functions installed for that precision run (before, it ran
+    without autocast and each fused layer logged a hand-back to PEFT's forward)."""
+    from loraforge.fast.lora_ops import apply_lean_functions
+    from loraforge.fast.packing import PackedCollator
+    from loraforge.training import steps
+    from loraforge.training.distributed import Ranks
+
+    model = _lora().to(torch.bfloat16)
+    report = apply_lean_functions(model, autocast_dtype=torch.bfloat16)
+    assert report.fused_layers == 8
+    example = {"input_ids": list(range(5, 25)), "labels": list(range(5, 25))}
+    batches = steps.Batches(
+        train=[[example]], eval=None, collator=PackedCollator(TOK.pad_token_id), layout=None
+    )
+    monkeypatch.setattr(steps, "training_autocast", lambda m: None)  # as on the CPU
+    assert steps.head_detachable(model, batches, Ranks())
+    assert report.fallback_calls  # without autocast, the fused layers hand calls back to PEFT
+    report.fallback_calls.clear()
+    monkeypatch.setattr(steps, "training_autocast", lambda m: torch.bfloat16)  # as on a GPU
+    assert steps.head_detachable(model, batches, Ranks())
+    assert not report.fallback_calls  # the check ran the lean functions training runs

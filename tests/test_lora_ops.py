@@ -722,3 +722,84 @@ def test_selective_checkpointing_keeps_the_gradients_of_the_lean_functions():
     ref = _grads(fused)
     for n, g in _grads(selective).items():
         torch.testing.assert_close(g, ref[n], rtol=1e-5, atol=1e-8)
+
+
+def test_current_device_of_switches_only_for_another_cuda_device(monkeypatch):
+    from loraforge.fast import kernels
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib_null())
+    with kernels.current_device_of(torch.ones(2)):  # the CPU
+        pass
+    on = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    off = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    with kernels.current_device_of(on):  # type: ignore[arg-type]
+        pass
+    assert entered == []
+    with kernels.current_device_of(off):  # type: ignore[arg-type]
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def contextlib_null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_installed_forwards_run_the_lean_functions_with_the_inputs_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: each installed forward (LoRA layer, MLP, norm,
+    fused RoPE) runs its lean function inside ``current_device_of(input)``, and the numeric
+    checks at installation inside ``on_device_of(module)``; the values are unchanged."""
+    from transformers.models.phi3 import modeling_phi3
+
+    from loraforge.fast import kernels, rope
+
+    reference_rope = modeling_phi3.apply_rotary_pos_emb  # transformers' RoPE as the "fused" one
+
+    plain = _lora(0.0)
+    fused = copy.deepcopy(plain)
+    checked = []
+    on_device_of = kernels.on_device_of
+
+    def recording_check(module):
+        checked.append(type(module).__name__)
+        return on_device_of(module)
+
+    monkeypatch.setattr(fusion, "on_device_of", recording_check)
+    monkeypatch.setattr(rope, "on_device_of", recording_check)
+    report = apply_lean_functions(fused)
+    assert report.fused_layers == 8 and report.fused_mlps == 2 and report.lean_norms == 5
+    assert rope.install_fused_rope(fused, rope=reference_rope)[0] == 2
+    assert len(checked) == len(report.checks) + 1  # each kind's check, and the RoPE check
+    calls = []
+
+    def recording(x):
+        calls.append(tuple(x.shape))
+        return kernels.current_device_of(x)
+
+    monkeypatch.setattr(fusion, "current_device_of", recording)
+    monkeypatch.setattr(rope, "current_device_of", recording)
+    _assert_same(plain, fused, rtol=1e-5)
+    # a layer: input norm, attention (RoPE), qkv_proj, o_proj, post-attention norm, MLP; final norm
+    assert len(calls) == 2 * 6 + 1
+    assert not report.fallback_calls
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_model_on_the_second_gpu_trains_with_the_current_device_on_the_first(checkpointed):
+    from loraforge.models import enable_checkpointing
+
+    torch.cuda.set_device(0)
+    plain = _lora(0.0).to("cuda:1")
+    fused = copy.deepcopy(plain)
+    report = apply_lean_functions(fused)
+    assert report.fused_layers == 8 and all(c.passed for c in report.checks)
+    if checkpointed:  # the recomputation runs on autograd's thread for cuda:1
+        enable_checkpointing(plain.get_base_model())
+        enable_checkpointing(fused.get_base_model())
+    assert torch.cuda.current_device() == 0
+    _assert_same(plain, fused, ids=IDS.to("cuda:1"))
+    assert not report.fallback_calls

@@ -124,3 +124,19 @@ def test_the_fused_qkv_output_is_split_once_not_sliced_three_times():
     assert _qkv_consumers(attention, x, cos_sin) == ["SliceBackward0"] * 3
     assert install_fused_rope(model, rope=reference_rope)[0] == 2
     assert _qkv_consumers(attention, x, cos_sin) == ["SplitWithSizesBackward0"]
+
+
+def test_the_check_runs_under_the_training_autocast_and_the_lean_layers_take_it():
+    """Checked under the autocast training uses, the attention's adapted projections run the lean
+    functions installed for it (no hand-back to PEFT's forward, no log line saying so)."""
+    from loraforge.fast.lora_ops import apply_lean_functions
+
+    model = _model().to(torch.bfloat16)
+    report = apply_lean_functions(model, autocast_dtype=torch.bfloat16)
+    report.fallback_calls.clear()
+    n, why = install_fused_rope(model, rope=reference_rope, autocast_dtype=torch.bfloat16)
+    assert n == 2, why
+    assert not report.fallback_calls
+    remove_fused_rope(model)
+    assert install_fused_rope(model, rope=reference_rope)[0] == 2  # no autocast: PEFT's forward
+    assert any("no autocast" in k for k in report.fallback_calls)

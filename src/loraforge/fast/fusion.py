@@ -64,6 +64,7 @@ from loraforge.fast.equivalence import (
     check_norm,
     rms_norm_refusal,
 )
+from loraforge.fast.kernels import current_device_of, on_device_of
 from loraforge.fast.quant import base_refusal, dense_dtype
 
 __all__ = ["FUSED", "FusionReport", "install", "norm_sites", "uninstall"]
@@ -441,7 +442,8 @@ class _FusedLinear(_Installed):
         p = _dropout_p(m.lora_dropout[name])
         seed = lora_ops.new_seed() if p > 0.0 else 0
         a, b = m.lora_A[name].weight, m.lora_B[name].weight
-        return lora_ops.lora_linear(m, name, self.plan.regime, x, a, b, p, seed)
+        with current_device_of(x):  # Triton launches on the current device
+            return lora_ops.lora_linear(m, name, self.plan.regime, x, a, b, p, seed)
 
 
 class _FusedMLP(_Installed):
@@ -473,7 +475,8 @@ class _FusedMLP(_Installed):
             weights += [proj.lora_A[plan.adapter].weight, proj.lora_B[plan.adapter].weight]
         adapters = (self.plans[0].adapter, self.plans[1].adapter)
         regime = self.plans[0].regime
-        return lora_ops.lora_mlp(mlp, adapters, regime, x, tuple(weights), tuple(masks))
+        with current_device_of(x):  # Triton launches on the current device
+            return lora_ops.lora_mlp(mlp, adapters, regime, x, tuple(weights), tuple(masks))
 
 
 class _LeanNorm(_Installed):
@@ -490,7 +493,8 @@ class _LeanNorm(_Installed):
             reason = f"input {_name(x.dtype)} on a {_name(w.dtype)} weight"
         if reason:
             return self._own(reason, x, args, kwargs)
-        return lora_ops.lean_norm(self.module, x)
+        with current_device_of(x):  # Triton launches on the current device
+            return lora_ops.lean_norm(self.module, x)
 
 
 def uninstall(model: nn.Module, groups: tuple[str, ...]) -> int:
@@ -543,11 +547,14 @@ def _verify(
     kinds: dict[str, list[str]],
     check: Callable[[str, str], CheckResult],
     own: str,
+    module_of: Callable[[str], nn.Module],
 ) -> None:
-    """Check each kind on its first module; a failed kind's modules get the path ``"numeric
+    """Check each kind on its first module (with that module's CUDA device current, where the
+    lean functions' Triton kernels launch); a failed kind's modules get the path ``"numeric
     check failed"`` and a warning names the module and the error."""
     for kind, names in kinds.items():
-        result = check(kind, names[0])
+        with on_device_of(module_of(names[0])):
+            result = check(kind, names[0])
         report.checks.append(result)
         if result.passed:
             continue
@@ -590,6 +597,7 @@ def _plan_lora(
             kinds,
             lambda kind, n: check_linear(kind, n, named[n], plans[n].adapter, plans[n].regime),
             "PEFT's forward",
+            named.__getitem__,
         )
     admitted = {id(named[n]): p for n, p in plans.items() if report.layers[n] == FUSED}
     mlps: dict[str, tuple[_LinearPlan, ...]] = {}
@@ -611,6 +619,7 @@ def _plan_lora(
                 kind, n, named[n], (mlps[n][0].adapter, mlps[n][1].adapter), mlps[n][0].regime
             ),
             "the model's forward",
+            named.__getitem__,
         )
     installs: list[tuple[nn.Module, _Installed]] = []
     for name, plan in plans.items():
@@ -702,6 +711,7 @@ def _plan_norms(
             kinds,
             lambda kind, n: check_norm(kind, n, sites[n]),
             "their own forward",
+            sites.__getitem__,
         )
     return [
         (sites[n], _LeanNorm(sites[n], report, n.rsplit(".", 1)[-1]))

@@ -24,9 +24,11 @@ caller sets and a later caller reads; torch's generators are made per call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,10 +36,12 @@ import torch.nn.functional as F
 
 __all__ = [
     "apply_mask_bits",
+    "current_device_of",
     "drop",
     "dropout_mask",
     "effective_p",
     "keep",
+    "on_device_of",
     "rms_norm",
     "rms_norm_backward_from_output",
     "swiglu",
@@ -57,6 +61,27 @@ def _kernels(x: torch.Tensor) -> Any:
 
 def _on_triton(x: torch.Tensor) -> bool:
     return _kernels(x) is not None
+
+
+@contextlib.contextmanager
+def on_device_of(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the current CUDA device is the one of ``module``'s first CUDA parameter
+    (if any), where Triton launches: for the numeric checks run on a module at installation."""
+    device = next((p.device for p in module.parameters() if p.is_cuda), None)
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        yield
+
+
+def current_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """A context that makes ``x``'s CUDA device the current one for the block, where Triton
+    launches, if it is not already (a model on ``cuda:1`` called while ``cuda:0`` is current);
+    else a context that does nothing (the CPU, or the current device). The installed forwards
+    run the lean functions in it; autograd runs their backward passes, and any recomputation of
+    a checkpointed layer, on its worker thread for that device, where the device is current
+    already, so every pass takes the same path."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- dropout

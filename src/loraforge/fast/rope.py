@@ -24,6 +24,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from loraforge.fast.kernels import current_device_of, on_device_of
+
 __all__ = ["install_fused_rope", "remove_fused_rope"]
 
 logger = logging.getLogger(__name__)
@@ -62,11 +64,19 @@ class _FusedRopeAttention:
             return type(m).forward(
                 m, hidden_states, position_embeddings, attention_mask, *args, **kwargs
             )
+        for k in _CACHE_KWARGS:
+            kwargs.pop(k, None)
+        with current_device_of(hidden_states):  # Liger's Triton kernel: the current device
+            return self._attend(hidden_states, position_embeddings, attention_mask, kwargs)
+
+    def _attend(
+        self, hidden_states: Any, position_embeddings: Any, attention_mask: Any,
+        kwargs: dict[str, Any],
+    ) -> Any:  # fmt: skip
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.phi3 import modeling_phi3
 
-        for k in _CACHE_KWARGS:
-            kwargs.pop(k, None)
+        m = self.module
         shape = (*hidden_states.shape[:-1], -1, m.head_dim)
         qkv = m.qkv_proj(hidden_states)
         nq = m.config.num_attention_heads * m.head_dim
@@ -113,9 +123,18 @@ def remove_fused_rope(model: Any) -> int:
     return n
 
 
-def _check(model: Any, module: Any, rope: Callable[..., Any], extra: dict[str, Any]) -> str | None:
-    """Run ``module`` with its class's forward and with the fused RoPE on one random batch;
-    None if output and input gradient agree, else why not."""
+def _check(
+    model: Any,
+    module: Any,
+    rope: Callable[..., Any],
+    extra: dict[str, Any],
+    autocast_dtype: Any = None,
+) -> str | None:
+    """Run ``module`` with its class's forward and with the fused RoPE on one random batch
+    (under ``autocast_dtype``'s autocast, if given); None if output and input gradient agree,
+    else why not."""
+    import contextlib
+
     import torch
 
     p = next(module.parameters())
@@ -129,6 +148,7 @@ def _check(model: Any, module: Any, rope: Callable[..., Any], extra: dict[str, A
     rotary = model.get_decoder().rotary_emb
     kwargs = {"position_ids": positions, **extra}
     results = []
+    mixed = torch.autocast(p.device.type, dtype=autocast_dtype) if autocast_dtype else None
     was_training = module.training
     module.eval()  # attention dropout off: the two runs see the same function
     try:
@@ -136,7 +156,8 @@ def _check(model: Any, module: Any, rope: Callable[..., Any], extra: dict[str, A
             x = hidden.clone().requires_grad_()
             with torch.no_grad():
                 cos_sin = rotary(x, positions)
-            out = forward(x, cos_sin, None, **dict(kwargs))[0]
+            with mixed or contextlib.nullcontext():
+                out = forward(x, cos_sin, None, **dict(kwargs))[0]
             (grad,) = torch.autograd.grad(out.float().square().sum(), x)
             results.append((out.detach().float(), grad.float()))
     finally:
@@ -150,7 +171,9 @@ def _check(model: Any, module: Any, rope: Callable[..., Any], extra: dict[str, A
     return None
 
 
-def install_fused_rope(model: Any, rope: Callable[..., Any] | None = None) -> tuple[int, str]:
+def install_fused_rope(
+    model: Any, rope: Callable[..., Any] | None = None, *, autocast_dtype: Any = None
+) -> tuple[int, str]:
     """Give each Phi-3 attention instance of ``model`` a forward with a fused rotary embedding
     (Liger-Kernel's by default), after checking it against the class's forward.
 
@@ -159,6 +182,8 @@ def install_fused_rope(model: Any, rope: Callable[..., Any] | None = None) -> tu
             attention implementation set.
         rope: ``rope(q, k, cos, sin) -> (q, k)``; default Liger-Kernel's
             ``liger_rotary_pos_emb``.
+        autocast_dtype: the mixed precision training runs under (``torch.bfloat16``, ...), or
+            ``None``; the check runs under it, as the attention layers will.
 
     Returns:
         How many attention instances got it, and a line for the log saying why (or why not).
@@ -179,7 +204,8 @@ def install_fused_rope(model: Any, rope: Callable[..., Any] | None = None) -> tu
         cu = torch.tensor([0, 16], dtype=torch.int32, device=next(model.parameters()).device)
         extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 16, "max_length_k": 16}
     try:
-        problem = _check(model, modules[0], rope, extra)
+        with on_device_of(modules[0]):  # Triton launches on the current device
+            problem = _check(model, modules[0], rope, extra, autocast_dtype)
     except Exception as exc:  # the forward cannot run this way on this transformers
         problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraforge.data.builder import IGNORE_INDEX, DataReport, SFTDatasetBuilder
 from loraforge.data.records import check_records
@@ -82,6 +82,9 @@ from loraforge.training.resume import (
 )
 from loraforge.variants import describe_variant, lora_config, loraplus_optimizer
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "Batches",
     "Fit",
@@ -102,6 +105,7 @@ __all__ = [
     "run_fit",
     "run_metrics",
     "start_point",
+    "training_autocast",
 ]
 
 logger = logging.getLogger(__name__)
@@ -362,7 +366,6 @@ def apply_plan_and_lora(
     """Kernels, attention and checkpointing on the base model, then LoRA and the lean functions;
     returns the PEFT model. Under DDP the model is first moved to this process's device; under
     FSDP2 its frozen base weights are sharded across the processes last."""
-    import torch
     from peft import get_peft_model
 
     quantized = recipe.quantization != "none"  # placed on this process's GPU as it loaded
@@ -386,11 +389,10 @@ def apply_plan_and_lora(
         enable_selective_checkpointing(model)
     model = get_peft_model(model, lora_config(recipe, targets))  # the variant is PEFT's
     if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
-        dtype = next(model.parameters()).dtype
-        mixed = dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
-        apply_lean_functions(model, autocast_dtype=dtype if mixed else None)
+        apply_lean_functions(model, autocast_dtype=training_autocast(model))
     if plan.liger_kernels:  # Liger's fused RoPE, per attention instance, checked first
-        logger.info("rope: %s", install_fused_rope(model)[1])
+        rope = install_fused_rope(model, autocast_dtype=training_autocast(model))
+        logger.info("rope: %s", rope[1])
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "%s r=%d alpha=%g on %s; trainable parameters %s of %s (%.3f%%)",
@@ -421,10 +423,24 @@ def _lora_counts(model: Any, targets: Sequence[str]) -> dict[str, int]:
     return {t: sum(1 for n in names if n.endswith("." + t + ".lora_A")) for t in targets}
 
 
+def training_autocast(model: Any) -> torch.dtype | None:
+    """The mixed precision training runs ``model`` under: its dtype when that is bfloat16 or
+    float16 and a CUDA GPU trains it (the Trainer's ``bf16``/``fp16``), else
+    ``None``."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    mixed = dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
+    return dtype if mixed else None
+
+
 def head_detachable(model: Any, batches: Batches, ranks: Ranks) -> bool:
     """Whether the loss may apply ``lm_head`` in chunks: checked on the real model, with a
     short packed row made by the training collator (on every process, the same row; all
-    processes take the same verdict)."""
+    processes take the same verdict), under the mixed precision training uses
+    (:func:`training_autocast`), so the check runs the layers training runs."""
+    import contextlib
+
     import torch
 
     first = batches.train[0][0]  # the first example of the first packed row
@@ -434,7 +450,10 @@ def head_detachable(model: Any, batches: Batches, ranks: Ranks) -> bool:
         k: v.to(device) if torch.is_tensor(v) else v
         for k, v in batches.collator([[sample]]).items()
     }
-    ok, why = head_is_detachable(model, inputs)
+    dtype = training_autocast(model)
+    mixed = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
+    with mixed or contextlib.nullcontext():
+        ok, why = head_is_detachable(model, inputs)
     verdicts = on_all(ranks, (ok, why))
     ok, why = next(((o, w) for o, w in verdicts if not o), (ok, why))
     logger.info("chunked loss: %s", "on" if ok else f"off ({why})")
@@ -538,7 +557,6 @@ def build_trainer(
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
-    dtype = next(model.parameters()).dtype
     guard = NonFiniteGuard(
         out,
         examples=batches.train.input_ids
@@ -570,8 +588,8 @@ def build_trainer(
         eval_strategy="no" if batches.eval is None else ("steps" if recipe.eval_steps else "epoch"),
         eval_steps=recipe.eval_steps,
         report_to=list(recipe.report_to) or "none",
-        bf16=dtype == torch.bfloat16 and on_gpu,
-        fp16=dtype == torch.float16 and on_gpu,
+        bf16=training_autocast(model) == torch.bfloat16,
+        fp16=training_autocast(model) == torch.float16,
         use_cpu=not on_gpu,
         remove_unused_columns=False,
         dataloader_pin_memory=on_gpu,
