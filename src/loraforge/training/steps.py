@@ -388,10 +388,11 @@ def apply_plan_and_lora(
     elif plan.gradient_checkpointing == "selective":
         enable_selective_checkpointing(model)
     model = get_peft_model(model, lora_config(recipe, targets))  # the variant is PEFT's
+    mixed = training_autocast(model)
     if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
-        apply_lean_functions(model, autocast_dtype=training_autocast(model))
+        apply_lean_functions(model, autocast_dtype=mixed)
     if plan.liger_kernels:  # Liger's fused RoPE, per attention instance, checked first
-        rope = install_fused_rope(model, autocast_dtype=training_autocast(model))
+        rope = install_fused_rope(model, autocast_dtype=mixed)
         logger.info("rope: %s", rope[1])
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
@@ -557,6 +558,7 @@ def build_trainer(
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
+    mixed = training_autocast(model)
     guard = NonFiniteGuard(
         out,
         examples=batches.train.input_ids
@@ -588,8 +590,8 @@ def build_trainer(
         eval_strategy="no" if batches.eval is None else ("steps" if recipe.eval_steps else "epoch"),
         eval_steps=recipe.eval_steps,
         report_to=list(recipe.report_to) or "none",
-        bf16=training_autocast(model) == torch.bfloat16,
-        fp16=training_autocast(model) == torch.float16,
+        bf16=mixed == torch.bfloat16,
+        fp16=mixed == torch.float16,
         use_cpu=not on_gpu,
         remove_unused_columns=False,
         dataloader_pin_memory=on_gpu,
