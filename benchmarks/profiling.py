@@ -604,3 +604,57 @@ def profiler_callback(start: int, steps: int = 2, out: Path | None = None):
                 print(f"PROFILE analysis failed: sync debug: {exc!r}")
 
     return Profile()
+
+
+def python_profile_callback(start: int, steps: int = 3, top: int = 45):
+    """``LORAFORGE_PYPROFILE``: where the main thread's CPU time goes over ``steps`` optimizer steps
+    after ``start`` (``cProfile``; the autograd thread's Python backward functions are not seen,
+    only the main thread's wait for them inside ``backward``). Prints the functions with the most
+    time of their own and the most time including callees, on lines starting with ``PYPROFILE``."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from transformers import TrainerCallback
+
+    class PyProfile(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof: cProfile.Profile | None = None
+            self.t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == start and self.prof is None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof = cProfile.Profile()
+                self.t0 = time.perf_counter()
+                self.prof.enable()
+
+        def on_step_end(self, args, state, control, **kw):
+            last = min(start + steps, args.max_steps)
+            if self.prof is None or state.global_step != last:
+                return
+            self.prof.disable()
+            steps_done = last - start
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            dump = os.environ.get("LORAFORGE_PYPROFILE_DIR")
+            if dump:  # the raw statistics, for pstats (callers, callees) after the run
+                Path(dump).mkdir(parents=True, exist_ok=True)
+                self.prof.dump_stats(str(Path(dump) / f"steps-{os.getpid()}.pstats"))
+            print(
+                f"PYPROFILE {steps_done} steps, {wall * 1e3 / steps_done:.1f} ms a step "
+                "(wall, profiled)"
+            )
+            for key in ("tottime", "cumulative"):
+                buf = io.StringIO()
+                pstats.Stats(self.prof, stream=buf).sort_stats(key).print_stats(top)
+                lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+                print(f"PYPROFILE by {key}:")
+                for ln in lines[-(top + 1) :]:
+                    print(f"PYPROFILE {ln[:220]}")
+            self.prof = None
+
+    return PyProfile()

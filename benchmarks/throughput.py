@@ -735,6 +735,10 @@ def run_loraforge(
         from profiling import profiler_callback
 
         callbacks.append(profiler_callback(warmup, out=out))
+    if os.environ.get("LORAFORGE_PYPROFILE"):
+        from profiling import python_profile_callback
+
+        callbacks.append(python_profile_callback(warmup))
     res = train(recipe, model=model, tokenizer=tok, callbacks=callbacks)
     result = meter.result()
     result["fast_path"] = res.metrics["fast_path"] + (
@@ -1051,7 +1055,7 @@ def main() -> None:
             plan += [x for x in stdout.splitlines() if x.startswith("unsloth checkpoint")]
         if plan:  # what the run chose: fast path, fused layers and their check, RoPE, loss
             print("\n".join(f"  {x[:400]}" for x in plan[-12:]), flush=True)
-        prof = [x for x in stdout.splitlines() if x.startswith("PROFILE")]
+        prof = [x for x in stdout.splitlines() if x.startswith(("PROFILE", "PYPROFILE"))]
         if prof:
             print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])
