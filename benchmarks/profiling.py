@@ -607,10 +607,11 @@ def profiler_callback(start: int, steps: int = 2, out: Path | None = None):
 
 
 def python_profile_callback(start: int, steps: int = 3, top: int = 45):
-    """``LORAFORGE_PYPROFILE``: where the main thread's CPU time goes over ``steps`` optimizer steps
-    after ``start`` (``cProfile``; the autograd thread's Python backward functions are not seen,
-    only the main thread's wait for them inside ``backward``). Prints the functions with the most
-    time of their own and the most time including callees, on lines starting with ``PYPROFILE``."""
+    """``LORAFORGE_PYPROFILE``: where the CPU time goes over ``steps`` optimizer steps after
+    ``start`` (``cProfile``, enabled on the thread that trains; time a call spends waiting, e.g. for
+    a full launch queue, counts as its own). Prints the functions with the most time of their own
+    and the most time including callees, on lines starting with ``PYPROFILE``; with
+    ``LORAFORGE_PYPROFILE_DIR`` the raw statistics go there for ``pstats``."""
     import cProfile
     import io
     import pstats
