@@ -254,15 +254,16 @@ def main() -> None:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         one_step(model, batch, way, mixed)
-        peak = torch.cuda.max_memory_allocated()
+        peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()
         print(
-            f"  {name}: peak {peak / 2**30:.2f} GiB during a step, {base / 2**30:.2f} GiB held "
-            f"before it (the graphs' pool and static buffers count as held)",
+            f"  {name}: peak {peak / 2**30:.2f} GiB allocated during a step ({base / 2**30:.2f} "
+            f"before it), {reserved / 2**30:.2f} GiB reserved (a replay allocates nothing: "
+            "compare reserved)",
             flush=True,
         )
     times: dict[str, list[float]] = {"eager": [], "graphed": []}
     issue: dict[str, list[float]] = {"eager": [], "graphed": []}
-    gpu: dict[str, list[float]] = {"eager": [], "graphed": []}
+    gpu: dict[str, float] = {}
     for _ in range(args.steps):
         for name, way in (("eager", eager), ("graphed", graphed)):
             torch.cuda.synchronize()
@@ -282,27 +283,27 @@ def main() -> None:
         prof.disable()
         torch.cuda.synchronize()
         prof.dump_stats(args.pyprofile)
+    from torch.profiler import ProfilerActivity, profile
+
     for name, way in (("eager", eager), ("graphed", graphed)):
         # the GPU's own time for a step: the kernels' durations (CUDA activity only, one stream)
-        from torch.profiler import ProfilerActivity, profile
-
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             issue_step(model, batch, way, mixed)
             torch.cuda.synchronize()
         try:
             averages = prof.key_averages()
-            gpu[name].append(sum(k.self_device_time_total for k in averages) / 1e6)
+            gpu[name] = sum(k.self_device_time_total for k in averages) / 1e6
             top = sorted(averages, key=lambda k: -k.self_device_time_total)[:12]
             print(f"  {name}: top kernels of one step (ms, calls)")
             for k in top:
                 print(f"    {k.self_device_time_total / 1e3:7.2f} {k.count:5d}  {k.key[:90]}")
         except Exception as exc:  # an analysis failure must not cost the timings above
             print(f"profile analysis failed: {exc!r}")
-            gpu[name].append(float("nan"))
+            gpu[name] = float("nan")
     e, g = (statistics.median(times[k][2:]) for k in ("eager", "graphed"))
     ei, gi = (statistics.median(issue[k][2:]) for k in ("eager", "graphed"))
-    eg, gg = (gpu[k][0] for k in ("eager", "graphed"))
+    eg, gg = gpu["eager"], gpu["graphed"]
     print(
         f"step (forward + backward, no optimizer), median of {args.steps - 2}: eager {e * 1e3:.1f} "
         f"ms, graphed {g * 1e3:.1f} ms: {e / g:.2f}x; {tokens / g:,.0f} tokens/s graphed "
