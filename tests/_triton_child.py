@@ -116,10 +116,27 @@ def check_nf4(nested: bool, dtype: torch.dtype) -> None:
         assert ((ours.float() - theirs.float()).abs() <= step).all(), "beyond one unit"
 
 
+def check_seed_from_a_tensor() -> None:
+    """A seed handed to the dropout kernel as a one-element int64 tensor (drawn on the device,
+    as inside a CUDA graph) gives the mask of the same seed handed as an int."""
+    x = torch.randn(7, 333)
+    for seed in (12345, 2**61 + 7):
+        out_a, bits_a = kernels._triton_drop(K, x, 0.3, seed)
+        out_b, bits_b = kernels._triton_drop(K, x, 0.3, torch.tensor([seed], dtype=torch.int64))
+        assert torch.equal(bits_a, bits_b) and torch.equal(out_a, out_b), seed
+    try:
+        kernels._triton_drop(K, x, 0.3, torch.tensor([1], dtype=torch.int32))
+    except ValueError as exc:
+        assert "one int64 element" in str(exc)
+    else:
+        raise AssertionError("an int32 seed tensor was taken")
+
+
 CHECKS = {
     "dropout_p0.1": lambda: check_dropout((96, 640), 0.1, 12345),
     "dropout_p0.5_64bit_seed_ragged": lambda: check_dropout((7, 333), 0.5, 2**61 + 7),
     "swiglu_and_rms": check_swiglu_and_rms,
+    "dropout_seed_from_a_tensor": check_seed_from_a_tensor,
 }
 for _nested in (True, False):
     for _dtype in (torch.float16, torch.float32, torch.bfloat16):

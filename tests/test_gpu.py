@@ -217,7 +217,7 @@ def test_lean_lora_matches_peft_with_dropout_in_bf16(monkeypatch, capsys):
     for m in plain.modules():
         if hasattr(m, "lora_dropout"):
             m.lora_dropout["default"] = Seeded()
-    monkeypatch.setattr(lora_ops, "new_seed", lambda: next(seeds))
+    monkeypatch.setattr(lora_ops, "new_seed", lambda device=None: next(seeds))
     ids = torch.randint(0, len(tok), (1, 2048), device="cuda")
     losses = []
     for model in (plain, fast):

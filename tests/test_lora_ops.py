@@ -150,7 +150,7 @@ def test_lean_lora_equals_peft_with_the_same_dropout_masks(monkeypatch):
         if hasattr(m, "lora_dropout"):
             m.lora_dropout["default"] = _SeededDropout(0.1, ref_seeds)
     seeds = itertools.count(1000)
-    monkeypatch.setattr(lora_ops, "new_seed", lambda: next(seeds))
+    monkeypatch.setattr(lora_ops, "new_seed", lambda device=None: next(seeds))
     _assert_same(plain, fused)
     assert next(seeds) == next(ref_seeds) == 1008  # one mask per adapted layer
 
@@ -803,3 +803,12 @@ def test_a_model_on_the_second_gpu_trains_with_the_current_device_on_the_first(c
     assert torch.cuda.current_device() == 0
     _assert_same(plain, fused, ids=IDS.to("cuda:1"))
     assert not report.fallback_calls
+
+
+def test_seeds_are_ints_outside_a_cuda_graph_capture_and_tensors_are_for_the_kernel_only():
+    from loraforge.fast import kernels
+
+    assert isinstance(lora_ops.new_seed(), int)
+    assert isinstance(lora_ops.new_seed(torch.device("cpu")), int)
+    with pytest.raises(ValueError, match="read by the GPU kernel only"):
+        kernels.dropout_mask(torch.ones(4, 8), 0.5, torch.tensor([3], dtype=torch.int64))

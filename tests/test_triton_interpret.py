@@ -49,6 +49,7 @@ def results() -> dict[str, str]:
         "dropout_p0.1",
         "dropout_p0.5_64bit_seed_ragged",
         "swiglu_and_rms",
+        "dropout_seed_from_a_tensor",
         *(f"nf4_{q}_{d}" for q in ("nested", "flat") for d in ("float16", "float32", "bfloat16")),
     ],
 )

@@ -440,7 +440,7 @@ class _FusedLinear(_Installed):
             return self._own(reason, x, args, kwargs)
         name = self.plan.adapter
         p = _dropout_p(m.lora_dropout[name])
-        seed = lora_ops.new_seed() if p > 0.0 else 0
+        seed = lora_ops.new_seed(x.device) if p > 0.0 else 0
         a, b = m.lora_A[name].weight, m.lora_B[name].weight
         with current_device_of(x):  # Triton launches on the current device
             return lora_ops.lora_linear(m, name, self.plan.regime, x, a, b, p, seed)
@@ -471,7 +471,7 @@ class _FusedMLP(_Installed):
         masks, weights = [], []
         for proj, plan in zip(parts, self.plans, strict=True):
             p = _dropout_p(proj.lora_dropout[plan.adapter])
-            masks.append((p, lora_ops.new_seed() if p > 0.0 else 0))
+            masks.append((p, lora_ops.new_seed(x.device) if p > 0.0 else 0))
             weights += [proj.lora_A[plan.adapter].weight, proj.lora_B[plan.adapter].weight]
         adapters = (self.plans[0].adapter, self.plans[1].adapter)
         regime = self.plans[0].regime

@@ -95,7 +95,7 @@ def effective_p(p: float, x: torch.Tensor) -> float:
     return round(p * _LEVELS) / _LEVELS
 
 
-def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropout_mask(like: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     """The keep-mask of :func:`drop` for a tensor shaped like ``like`` (``True`` = kept, with
     probability ``1 - effective_p(p)``); a function of ``seed`` and the device kind."""
     k = _kernels(like)
@@ -103,13 +103,17 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         ones = torch.ones(like.shape, dtype=torch.int8, device=like.device)
         kept, _ = _triton_drop(k, ones, p, seed, out=ones)
         return kept.bool()
+    if isinstance(seed, torch.Tensor):  # drawn on a GPU for its kernel (lora_ops.new_seed)
+        raise ValueError("a seed tensor is read by the GPU kernel only; use an int here")
     gen = torch.Generator(device=like.device)  # a fresh one: no state shared between callers
     gen.manual_seed(seed)
     mask = torch.empty(like.shape, dtype=torch.bool, device=like.device)
     return mask.bernoulli_(1.0 - p, generator=gen)
 
 
-def drop(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def drop(
+    x: torch.Tensor, p: float, seed: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` times its keep-mask (unscaled), and the mask packed into bits where the GPU kernel
     made it (``None`` elsewhere: :func:`keep` draws it again from ``seed``)."""
     if p <= 0.0:
@@ -123,7 +127,7 @@ def drop(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tens
 def keep(
     x: torch.Tensor,
     p: float,
-    seed: int,
+    seed: int | torch.Tensor,
     bits: torch.Tensor | None = None,
     *,
     inplace: bool = False,
@@ -168,17 +172,23 @@ _DROP_GROUPS = 256  # constant: eight-element groups per program of the dropout 
 
 
 def _triton_drop(
-    k: Any, x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None
+    k: Any, x: torch.Tensor, p: float, seed: int | torch.Tensor, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seed``: an int, or a one-element int64 tensor on ``x``'s device that the kernel reads
+    (a seed drawn on the device, e.g. inside a CUDA graph; the same value gives the same mask)."""
     n = x.numel()
     if n >= 2**31:
         raise ValueError(f"dropout on {n} elements: more than the kernel's 2**31 offsets")
     out = torch.empty_like(x) if out is None else out
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
     threshold = min(round(p * _LEVELS), _LEVELS)
-    k.drop[(k.cdiv(n, 8 * _DROP_GROUPS),)](
-        x, out, bits, n, threshold, int(seed) & (2**63 - 1), GROUPS=_DROP_GROUPS
-    )
+    grid = (k.cdiv(n, 8 * _DROP_GROUPS),)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+            raise ValueError("a tensor seed must be one int64 element on the input's device")
+        k.drop[grid](x, out, bits, n, threshold, seed, GROUPS=_DROP_GROUPS, SEED_PTR=True)
+    else:
+        k.drop[grid](x, out, bits, n, threshold, int(seed) & (2**63 - 1), GROUPS=_DROP_GROUPS)
     return out, bits
 
 
@@ -358,13 +368,26 @@ def _build_triton_kernels() -> Any:
         tl.store(out_ptr + row * 2 * n_cols + n_cols + cols, db.to(dt), mask=inside)
 
     @triton.jit
-    def drop_kernel(src, out, bits, n, thr, seed, GROUPS: tl.constexpr, ROUNDS: tl.constexpr = 10):  # type: ignore[no-untyped-def]
+    def drop_kernel(  # type: ignore[no-untyped-def]
+        src,
+        out,
+        bits,
+        n,
+        thr,
+        seed,
+        GROUPS: tl.constexpr,
+        ROUNDS: tl.constexpr = 10,
+        SEED_PTR: tl.constexpr = False,
+    ):
         # one Philox draw, 128 bits = eight 16-bit halves, decides eight elements: element 8g + j
         # with j = 4i + 2k + h is kept when half h (0: low, 1: high) of word 2k + i of draw
         # (seed, g) is >= thr; byte g of bits holds their keep-bits (bit j: element 8g + j).
         # The halves are laid out with tl.join, which keeps each group's eight in one thread
         # (2.1-3.1x faster on an H200 than selecting them with tl.where: benchmarks/kernel_probe.py;
-        # ROUNDS: Philox rounds, 10 as Triton's default; other values only for that benchmark)
+        # ROUNDS: Philox rounds, 10 as Triton's default; other values only for that benchmark;
+        # SEED_PTR: seed is a pointer to one int64, read here, not the seed itself)
+        if SEED_PTR:
+            seed = tl.load(seed)
         groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
         # 32-bit offsets: with 64-bit ones, Triton before 3.4 runs 64-bit Philox (64-bit words)
         r0, r1, r2, r3 = tl.randint4x(seed, groups.to(tl.int32), ROUNDS)

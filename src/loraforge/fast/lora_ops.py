@@ -71,8 +71,14 @@ __all__ = [
 ]
 
 
-def new_seed() -> int:
-    """A dropout seed from torch's CPU generator (no device synchronisation)."""
+def new_seed(device: torch.device | None = None) -> int | torch.Tensor:
+    """A dropout seed: from torch's CPU generator (no device synchronisation), or, while a CUDA
+    graph is being captured on ``device``, one drawn by torch's CUDA generator into a one-element
+    tensor that the dropout kernel reads. A graph replays the kernels it captured with the
+    arguments of the capture; torch's generator draws afresh on every replay, so each replay
+    gets new masks (an int drawn at capture would give every replay the same ones)."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
@@ -98,7 +104,7 @@ def _lora_up(base: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor) -> torch
 
 
 def _lora_down(
-    x: torch.Tensor, lora_a: torch.Tensor, scale: float, p: float, seed: int
+    x: torch.Tensor, lora_a: torch.Tensor, scale: float, p: float, seed: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """``(dropout(x) @ A^T) * coef`` with ``coef = scale / (1 - effective_p(p))`` (``p`` rounded
     to 1/65,536 on the GPU kernel), the dropout mask's bits (GPU) and ``coef``; the dropped copy of
@@ -151,7 +157,7 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_b: torch.Tensor,
         scale: float,
         p: float,
-        seed: int,
+        seed: int | torch.Tensor,
     ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -194,8 +200,8 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         w2: Any,
         a2: torch.Tensor,
         b2: torch.Tensor,
-        lora1: tuple[float, float, int],
-        lora2: tuple[float, float, int],
+        lora1: tuple[float, float, int | torch.Tensor],
+        lora2: tuple[float, float, int | torch.Tensor],
     ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -266,7 +272,7 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     p: float,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> Any:
     """PEFT's ``module(x)`` (a ``lora.Linear``) through :class:`LoraLinearFunction`, with these
     adapter weights, in ``regime`` (the autocast dtype) or, without autocast, ``x``'s dtype."""
@@ -293,7 +299,7 @@ def lora_mlp(
     regime: torch.dtype | None,
     x: torch.Tensor,
     weights: tuple[torch.Tensor, ...],
-    masks: tuple[tuple[float, int], ...],
+    masks: tuple[tuple[float, int | torch.Tensor], ...],
 ) -> Any:
     """The MLP's ``mlp(x)`` through :class:`LoraSwiGLUFunction`, with adapter weights
     ``(A1, B1, A2, B2)`` of ``gate_up_proj`` and ``down_proj`` and dropout
