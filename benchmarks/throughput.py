@@ -283,6 +283,9 @@ class Meter:
             mask = batch.get("attention_mask")
             ids = batch["input_ids"]
             real = int(mask.sum()) if mask is not None else int(ids.numel())
+            if mask is None and "cu_seq_lens_q" in batch:  # packed: rows may be padded
+                examples = [ex for b in features for ex in (b if isinstance(b, list) else [b])]
+                real = sum(len(ex["input_ids"]) for ex in examples)
             sup = int((batch["labels"][..., 1:] != -100).sum())
             self.batches.append((real, sup))
             return batch
@@ -744,6 +747,8 @@ def run_loraforge(
     result["fast_path"] = res.metrics["fast_path"] + (
         "; blocking batch copies" if not lf_train._NON_BLOCKING_COPIES else ""
     )
+    if res.metrics.get("cuda_graphs", "off") != "off":
+        result["fast_path"] += f"; CUDA graphs {res.metrics['cuda_graphs']}"
     return result
 
 

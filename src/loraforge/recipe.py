@@ -197,6 +197,12 @@ class LoraRecipe:
     liger_kernels: Literal["auto", "on", "off"] = _f(
         "auto", "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE (GPU; 'auto' = when installed)."
     )
+    cuda_graphs: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "Replay the decoder layers of a training step from one CUDA graph (one launch instead of "
+        "thousands; packed rows padded to pack_tokens). 'auto' = on a GPU when the plan allows: "
+        "packing, varlen attention, no gradient checkpointing, one process, grad_accum 1.",
+    )
     max_memory_gib: float | None = _f(
         40.0, "GPU memory the automatic choices aim to stay under (None = the whole card)."
     )
@@ -227,7 +233,7 @@ class LoraRecipe:
         for name in ("target_modules", "report_to", "eval_prompts"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("packing", "liger_kernels"):  # YAML reads on/off as true/false
+        for name in ("packing", "liger_kernels", "cuda_graphs"):  # YAML reads on/off as bools
             if isinstance(getattr(self, name), bool):
                 object.__setattr__(self, name, "on" if getattr(self, name) else "off")
         if isinstance(self.gradient_checkpointing, bool):  # true/false: full/off

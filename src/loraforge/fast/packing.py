@@ -24,7 +24,7 @@ from typing import Any
 from loraforge.data.builder import IGNORE_INDEX
 from loraforge.errors import DataError
 
-__all__ = ["PackedCollator", "PackedDataset", "pack_examples"]
+__all__ = ["PackedCollator", "PackedDataset", "fixed_shape", "pack_examples"]
 
 
 def pack_examples(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -87,6 +87,18 @@ class PackedDataset:
         return used / (len(self.bins) * self.budget) if self.bins else 0.0
 
 
+def fixed_shape(rows: PackedDataset) -> tuple[int, int]:
+    """``(segment_cap, segments)`` for :class:`PackedCollator` that fit every row of ``rows``
+    padded to its budget: the longest example bounds every segment (the padding is split into
+    segments no longer), and ``segments`` is the most ``cu_seq_lens`` entries a row then needs."""
+    longest = max((len(x) for x in rows.input_ids), default=1)
+    most = 0
+    for b in rows.bins:
+        used = sum(len(rows.input_ids[j]) for j in b)
+        most = max(most, len(b) + -(-(rows.budget - used) // longest))
+    return longest, most + 1
+
+
 class PackedCollator:
     """Concatenate the examples of one bin into a single row.
 
@@ -94,15 +106,26 @@ class PackedCollator:
     restarting per example, ``cu_seq_lens_q``/``cu_seq_lens_k`` and ``max_length_q``/``_k`` for
     variable-length attention, and ``logits_to_keep`` (positions whose next token is supervised)
     when ``supervised_logits_only``. With ``pad_to`` the row is padded to that many tokens with a
-    separate, unsupervised segment (static shapes).
+    separate, unsupervised segment (static shapes). For fixed shapes throughout (CUDA graphs,
+    :mod:`loraforge.fast.graphs`), ``segment_cap`` splits that padding into segments of at most
+    that many tokens, and ``segments`` pads ``cu_seq_lens`` to that many entries with empty
+    segments at the end; the model's result for the real tokens is the same.
     """
 
     def __init__(
-        self, pad_token_id: int, *, pad_to: int | None = None, supervised_logits_only: bool = True
+        self,
+        pad_token_id: int,
+        *,
+        pad_to: int | None = None,
+        supervised_logits_only: bool = True,
+        segment_cap: int | None = None,
+        segments: int | None = None,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to
         self.supervised_logits_only = supervised_logits_only
+        self.segment_cap = segment_cap
+        self.segments = segments
 
     def __call__(self, batch: Sequence[Any]) -> dict[str, Any]:
         import torch
@@ -120,12 +143,22 @@ class PackedCollator:
             pos.extend(range(n))
             cu.append(cu[-1] + n)
         if self.pad_to is not None and len(ids) < self.pad_to:
-            n = self.pad_to - len(ids)
-            ids.extend([self.pad_token_id] * n)
-            labels.extend([IGNORE_INDEX] * n)
-            pos.extend(range(n))
-            cu.append(cu[-1] + n)
+            left = self.pad_to - len(ids)
+            while left:
+                n = min(left, self.segment_cap or left)
+                ids.extend([self.pad_token_id] * n)
+                labels.extend([IGNORE_INDEX] * n)
+                pos.extend(range(n))
+                cu.append(cu[-1] + n)
+                left -= n
         lengths = [b - a for a, b in itertools.pairwise(cu)]
+        if self.segments is not None:
+            if len(cu) > self.segments:
+                raise DataError(
+                    f"a packed row has {len(cu) - 1} segments, more than the {self.segments - 1} "
+                    "its fixed shape allows"
+                )
+            cu.extend([cu[-1]] * (self.segments - len(cu)))  # empty segments
         out: dict[str, Any] = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),

@@ -24,12 +24,13 @@ from loraforge.data.sources import open_data
 from loraforge.data.templates import (
     PromptTemplate,
 )
-from loraforge.errors import DataError
+from loraforge.errors import DataError, RecipeError
 from loraforge.fast.attention import attention_implementation, set_attention
+from loraforge.fast.graphs import LayerGraphs, install_layer_graphs
 from loraforge.fast.liger import apply_liger
 from loraforge.fast.lora_ops import apply_lean_functions
 from loraforge.fast.losses import PackedLoss, head_is_detachable
-from loraforge.fast.packing import PackedCollator, PackedDataset
+from loraforge.fast.packing import PackedCollator, PackedDataset, fixed_shape
 from loraforge.fast.plan import (
     DeviceInfo,
     FastPlan,
@@ -202,6 +203,7 @@ class Batches:
     eval: Any | None
     collator: Any
     layout: StepLayout
+    graph_shape: tuple[int, int, int] | None = None  # (tokens, segments, segment cap) padded to
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +357,7 @@ def plan_run(
         processes=ranks.world_size,
     )
     logger.info("fast path: %s", plan.describe())
+    graphs_wanted(recipe, plan, ranks)  # cuda_graphs: 'on' where it cannot be: an error now
     if not plan.fits:
         logger.warning("fast path: %s", over_budget_advice(recipe, plan))
     return plan
@@ -461,18 +464,70 @@ def head_detachable(model: Any, batches: Batches, ranks: Ranks) -> bool:
     return ok
 
 
+def graphs_wanted(recipe: LoraRecipe, plan: FastPlan, ranks: Ranks) -> tuple[bool, str]:
+    """Whether the decoder layers are to replay from a CUDA graph (``cuda_graphs``), and the
+    reason in words when not.
+
+    Raises:
+        RecipeError: ``cuda_graphs: on`` where the plan does not allow it.
+    """
+    import torch
+
+    if recipe.cuda_graphs == "off":
+        return False, "off (cuda_graphs: off)"
+    why = None
+    if not torch.cuda.is_available():
+        why = "no CUDA GPU"
+    elif not plan.packing:
+        why = "packing is off"
+    elif plan.attention != "varlen":
+        why = f"attention is {plan.attention!r}, not 'varlen'"
+    elif plan.gradient_checkpointing != "off":
+        why = f"gradient checkpointing is {plan.gradient_checkpointing!r}"
+    elif ranks.world_size > 1:
+        why = f"{ranks.world_size} processes train together"
+    elif recipe.grad_accum != 1:  # the graph hands its gradient buffers to the parameters
+        why = f"grad_accum is {recipe.grad_accum}"
+    if why is None:
+        return True, "on"
+    if recipe.cuda_graphs == "on":
+        raise RecipeError(
+            [
+                f"cuda_graphs: 'on' needs a CUDA GPU, packing, attention 'varlen', no gradient "
+                f"checkpointing, one process and grad_accum 1; here {why}. Set cuda_graphs: "
+                "auto (on where it can be) or off"
+            ]
+        )
+    return False, f"off ({why})"
+
+
 def lay_out_steps(
     recipe: LoraRecipe, plan: FastPlan, data: TrainData, pad_id: int, ranks: Ranks
 ) -> Batches:
     """Packed rows or padded batches, and what one optimizer step holds (logged). With several
-    processes, a step holds ``grad_accum`` micro-batches on each."""
+    processes, a step holds ``grad_accum`` micro-batches on each. Where the layers replay from a
+    CUDA graph (:func:`graphs_wanted`), every packed row is padded to one fixed shape."""
     train_ds, eval_ds = data.train, data.eval
+    graph_shape = None
     if plan.packing:
         assert plan.pack_tokens is not None
         train_ds = PackedDataset(train_ds, plan.pack_tokens, seed=recipe.seed)
         if eval_ds is not None:
             eval_ds = PackedDataset(eval_ds, plan.pack_tokens, seed=recipe.seed)
         collator: Any = PackedCollator(pad_id)
+        graphs, why = graphs_wanted(recipe, plan, ranks)
+        if graphs:
+            shapes = [fixed_shape(d) for d in (train_ds, eval_ds) if d is not None]
+            cap, segments = max(c for c, _ in shapes), max(n for _, n in shapes)
+            graph_shape = (plan.pack_tokens, segments, cap)
+            collator = PackedCollator(
+                pad_id, pad_to=plan.pack_tokens, segment_cap=cap, segments=segments
+            )
+            why = (
+                f"on (rows padded to {plan.pack_tokens} tokens and {segments} cu_seq_lens "
+                f"entries, segments of <= {cap} tokens)"
+            )
+        logger.info("CUDA graphs: %s", why)
         micro = f"<= {plan.pack_tokens} tokens (packed row)"
         micro_batches = len(train_ds)
         logger.info(
@@ -512,7 +567,24 @@ def lay_out_steps(
         ),
     )
     logger.info("steps: %s", layout.describe())
-    return Batches(train_ds, eval_ds, collator, layout)
+    return Batches(train_ds, eval_ds, collator, layout, graph_shape)
+
+
+def install_graphs(model: Any, batches: Batches) -> LayerGraphs | None:
+    """The decoder layers replayed from a CUDA graph where :func:`lay_out_steps` fixed the rows'
+    shape (logged); ``None`` where they run eagerly."""
+    if batches.graph_shape is None:
+        return None
+    tokens, segments, cap = batches.graph_shape
+    graphs, line = install_layer_graphs(
+        model,
+        tokens=tokens,
+        segments=segments,
+        max_length=cap,
+        autocast_dtype=training_autocast(model),
+    )
+    logger.info("CUDA graphs: %s", line)
+    return graphs
 
 
 def start_point(
@@ -674,7 +746,12 @@ def run_fit(trainer: Any, model: Any, batches: Batches, start: ResumePoint) -> F
 
 
 def run_metrics(
-    fit: Fit, batches: Batches, plan: FastPlan, model: Any, targets: Sequence[str]
+    fit: Fit,
+    batches: Batches,
+    plan: FastPlan,
+    model: Any,
+    targets: Sequence[str],
+    graphs: LayerGraphs | None = None,
 ) -> dict[str, Any]:
     losses = [h["loss"] for h in fit.history if "loss" in h]
     trainable, _ = model.get_nb_trainable_parameters()
@@ -688,6 +765,7 @@ def run_metrics(
         "train_examples": batches.layout.examples_per_epoch,
         "train_tokens_per_epoch": batches.layout.tokens_per_epoch,
         "fast_path": plan.describe(),
+        "cuda_graphs": graphs.summary() if graphs is not None else "off",
         "step": asdict(batches.layout),
         "trainable_parameters": trainable,
         "lora_target_modules": _lora_counts(model, targets),

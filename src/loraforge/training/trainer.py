@@ -59,6 +59,7 @@ from loraforge.training.steps import (
     build_trainer,
     check_data,
     head_detachable,
+    install_graphs,
     lay_out_steps,
     load_base_model,
     model_path_of,
@@ -174,6 +175,7 @@ def train(
             "finding where to resume",
         )
         detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches, ranks)
+        graphs = install_graphs(model, batches)  # the layers replay from a CUDA graph, if planned
         samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
         extra = [*callbacks, *([samples] if samples else [])]
         trainer = build_trainer(  # 9
@@ -184,7 +186,9 @@ def train(
         fit = run_fit(trainer, model, batches, start)  # 10
         metrics = on_main(
             ranks,
-            lambda: run_metrics(fit, batches, plan, model, targets) | samples_report(samples),
+            lambda: (
+                run_metrics(fit, batches, plan, model, targets, graphs) | samples_report(samples)
+            ),
         )
         on_main(  # 11
             ranks,

@@ -1,0 +1,337 @@
+"""The decoder layers of a training step replayed from CUDA graphs.
+
+Eagerly, the CPU takes longer to launch one packed row's forward and backward through Phi-4's 40
+decoder layers than the GPU takes to run them: about 4,500 kernel launches, autograd and Python,
+210-266 ms of CPU against 209-227 ms of GPU for a 2,048-token row on an H200
+(``benchmarks/graph_probe.py``; ``docs/benchmarks.md``, session 6). Replayed from a CUDA graph, the
+same kernels cost one launch for the forward pass and one for the backward pass.
+
+A graph replays fixed shapes, so rows are padded to their token budget, ``cu_seq_lens`` to a fixed
+number of entries (empty segments at the end), and attention is given a fixed bound on a segment's
+length (the longest example): :class:`~loraforge.fast.packing.PackedCollator` does the padding,
+:func:`~loraforge.fast.packing.fixed_shape` says to what.
+
+:func:`install_layer_graphs` changes only the given model instance: each decoder layer's
+``forward`` becomes a dispatcher. The first call of layer 0 that matches the fixed shapes (training
+mode, gradients on, the training's autocast, a packed row of the planned size, no cache) captures
+the whole stack of layers as one graph (``torch.cuda.make_graphed_callables``) and replays it;
+layers 1 to n-1 then pass that call's result through unchanged. Any other call (evaluation,
+generation, another shape, adapters disabled or merged, a parameter moved) runs the layers
+eagerly, as before. If the capture fails, the run goes on eagerly, with a warning.
+
+Dropout masks drawn inside a graph come from torch's CUDA generator, so each replay draws new
+ones (:func:`loraforge.fast.lora_ops.new_seed`); they are not the masks an eager run would draw
+from the same seed. Without dropout the graphed step equals the eager one bit for bit (on an
+H200: the loss and all 320 LoRA gradients of Phi-4's shape).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+__all__ = ["LayerGraphs", "install_layer_graphs"]
+
+logger = logging.getLogger(__name__)
+
+# keyword arguments a decoder layer may get from the model's forward in a packed training step
+_KNOWN = frozenset(
+    {
+        "attention_mask",
+        "position_ids",
+        "past_key_values",
+        "cache",
+        "use_cache",
+        "cache_position",
+        "position_embeddings",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "num_items_in_batch",  # the Trainer's count for the loss; the layers do not read it
+    }
+)
+# keyword arguments the graph may take only while they are off
+_OFF = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
+
+
+class _Stack(torch.nn.Module):
+    """The decoder layers as one function of tensors: ``(hidden, cos, sin, cu) -> hidden``
+    (what ``make_graphed_callables`` takes), with the attention bound fixed."""
+
+    def __init__(self, layers: list[torch.nn.Module], eager: list[Any], max_length: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)  # their parameters: the graph's inputs
+        self.eager = eager  # the layers' own forward methods
+        self.max_length = max_length
+        self.tuple_out = False
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor
+    ) -> torch.Tensor:
+        bound = self.max_length
+        kw: dict[str, Any] = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+        kw |= {"max_length_q": bound, "max_length_k": bound}
+        for forward in self.eager:
+            out = forward(hidden, attention_mask=None, position_embeddings=(cos, sin), **kw)
+            self.tuple_out = isinstance(out, tuple)
+            hidden = out[0] if self.tuple_out else out
+        return hidden
+
+
+class LayerGraphs:
+    """The dispatch state of one model's graphed decoder layers (see the module's text).
+
+    Attributes:
+        tokens: tokens of a packed row (rows are padded to it).
+        segments: ``cu_seq_lens`` entries of a row (padded to it).
+        max_length: the attention's bound on a segment's length.
+        replays: steps replayed from the graph so far.
+        status: ``"waiting"`` (not captured yet), ``"captured"`` or ``"off: <why>"``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layers: list[torch.nn.Module],
+        *,
+        tokens: int,
+        segments: int,
+        max_length: int,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.model = model
+        self.layers = layers
+        self.tokens, self.segments, self.max_length = tokens, segments, max_length
+        self.autocast_dtype = autocast_dtype
+        self.eager = [layer.forward for layer in layers]
+        self.status = "waiting"
+        self.replays = 0
+        self.device_type = "cuda"  # where graphs replay (tests exercise the dispatch on the CPU)
+        self._graphed: Any = None
+        self._input_grad: bool | None = None
+        self._params: tuple[int, ...] = ()
+        self._adapters: tuple[Any, ...] = ()
+        self._passing: tuple[int, torch.Tensor] | None = None  # (next layer, its input)
+        self._told = False
+        self._stack: _Stack | None = None
+        self._param_list = [p for layer in layers for p in layer.parameters()]
+        self._lora_list: list[Any] = [
+            m
+            for layer in layers
+            for m in layer.modules()
+            if hasattr(m, "merged_adapters") and hasattr(m, "active_adapters")
+        ]
+
+    def summary(self) -> str:
+        """One line for the run's metrics: ``captured; 100 steps replayed`` or why not."""
+        return f"{self.status}; {self.replays} steps replayed"
+
+    # ------------------------------------------------------------------ the dispatchers
+    def install(self) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.forward = self._dispatcher(i)  # on this instance only
+
+    def _dispatcher(self, i: int) -> Any:
+        eager = self.eager[i]
+
+        def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+            out = self._call(i, hidden_states, args, kwargs)
+            return eager(hidden_states, *args, **kwargs) if out is None else out
+
+        forward.__doc__ = f"loraforge: decoder layer {i}, replayed from a CUDA graph when it can"
+        return forward
+
+    def _call(self, i: int, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if i > 0:
+            passing, self._passing = self._passing, None
+            if passing is not None and passing[0] == i and passing[1] is hidden:
+                if i + 1 < len(self.layers):
+                    self._passing = (i + 1, hidden)
+                return (hidden,) if self._stack and self._stack.tuple_out else hidden
+            return None
+        self._passing = None
+        if self._graphed is None and self.status != "waiting":
+            return None
+        inputs = self._inputs(hidden, args, kwargs)
+        if inputs is None:
+            if not self._told and torch.is_grad_enabled() and self.layers[0].training:
+                self._told = True  # once: a training call the graph could not take
+                logger.info(
+                    "CUDA graphs: a training call of the decoder layers does not match the "
+                    "captured shape (%s); such calls run eagerly",
+                    self._mismatch(hidden, args, kwargs),
+                )
+            return None
+        if self._graphed is None:
+            self._capture(inputs)
+            if self._graphed is None:
+                return None
+        elif not self._unchanged(hidden):
+            return None
+        out = self._graphed(*inputs)
+        self.replays += 1
+        if len(self.layers) > 1:
+            self._passing = (1, out)
+        assert self._stack is not None
+        return (out,) if self._stack.tuple_out else out
+
+    def _inputs(self, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """``(hidden, cos, sin, cu)`` when this call matches the graph's fixed shapes."""
+        if args or not set(kwargs) <= _KNOWN | _OFF or not isinstance(hidden, torch.Tensor):
+            return None
+        if any(kwargs.get(k) for k in _OFF):
+            return None
+        if not (torch.is_grad_enabled() and self.layers[0].training):
+            return None
+        if hidden.device.type != self.device_type:
+            return None
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            return None
+        if kwargs.get("use_cache"):
+            return None
+        mixed, where = self.autocast_dtype, self.device_type
+        if torch.is_autocast_enabled(where) != (mixed is not None):
+            return None
+        if mixed is not None and torch.get_autocast_dtype(where) != mixed:
+            return None
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] != self.tokens:
+            return None
+        rope = kwargs.get("position_embeddings")
+        cu = kwargs.get("cu_seq_lens_q")
+        longest = kwargs.get("max_length_q")
+        if not (isinstance(rope, tuple) and len(rope) == 2 and isinstance(cu, torch.Tensor)):
+            return None
+        cos, sin = rope
+        if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)):
+            return None
+        if cos.shape[:2] != (1, self.tokens) or sin.shape != cos.shape:
+            return None
+        if cu.shape != (self.segments,) or cu.dtype != torch.int32 or cu.device != hidden.device:
+            return None
+        if not isinstance(longest, int) or longest > self.max_length:
+            return None
+        k = kwargs.get("cu_seq_lens_k")  # the varlen attention reads q's (the collator's are equal)
+        if k is not None and (not isinstance(k, torch.Tensor) or k.shape != cu.shape):
+            return None
+        if self._input_grad is not None and hidden.requires_grad != self._input_grad:
+            return None
+        return hidden, cos, sin, cu
+
+    def _mismatch(self, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> str:
+        """What of a call differs from the graph's fixed shape, in words (for the log)."""
+        cu = kwargs.get("cu_seq_lens_q")
+        unknown = sorted(set(kwargs) - _KNOWN - _OFF)
+        on = sorted(k for k in _OFF if kwargs.get(k))
+        return (
+            f"input {tuple(getattr(hidden, 'shape', ()))} on {getattr(hidden, 'device', None)}, "
+            f"{len(args)} extra positional arguments, unknown keywords {unknown}, {on} on, "
+            f"cu_seq_lens_q {tuple(getattr(cu, 'shape', ()))}, max_length_q "
+            f"{kwargs.get('max_length_q')!r}, autocast "
+            f"{torch.is_autocast_enabled(self.device_type)}; expected (1, {self.tokens}, ...) on "
+            f"{self.device_type}, cu_seq_lens_q ({self.segments},), max_length_q <= "
+            f"{self.max_length}, autocast {self.autocast_dtype}"
+        )
+
+    # ------------------------------------------------------------------ capture and checks
+    def _fingerprint(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+        """Where the layers' parameters live, and each LoRA layer's adapter state."""
+        params = tuple(p.data_ptr() for p in self._param_list)
+        adapters = tuple(
+            (m.disable_adapters, tuple(m.merged_adapters), tuple(m.active_adapters))
+            for m in self._lora_list
+        )
+        return params, adapters
+
+    def _unchanged(self, hidden: torch.Tensor) -> bool:
+        """Whether the graph still computes what the layers would: the same parameter storage
+        and the same adapter state as at capture (else the layers run eagerly from now on)."""
+        params, adapters = self._fingerprint()
+        if params == self._params and adapters == self._adapters:
+            return True
+        self._off("the layers' parameters or adapters changed after the capture")
+        return False
+
+    def _off(self, why: str) -> None:
+        self.status = f"off: {why}"
+        self._graphed = None
+        logger.warning("CUDA graphs of the decoder layers: %s; they run eagerly", why)
+
+    def _capture(self, inputs: tuple) -> None:
+        hidden, cos, sin, cu = inputs
+        stack = _Stack(self.layers, self.eager, self.max_length)
+        samples = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, cu)
+        mixed = self.autocast_dtype
+        try:
+            with torch.autocast(
+                self.device_type,
+                dtype=mixed or torch.bfloat16,
+                enabled=mixed is not None,
+                cache_enabled=False,  # make_graphed_callables refuses autocast's weight cache
+            ):
+                (graphed,) = torch.cuda.make_graphed_callables((stack,), (samples,))
+        except Exception as exc:  # the run goes on eagerly
+            self._off(f"the capture failed ({type(exc).__name__}: {exc})")
+            return
+        self._stack, self._graphed = stack, graphed
+        self._input_grad = hidden.requires_grad
+        self._params, self._adapters = self._fingerprint()
+        self.status = "captured"
+        logger.info(
+            "CUDA graphs: %d decoder layers captured as one graph (rows of %d tokens, %d "
+            "cu_seq_lens entries, segments of <= %d tokens)",
+            len(self.layers),
+            self.tokens,
+            self.segments,
+            self.max_length,
+        )
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module] | None:
+    """The decoder layers of a (PEFT-wrapped) causal LM: ``.model.layers`` of the base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def install_layer_graphs(
+    model: Any,
+    *,
+    tokens: int,
+    segments: int,
+    max_length: int,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[LayerGraphs | None, str]:
+    """Make the decoder layers of ``model`` replay from one CUDA graph in training steps of
+    packed rows of ``tokens`` tokens with ``segments`` ``cu_seq_lens`` entries and segments of at
+    most ``max_length`` tokens (captured at the first such step).
+
+    Returns:
+        The dispatch state (``None`` if nothing was installed) and a line for the log.
+    """
+    layers = decoder_layers(model)
+    if layers is None:
+        return None, "off (no decoder layers found at .model.layers)"
+    for layer in layers:
+        if "forward" in vars(layer):
+            return None, "off (a decoder layer's forward is already replaced on the instance)"
+        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
+            return None, "off (hooks on a decoder layer)"
+        if getattr(layer, "gradient_checkpointing", False):
+            return None, "off (gradient checkpointing)"
+    graphs = LayerGraphs(
+        model,
+        layers,
+        tokens=tokens,
+        segments=segments,
+        max_length=max_length,
+        autocast_dtype=autocast_dtype,
+    )
+    graphs.install()
+    return graphs, (
+        f"on: {len(layers)} decoder layers, captured at the first training step (rows of "
+        f"{tokens} tokens, {segments} cu_seq_lens entries, segments of <= {max_length} tokens)"
+    )

@@ -1,0 +1,302 @@
+"""CUDA graphs of the decoder layers (:mod:`loraforge.fast.graphs`): what the CPU can check.
+
+The capture itself needs a GPU (``tests/test_gpu.py``: graphed steps equal eager ones). Here the
+dispatch runs on the CPU with a stand-in for ``torch.cuda.make_graphed_callables`` that returns
+the stack of layers unchanged: the stack must compute the model's own layers, layers 1..n-1 must
+pass its result through, every call that does not match the fixed shape (or comes after the
+adapters changed) must run the layers eagerly, and a failed capture must leave training eager.
+The fixed shapes come from the packed collator: padding must not change the real tokens' row.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loraforge.errors import DataError
+from loraforge.fast import graphs as graphs_mod
+from loraforge.fast.graphs import install_layer_graphs
+from loraforge.fast.packing import PackedCollator, PackedDataset, fixed_shape
+
+TOKENS = 24
+
+
+# --------------------------------------------------------------------------- fixed shapes
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(2, 20), min_size=1, max_size=12),
+    extra=st.integers(0, 30),
+)
+def test_fixed_shape_rows_keep_the_real_tokens(lengths, extra):
+    budget = max(lengths) + extra
+    data = {
+        "input_ids": [[100 + i] * n for i, n in enumerate(lengths)],
+        "labels": [[-100] + [200 + i] * (n - 1) for i, n in enumerate(lengths)],
+    }
+    rows = PackedDataset(data, budget)
+    cap, segments = fixed_shape(rows)
+    assert cap == max(lengths)
+    plain = PackedCollator(0)
+    fixed = PackedCollator(0, pad_to=budget, segment_cap=cap, segments=segments)
+    for i in range(len(rows)):
+        a, b = plain([rows[i]]), fixed([rows[i]])
+        n = a["input_ids"].shape[1]
+        assert b["input_ids"].shape == (1, budget)
+        for key in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(b[key][:, :n], a[key])
+        assert (b["labels"][:, n:] == -100).all()
+        assert (b["input_ids"][:, n:] == 0).all()
+        cu = b["cu_seq_lens_q"]
+        assert cu.shape == (segments,) and torch.equal(cu, b["cu_seq_lens_k"])
+        assert cu[0] == 0 and cu[-1] == budget and (cu[1:] >= cu[:-1]).all()
+        assert torch.equal(cu[: a["cu_seq_lens_q"].numel()], a["cu_seq_lens_q"])
+        assert int((cu[1:] - cu[:-1]).max()) <= cap and b["max_length_q"] <= cap
+        assert torch.equal(b["logits_to_keep"], a["logits_to_keep"])
+        # position ids restart in every padding segment as in every example
+        starts = cu[:-1][cu[1:] > cu[:-1]]
+        assert (b["position_ids"][0, starts] == 0).all()
+
+
+def test_a_row_with_more_segments_than_the_fixed_shape_is_refused():
+    collator = PackedCollator(0, pad_to=10, segment_cap=3, segments=3)
+    row = [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3], "labels": [-100]}]
+    with pytest.raises(DataError, match="more than the 2"):
+        collator([row])  # 2 examples and 7 padding tokens in segments of <= 3: 5 segments
+
+
+# --------------------------------------------------------------------------- the dispatch
+
+
+def _model(layers: int = 3):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg)
+    model.config._attn_implementation = "sdpa"
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def _batch(tokens: int = TOKENS, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (1, tokens), generator=g)
+    cu = torch.tensor([0, tokens], dtype=torch.int32)
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": torch.arange(tokens)[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu.clone(),
+        "max_length_q": tokens,
+        "max_length_k": tokens,
+    }
+
+
+def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def _same(a, b) -> None:
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for n, g in a[1].items():
+        torch.testing.assert_close(g, b[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _FakeCapture:
+    """``make_graphed_callables`` on the CPU: hands the callables back unchanged."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.calls = fail, 0
+
+    def __call__(self, callables, samples):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        assert all(isinstance(t, torch.Tensor) for s in samples for t in s)
+        return callables
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """(plain model, model with the dispatch installed on the CPU, its state, the capture)."""
+    plain = _model()
+    model = copy.deepcopy(plain)
+    capture = _FakeCapture()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    graphs, line = install_layer_graphs(
+        model, tokens=TOKENS, segments=2, max_length=TOKENS, autocast_dtype=None
+    )
+    assert graphs is not None and line.startswith("on: 3 decoder layers")
+    graphs.device_type = "cpu"
+    return plain, model, graphs, capture
+
+
+def test_the_graphed_stack_trains_what_the_layers_train(cpu_graphs):
+    plain, model, graphs, capture = cpu_graphs
+    for seed in (0, 1, 2):  # the capture, then replays
+        _same(_loss_and_grads(model, _batch(seed=seed)), _loss_and_grads(plain, _batch(seed=seed)))
+    assert (capture.calls, graphs.replays, graphs.status) == (1, 3, "captured")
+
+
+def test_calls_outside_the_fixed_shape_run_the_layers_eagerly(cpu_graphs):
+    plain, model, graphs, _ = cpu_graphs
+    _loss_and_grads(model, _batch())  # captured
+    short = _batch(tokens=TOKENS - 4)
+    _same(_loss_and_grads(model, short), _loss_and_grads(plain, short))
+    longer = _batch() | {"max_length_q": TOKENS + 1}  # past the attention bound
+    _loss_and_grads(model, longer)
+    three = _batch() | {"cu_seq_lens_q": torch.tensor([0, 5, TOKENS], dtype=torch.int32)}
+    _loss_and_grads(model, three)
+    with torch.no_grad():  # evaluation
+        assert torch.equal(model(**_batch()).logits, plain(**_batch()).logits)
+    model.eval()
+    _loss_and_grads(model, _batch())
+    model.train()
+    assert graphs.replays == 1 and graphs.status == "captured"
+    _loss_and_grads(model, _batch())
+    assert graphs.replays == 2
+
+
+def test_adapters_changed_after_the_capture_turn_the_graph_off(cpu_graphs, caplog):
+    plain, model, graphs, _ = cpu_graphs
+    _loss_and_grads(model, _batch())
+    for m in (model, plain):
+        m.base_model.model.model.layers[1].mlp.down_proj.merged_adapters.append("default")
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        _loss_and_grads(model, _batch())
+    assert graphs.status.startswith("off: the layers' parameters or adapters changed")
+    assert "run eagerly" in caplog.text
+    _same(_loss_and_grads(model, _batch(seed=3)), _loss_and_grads(plain, _batch(seed=3)))
+    assert graphs.replays == 1
+
+
+def test_a_parameter_moved_after_the_capture_turns_the_graph_off(cpu_graphs):
+    _, model, graphs, _ = cpu_graphs
+    _loss_and_grads(model, _batch())
+    lora_a = model.base_model.model.model.layers[0].self_attn.qkv_proj.lora_A["default"]
+    lora_a.weight.data = lora_a.weight.data.clone()  # new storage: the graph would read the old
+    _loss_and_grads(model, _batch())
+    assert graphs.status.startswith("off:") and graphs.replays == 1
+
+
+def test_a_failed_capture_leaves_training_eager(monkeypatch, caplog):
+    plain = _model()
+    model = copy.deepcopy(plain)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _FakeCapture(fail=True))
+    graphs, _ = install_layer_graphs(
+        model, tokens=TOKENS, segments=2, max_length=TOKENS, autocast_dtype=None
+    )
+    assert graphs is not None
+    graphs.device_type = "cpu"
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        _same(_loss_and_grads(model, _batch()), _loss_and_grads(plain, _batch()))
+    assert graphs.status.startswith("off: the capture failed (RuntimeError: operation not")
+    assert "CUDA graphs of the decoder layers" in caplog.text
+    _same(_loss_and_grads(model, _batch(seed=1)), _loss_and_grads(plain, _batch(seed=1)))
+
+
+def test_on_the_cpu_the_dispatch_leaves_the_layers_eager():
+    plain = _model()
+    model = copy.deepcopy(plain)
+    graphs, _ = install_layer_graphs(
+        model, tokens=TOKENS, segments=2, max_length=TOKENS, autocast_dtype=None
+    )
+    assert graphs is not None and graphs.device_type == "cuda"
+    _same(_loss_and_grads(model, _batch()), _loss_and_grads(plain, _batch()))
+    assert graphs.status == "waiting" and graphs.replays == 0
+
+
+def test_layers_it_cannot_take_are_left_alone():
+    model = _model()
+    layers = graphs_mod.decoder_layers(model)
+    assert layers is not None and len(layers) == 3
+    handle = layers[1].register_forward_hook(lambda *a: None)
+    assert install_layer_graphs(model, tokens=8, segments=2, max_length=8, autocast_dtype=None) == (
+        None,
+        "off (hooks on a decoder layer)",
+    )
+    handle.remove()
+    layers[2].gradient_checkpointing = True
+    graphs, line = install_layer_graphs(
+        model, tokens=8, segments=2, max_length=8, autocast_dtype=None
+    )
+    assert graphs is None and line == "off (gradient checkpointing)"
+    assert all("forward" not in vars(layer) for layer in layers)  # nothing was installed
+    assert install_layer_graphs(torch.nn.Linear(2, 2), tokens=8, segments=2, max_length=8,
+                                autocast_dtype=None)[0] is None  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_cuda_graphs_are_planned_only_where_they_can_run(monkeypatch):
+    from loraforge import LoraRecipe
+    from loraforge.errors import RecipeError
+    from loraforge.fast.plan import FastPlan
+    from loraforge.training.distributed import Ranks
+    from loraforge.training.steps import graphs_wanted
+
+    one = Ranks(device="cuda:0")
+    plan = FastPlan(
+        packing=True, pack_tokens=2048, attention="varlen", gradient_checkpointing="off",
+        liger_kernels=True, reason="",
+    )  # fmt: skip
+    recipe = LoraRecipe(model="m", data="d")
+    assert recipe.cuda_graphs == "auto"
+    assert graphs_wanted(recipe, plan, one) == (False, "off (no CUDA GPU)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert graphs_wanted(recipe, plan, one) == (True, "on")
+    cases = {
+        "packing is off": (recipe, _with(plan, packing=False), one),
+        "attention is 'sdpa'": (recipe, _with(plan, attention="sdpa"), one),
+        "checkpointing is 'full'": (recipe, _with(plan, gradient_checkpointing="full"), one),
+        "2 processes": (recipe, plan, Ranks(world_size=2, device="cuda:0")),
+        "grad_accum is 2": (LoraRecipe(model="m", data="d", grad_accum=2), plan, one),
+    }  # fmt: skip
+    for why, (r, p, ranks) in cases.items():
+        wanted, line = graphs_wanted(r, p, ranks)
+        assert not wanted and why in line, line
+        with pytest.raises(RecipeError, match=f"cuda_graphs: 'on' needs .*{why}"):
+            graphs_wanted(LoraRecipe.from_dict({**r.to_dict(), "cuda_graphs": "on"}), p, ranks)
+    off = LoraRecipe(model="m", data="d", cuda_graphs=False)  # YAML's off
+    assert graphs_wanted(off, plan, one) == (False, "off (cuda_graphs: off)")
+
+
+def _fields(plan):
+    import dataclasses
+
+    return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+
+
+def _with(plan, **changes):
+    return plan.__class__(**{**_fields(plan), **changes})
