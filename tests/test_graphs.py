@@ -11,6 +11,7 @@ The fixed shapes come from the packed collator: padding must not change the real
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -73,6 +74,35 @@ def test_a_row_with_more_segments_than_the_fixed_shape_is_refused():
 
 # --------------------------------------------------------------------------- the dispatch
 
+SEGMENTS = "loraforge_test_segments"
+
+
+def _segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       **kwargs):  # fmt: skip
+    """What loraforge's varlen attention computes, on the CPU: causal attention within each
+    ``cu_seq_lens_q`` segment, ignoring ``attention_mask``: (1, H, T, D) -> (1, T, H, D)."""
+    cu = kwargs["cu_seq_lens_q"].tolist()
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling
+        )
+        for a, b in itertools.pairwise(cu)
+        if b > a
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def segmented(monkeypatch):
+    """The CPU stand-in for loraforge's varlen attention, registered under :data:`SEGMENTS`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SEGMENTS, _segment_attention)
+    monkeypatch.setattr(graphs_mod, "SEGMENTED_ATTENTION", {SEGMENTS})
+    return SEGMENTS
+
 
 def _model(layers: int = 3):
     from peft import LoraConfig, get_peft_model
@@ -93,7 +123,7 @@ def _model(layers: int = 3):
     )
     torch.manual_seed(0)
     model = Phi3ForCausalLM(cfg)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation(SEGMENTS)
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     for n, p in model.named_parameters():
@@ -103,17 +133,18 @@ def _model(layers: int = 3):
 
 
 def _batch(tokens: int = TOKENS, seed: int = 0) -> dict:
+    """Two examples packed into one row (the second starts at 10)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 64, (1, tokens), generator=g)
-    cu = torch.tensor([0, tokens], dtype=torch.int32)
+    cu = torch.tensor([0, 10, tokens], dtype=torch.int32)
     return {
         "input_ids": ids,
         "labels": ids.clone(),
-        "position_ids": torch.arange(tokens)[None],
+        "position_ids": torch.cat([torch.arange(10), torch.arange(tokens - 10)])[None],
         "cu_seq_lens_q": cu,
         "cu_seq_lens_k": cu.clone(),
-        "max_length_q": tokens,
-        "max_length_k": tokens,
+        "max_length_q": tokens - 10,
+        "max_length_k": tokens - 10,
     }
 
 
@@ -147,17 +178,17 @@ class _FakeCapture:
 
 
 @pytest.fixture
-def cpu_graphs(monkeypatch):
+def cpu_graphs(monkeypatch, segmented):
     """(plain model, model with the dispatch installed on the CPU, its state, the capture)."""
     plain = _model()
     model = copy.deepcopy(plain)
     capture = _FakeCapture()
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
     graphs, line = install_layer_graphs(
-        model, tokens=TOKENS, segments=2, max_length=TOKENS, autocast_dtype=None
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None
     )
     assert graphs is not None and line.startswith("on: 3 decoder layers")
-    graphs.device_type = "cpu"
+    monkeypatch.setattr(graphs, "device_type", "cpu")
     return plain, model, graphs, capture
 
 
@@ -175,8 +206,8 @@ def test_calls_outside_the_fixed_shape_run_the_layers_eagerly(cpu_graphs):
     _same(_loss_and_grads(model, short), _loss_and_grads(plain, short))
     longer = _batch() | {"max_length_q": TOKENS + 1}  # past the attention bound
     _loss_and_grads(model, longer)
-    three = _batch() | {"cu_seq_lens_q": torch.tensor([0, 5, TOKENS], dtype=torch.int32)}
-    _loss_and_grads(model, three)
+    four = _batch() | {"cu_seq_lens_q": torch.tensor([0, 5, 10, TOKENS], dtype=torch.int32)}
+    _same(_loss_and_grads(model, four), _loss_and_grads(plain, four))
     with torch.no_grad():  # evaluation
         assert torch.equal(model(**_batch()).logits, plain(**_batch()).logits)
     model.eval()
@@ -209,15 +240,15 @@ def test_a_parameter_moved_after_the_capture_turns_the_graph_off(cpu_graphs):
     assert graphs.status.startswith("off:") and graphs.replays == 1
 
 
-def test_a_failed_capture_leaves_training_eager(monkeypatch, caplog):
+def test_a_failed_capture_leaves_training_eager(monkeypatch, caplog, segmented):
     plain = _model()
     model = copy.deepcopy(plain)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", _FakeCapture(fail=True))
     graphs, _ = install_layer_graphs(
-        model, tokens=TOKENS, segments=2, max_length=TOKENS, autocast_dtype=None
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None
     )
     assert graphs is not None
-    graphs.device_type = "cpu"
+    monkeypatch.setattr(graphs, "device_type", "cpu")
     with caplog.at_level(logging.WARNING, logger="loraforge"):
         _same(_loss_and_grads(model, _batch()), _loss_and_grads(plain, _batch()))
     assert graphs.status.startswith("off: the capture failed (RuntimeError: operation not")
@@ -225,21 +256,27 @@ def test_a_failed_capture_leaves_training_eager(monkeypatch, caplog):
     _same(_loss_and_grads(model, _batch(seed=1)), _loss_and_grads(plain, _batch(seed=1)))
 
 
-def test_on_the_cpu_the_dispatch_leaves_the_layers_eager():
+def test_on_the_cpu_the_dispatch_leaves_the_layers_eager(segmented):
     plain = _model()
     model = copy.deepcopy(plain)
     graphs, _ = install_layer_graphs(
-        model, tokens=TOKENS, segments=2, max_length=TOKENS, autocast_dtype=None
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None
     )
     assert graphs is not None and graphs.device_type == "cuda"
     _same(_loss_and_grads(model, _batch()), _loss_and_grads(plain, _batch()))
     assert graphs.status == "waiting" and graphs.replays == 0
 
 
-def test_layers_it_cannot_take_are_left_alone():
+def test_layers_it_cannot_take_are_left_alone(segmented):
     model = _model()
     layers = graphs_mod.decoder_layers(model)
     assert layers is not None and len(layers) == 3
+    model.set_attn_implementation("sdpa")  # examples apart by the mask, which the graph drops
+    graphs, line = install_layer_graphs(
+        model, tokens=8, segments=2, max_length=8, autocast_dtype=None
+    )
+    assert graphs is None and line.startswith("off (attention 'sdpa': the graph keeps")
+    model.set_attn_implementation(segmented)
     handle = layers[1].register_forward_hook(lambda *a: None)
     assert install_layer_graphs(model, tokens=8, segments=2, max_length=8, autocast_dtype=None) == (
         None,
@@ -300,3 +337,44 @@ def _fields(plan):
 
 def _with(plan, **changes):
     return plan.__class__(**{**_fields(plan), **changes})
+
+
+# --------------------------------------------------------------------------- through train()
+
+
+def test_train_replays_the_layers_and_learns_what_eager_layers_learn(
+    tmp_path, monkeypatch, segmented
+):
+    """``train()`` on the CPU with the plan's graphs forced on and a stand-in capture: the rows
+    are padded to the fixed shape, every training step goes through the graphed stack (layer 0)
+    and the pass-through (the others), and the losses and the adapter equal those of the same
+    padded rows run eagerly; the run's metrics say so."""
+    from safetensors.torch import load_file
+
+    import loraforge.training.steps as steps
+    from loraforge import train
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+    from loraforge.fast.graphs import LayerGraphs
+
+    monkeypatch.setattr(steps, "graphs_wanted", lambda recipe, plan, ranks: (True, "on"))
+    monkeypatch.setattr(steps, "attention_implementation", lambda name: segmented)
+    monkeypatch.setattr(LayerGraphs, "device_type", "cpu")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _FakeCapture())
+    base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
+    results = {}
+    for run in ("graphed", "eager"):
+        with monkeypatch.context() as m:
+            if run == "eager":
+                m.setattr(LayerGraphs, "_call", lambda self, *a: None)
+            recipe = demo_recipe(
+                base, tmp_path / run, packing="on", pack_tokens=256, max_steps=4, logging_steps=1
+            )
+            results[run] = train(recipe)
+    graphed, eager = results["graphed"], results["eager"]
+    assert graphed.metrics["cuda_graphs"] == "captured; 4 steps replayed"
+    assert eager.metrics["cuda_graphs"] == "waiting; 0 steps replayed"
+    losses = [[h["loss"] for h in r.log_history if "loss" in h] for r in (graphed, eager)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = (load_file(str(r.output_dir / "adapter_model.safetensors")) for r in (graphed, eager))
+    for name, w in b.items():
+        torch.testing.assert_close(a[name], w, rtol=1e-4, atol=1e-6, msg=name)

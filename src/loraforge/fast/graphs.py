@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from loraforge.fast.attention import VARLEN_ATTENTION
+
 __all__ = ["LayerGraphs", "install_layer_graphs"]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ _KNOWN = frozenset(
         "num_items_in_batch",  # the Trainer's count for the loss; the layers do not read it
     }
 )
+# attention functions that keep a packed row's examples apart by ``cu_seq_lens`` alone (they
+# ignore ``attention_mask``, which the graph does not take)
+SEGMENTED_ATTENTION = {VARLEN_ATTENTION}
 # keyword arguments the graph may take only while they are off
 _OFF = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
 
@@ -85,12 +90,16 @@ class LayerGraphs:
     """The dispatch state of one model's graphed decoder layers (see the module's text).
 
     Attributes:
+        device_type: where graphs replay: ``"cuda"`` (the tests exercise the dispatch on the CPU
+            with a stand-in for the capture).
         tokens: tokens of a packed row (rows are padded to it).
         segments: ``cu_seq_lens`` entries of a row (padded to it).
         max_length: the attention's bound on a segment's length.
         replays: steps replayed from the graph so far.
         status: ``"waiting"`` (not captured yet), ``"captured"`` or ``"off: <why>"``.
     """
+
+    device_type = "cuda"
 
     def __init__(
         self,
@@ -109,7 +118,6 @@ class LayerGraphs:
         self.eager = [layer.forward for layer in layers]
         self.status = "waiting"
         self.replays = 0
-        self.device_type = "cuda"  # where graphs replay (tests exercise the dispatch on the CPU)
         self._graphed: Any = None
         self._input_grad: bool | None = None
         self._params: tuple[int, ...] = ()
@@ -315,6 +323,12 @@ def install_layer_graphs(
     layers = decoder_layers(model)
     if layers is None:
         return None, "off (no decoder layers found at .model.layers)"
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention not in SEGMENTED_ATTENTION:
+        return None, (
+            f"off (attention {attention!r}: the graph keeps a row's examples apart by "
+            "cu_seq_lens alone, which only loraforge's varlen attention reads)"
+        )
     for layer in layers:
         if "forward" in vars(layer):
             return None, "off (a decoder layer's forward is already replaced on the instance)"
