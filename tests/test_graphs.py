@@ -205,7 +205,7 @@ def test_calls_outside_the_fixed_shape_run_the_layers_eagerly(cpu_graphs):
     short = _batch(tokens=TOKENS - 4)
     _same(_loss_and_grads(model, short), _loss_and_grads(plain, short))
     longer = _batch() | {"max_length_q": TOKENS + 1}  # past the attention bound
-    _loss_and_grads(model, longer)
+    _same(_loss_and_grads(model, longer), _loss_and_grads(plain, longer))
     four = _batch() | {"cu_seq_lens_q": torch.tensor([0, 5, 10, TOKENS], dtype=torch.int32)}
     _same(_loss_and_grads(model, four), _loss_and_grads(plain, four))
     with torch.no_grad():  # evaluation
@@ -225,10 +225,58 @@ def test_adapters_changed_after_the_capture_turn_the_graph_off(cpu_graphs, caplo
         m.base_model.model.model.layers[1].mlp.down_proj.merged_adapters.append("default")
     with caplog.at_level(logging.WARNING, logger="loraforge"):
         _loss_and_grads(model, _batch())
-    assert graphs.status.startswith("off: the layers' parameters or adapters changed")
+    assert graphs.status.startswith("off: the layers' parameters, adapters or modes changed")
     assert "run eagerly" in caplog.text
     _same(_loss_and_grads(model, _batch(seed=3)), _loss_and_grads(plain, _batch(seed=3)))
     assert graphs.replays == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["scaling", "dropout", "frozen", "eval submodule", "hook", "config outputs", "held grads"],
+)
+def test_anything_the_graph_baked_in_that_changes_makes_the_layers_eager(cpu_graphs, change):
+    plain, model, graphs, _ = cpu_graphs
+    _loss_and_grads(model, _batch())
+    layer = model.base_model.model.model.layers[2]
+    lora = layer.self_attn.o_proj
+    if change == "scaling":
+        lora.scaling["default"] *= 2
+        plain.base_model.model.model.layers[2].self_attn.o_proj.scaling["default"] *= 2
+    elif change == "dropout":
+        lora.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    elif change == "frozen":
+        lora.lora_A["default"].weight.requires_grad_(False)
+    elif change == "eval submodule":
+        layer.mlp.eval()
+    elif change == "hook":
+        layer.register_forward_hook(lambda *a: None)
+    elif change == "config outputs":
+        model.config.output_hidden_states = True
+    elif change == "held grads":  # a second pass before the gradients are cleared
+        before = graphs.replays
+        model(**_batch(seed=5)).loss.backward()
+        assert graphs.replays == before  # eager: the replay would overwrite the held gradient
+        return
+    loss, _ = _loss_and_grads(model, _batch(seed=4))
+    assert graphs.replays == 1
+    if change == "scaling":
+        _same(_loss_and_grads(model, _batch(seed=4)), _loss_and_grads(plain, _batch(seed=4)))
+    assert loss == loss  # finite, ran
+
+
+def test_uninstall_gives_the_layers_their_forward_back(cpu_graphs):
+    plain, model, graphs, _ = cpu_graphs
+    _loss_and_grads(model, _batch())
+    graphs.uninstall()
+    layers = graphs_mod.decoder_layers(model)
+    assert layers is not None and all("forward" not in vars(layer) for layer in layers)
+    assert graphs.summary() == "captured; 1 steps replayed"
+    _same(_loss_and_grads(model, _batch(seed=2)), _loss_and_grads(plain, _batch(seed=2)))
+    again, line = install_layer_graphs(
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None
+    )
+    assert again is not None, line
 
 
 def test_a_parameter_moved_after_the_capture_turns_the_graph_off(cpu_graphs):
@@ -319,6 +367,9 @@ def test_cuda_graphs_are_planned_only_where_they_can_run(monkeypatch):
         "checkpointing is 'full'": (recipe, _with(plan, gradient_checkpointing="full"), one),
         "2 processes": (recipe, plan, Ranks(world_size=2, device="cuda:0")),
         "grad_accum is 2": (LoraRecipe(model="m", data="d", grad_accum=2), plan, one),
+        "quantization is 'int8'": (LoraRecipe(model="m", data="d", quantization="int8"), plan,
+                                   one),
+        "over its memory budget": (recipe, _with(plan, estimated_bytes=2, budget_bytes=1), one),
     }  # fmt: skip
     for why, (r, p, ranks) in cases.items():
         wanted, line = graphs_wanted(r, p, ranks)
@@ -378,3 +429,21 @@ def test_train_replays_the_layers_and_learns_what_eager_layers_learn(
     a, b = (load_file(str(r.output_dir / "adapter_model.safetensors")) for r in (graphed, eager))
     for name, w in b.items():
         torch.testing.assert_close(a[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_chunked_head_check_is_not_padded_to_the_graphs_shape(segmented):
+    """The start-of-run check of the chunked head sends one 16-token row; padded to the graphs'
+    shape it could need more segments than the data's rows (here 3 against 2)."""
+    from loraforge.training.distributed import Ranks
+    from loraforge.training.steps import Batches, head_detachable
+
+    model = _model()
+    data = {"input_ids": [[5] * 256] * 4, "labels": [[-100] + [5] * 255] * 4}
+    rows = PackedDataset(data, 512)
+    cap, segments = fixed_shape(rows)
+    assert (cap, segments) == (256, 3)
+    collator = PackedCollator(0, pad_to=512, segment_cap=cap, segments=segments)
+    with pytest.raises(DataError):
+        collator([[{"input_ids": [5] * 16, "labels": [5] * 16}]])
+    batches = Batches(rows, None, collator, layout=None, graph_shape=(512, segments, cap))
+    assert head_detachable(model, batches, Ranks()) in (True, False)

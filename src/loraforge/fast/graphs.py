@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from loraforge.fast.attention import VARLEN_ATTENTION
+from loraforge.fast.lora_ops import device_seeds
 
 __all__ = ["LayerGraphs", "install_layer_graphs"]
 
@@ -71,7 +72,7 @@ class _Stack(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layers)  # their parameters: the graph's inputs
         self.eager = eager  # the layers' own forward methods
         self.max_length = max_length
-        self.tuple_out = False
+        self.tuple_out = False  # what the layers return: (hidden,) or hidden
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor
@@ -118,24 +119,27 @@ class LayerGraphs:
         self.eager = [layer.forward for layer in layers]
         self.status = "waiting"
         self.replays = 0
-        self._graphed: Any = None
+        self._graphed: Any = None  # the captured stack (its forward replays the graphs)
+        self._tuple_out = False  # the layers return (hidden,) rather than hidden
+        self._samples: tuple[tuple[torch.dtype, torch.device], ...] = ()  # dtype, device at capture
         self._input_grad: bool | None = None
-        self._params: tuple[int, ...] = ()
-        self._adapters: tuple[Any, ...] = ()
+        self._state: tuple[Any, ...] = ()
         self._passing: tuple[int, torch.Tensor] | None = None  # (next layer, its input)
         self._told = False
-        self._stack: _Stack | None = None
-        self._param_list = [p for layer in layers for p in layer.parameters()]
-        self._lora_list: list[Any] = [
-            m
-            for layer in layers
-            for m in layer.modules()
-            if hasattr(m, "merged_adapters") and hasattr(m, "active_adapters")
-        ]
+        self._param_list: list[torch.nn.Parameter] = []  # the layers' parameters at capture
+        self._trainable: list[torch.nn.Parameter] = []
+        self._lora_list: list[Any] = []
 
     def summary(self) -> str:
         """One line for the run's metrics: ``captured; 100 steps replayed`` or why not."""
         return f"{self.status}; {self.replays} steps replayed"
+
+    def uninstall(self) -> None:
+        """The layers' own ``forward`` back, and the graph and its memory released (after
+        training: a model given to ``train()`` leaves it as it came, with its adapter)."""
+        for layer in self.layers:
+            vars(layer).pop("forward", None)
+        self._release()  # the status stays what the run did
 
     # ------------------------------------------------------------------ the dispatchers
     def install(self) -> None:
@@ -158,7 +162,7 @@ class LayerGraphs:
             if passing is not None and passing[0] == i and passing[1] is hidden:
                 if i + 1 < len(self.layers):
                     self._passing = (i + 1, hidden)
-                return (hidden,) if self._stack and self._stack.tuple_out else hidden
+                return (hidden,) if self._tuple_out else hidden
             return None
         self._passing = None
         if self._graphed is None and self.status != "waiting":
@@ -167,7 +171,7 @@ class LayerGraphs:
         if inputs is None:
             if not self._told and torch.is_grad_enabled() and self.layers[0].training:
                 self._told = True  # once: a training call the graph could not take
-                logger.info(
+                logger.warning(
                     "CUDA graphs: a training call of the decoder layers does not match the "
                     "captured shape (%s); such calls run eagerly",
                     self._mismatch(hidden, args, kwargs),
@@ -177,14 +181,18 @@ class LayerGraphs:
             self._capture(inputs)
             if self._graphed is None:
                 return None
-        elif not self._unchanged(hidden):
+        elif not self._unchanged():
+            return None
+        if any(p.grad is not None for p in self._trainable):
+            # the graph hands its gradient buffers to the parameters (autograd takes them over
+            # as .grad): a gradient still held from an earlier pass would be overwritten by the
+            # replay and then added to itself, so such a pass runs eagerly
             return None
         out = self._graphed(*inputs)
         self.replays += 1
         if len(self.layers) > 1:
             self._passing = (1, out)
-        assert self._stack is not None
-        return (out,) if self._stack.tuple_out else out
+        return (out,) if self._tuple_out else out
 
     def _inputs(self, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         """``(hidden, cos, sin, cu)`` when this call matches the graph's fixed shapes."""
@@ -226,6 +234,16 @@ class LayerGraphs:
             return None
         if self._input_grad is not None and hidden.requires_grad != self._input_grad:
             return None
+        now = tuple((t.dtype, t.device) for t in (hidden, cos, sin, cu))
+        if self._samples and self._samples != now:
+            return None
+        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers):
+            return None  # e.g. transformers recording each layer's output: the graph has none
+        config = getattr(self.model, "config", None)
+        if getattr(config, "output_hidden_states", False) or getattr(
+            config, "output_attentions", False
+        ):
+            return None
         return hidden, cos, sin, cu
 
     def _mismatch(self, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> str:
@@ -244,27 +262,42 @@ class LayerGraphs:
         )
 
     # ------------------------------------------------------------------ capture and checks
-    def _fingerprint(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
-        """Where the layers' parameters live, and each LoRA layer's adapter state."""
-        params = tuple(p.data_ptr() for p in self._param_list)
+    def _fingerprint(self) -> tuple[Any, ...]:
+        """What the graph baked in: the layers' parameter objects, where they live and which are
+        trained; each LoRA layer's adapter state, scaling and dropout; each module's mode."""
+        params = tuple((id(p), p.data_ptr(), p.requires_grad) for p in self._param_list)
+        current = tuple(id(p) for layer in self.layers for p in layer.parameters())
         adapters = tuple(
-            (m.disable_adapters, tuple(m.merged_adapters), tuple(m.active_adapters))
+            (
+                m.disable_adapters,
+                tuple(m.merged_adapters),
+                tuple(m.active_adapters),
+                tuple(sorted(m.scaling.items())),
+                tuple((k, getattr(d, "p", None)) for k, d in m.lora_dropout.items()),
+            )
             for m in self._lora_list
         )
-        return params, adapters
+        modes = tuple(m.training for layer in self.layers for m in layer.modules())
+        return params, current, adapters, modes
 
-    def _unchanged(self, hidden: torch.Tensor) -> bool:
-        """Whether the graph still computes what the layers would: the same parameter storage
-        and the same adapter state as at capture (else the layers run eagerly from now on)."""
-        params, adapters = self._fingerprint()
-        if params == self._params and adapters == self._adapters:
+    def _unchanged(self) -> bool:
+        """Whether the graph still computes what the layers would (else it is released and the
+        layers run eagerly from now on)."""
+        if self._fingerprint() == self._state:
             return True
-        self._off("the layers' parameters or adapters changed after the capture")
+        self._off("the layers' parameters, adapters or modes changed after the capture")
         return False
+
+    def _release(self) -> None:
+        self._graphed = None
+        self._samples = ()
+        self._passing = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the graph's private memory pool
 
     def _off(self, why: str) -> None:
         self.status = f"off: {why}"
-        self._graphed = None
+        self._release()
         logger.warning("CUDA graphs of the decoder layers: %s; they run eagerly", why)
 
     def _capture(self, inputs: tuple) -> None:
@@ -273,19 +306,30 @@ class LayerGraphs:
         samples = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, cu)
         mixed = self.autocast_dtype
         try:
-            with torch.autocast(
-                self.device_type,
-                dtype=mixed or torch.bfloat16,
-                enabled=mixed is not None,
-                cache_enabled=False,  # make_graphed_callables refuses autocast's weight cache
+            with (
+                device_seeds(),
+                torch.autocast(
+                    self.device_type,
+                    dtype=mixed or torch.bfloat16,
+                    enabled=mixed is not None,
+                    cache_enabled=False,  # make_graphed_callables refuses autocast's weight cache
+                ),
             ):
                 (graphed,) = torch.cuda.make_graphed_callables((stack,), (samples,))
         except Exception as exc:  # the run goes on eagerly
             self._off(f"the capture failed ({type(exc).__name__}: {exc})")
             return
-        self._stack, self._graphed = stack, graphed
+        self._graphed, self._tuple_out = graphed, stack.tuple_out
+        self._samples = tuple((t.dtype, t.device) for t in (hidden, cos, sin, cu))
         self._input_grad = hidden.requires_grad
-        self._params, self._adapters = self._fingerprint()
+        self._param_list = list(stack.parameters())
+        self._trainable = [p for p in self._param_list if p.requires_grad]
+        self._lora_list = [
+            m
+            for m in stack.modules()
+            if hasattr(m, "merged_adapters") and hasattr(m, "lora_dropout")
+        ]
+        self._state = self._fingerprint()
         self.status = "captured"
         logger.info(
             "CUDA graphs: %d decoder layers captured as one graph (rows of %d tokens, %d "

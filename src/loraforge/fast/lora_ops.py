@@ -34,6 +34,9 @@ rounded to 1/65,536). The kernels are in :mod:`loraforge.fast.kernels`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,13 +74,34 @@ __all__ = [
 ]
 
 
+_DEVICE_SEEDS = threading.local()
+
+
+@contextlib.contextmanager
+def device_seeds() -> Iterator[None]:
+    """Within this context (on this thread), :func:`new_seed` draws on the CUDA device even
+    outside a capture: a CUDA graph's warm-up then compiles and loads the dropout kernel's
+    tensor-seed variant before the capture, where loading a kernel module is not allowed."""
+    before = getattr(_DEVICE_SEEDS, "on", False)
+    _DEVICE_SEEDS.on = True
+    try:
+        yield
+    finally:
+        _DEVICE_SEEDS.on = before
+
+
 def new_seed(device: torch.device | None = None) -> int | torch.Tensor:
     """A dropout seed: from torch's CPU generator (no device synchronisation), or, while a CUDA
-    graph is being captured on ``device``, one drawn by torch's CUDA generator into a one-element
-    tensor that the dropout kernel reads. A graph replays the kernels it captured with the
-    arguments of the capture; torch's generator draws afresh on every replay, so each replay
-    gets new masks (an int drawn at capture would give every replay the same ones)."""
-    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    graph is being captured on ``device`` (or within :func:`device_seeds`), one drawn by torch's
+    CUDA generator into a one-element tensor that the dropout kernel reads. A graph replays the
+    kernels it captured with the arguments of the capture; torch's generator draws afresh on
+    every replay, so each replay gets new masks (an int drawn at capture would give every replay
+    the same ones)."""
+    if (
+        device is not None
+        and device.type == "cuda"
+        and (getattr(_DEVICE_SEEDS, "on", False) or torch.cuda.is_current_stream_capturing())
+    ):
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 

@@ -450,10 +450,10 @@ def head_detachable(model: Any, batches: Batches, ranks: Ranks) -> bool:
     first = batches.train[0][0]  # the first example of the first packed row
     sample = {"input_ids": first["input_ids"][:16], "labels": first["labels"][:16]}
     device = torch.device(ranks.device)
-    inputs = {
-        k: v.to(device) if torch.is_tensor(v) else v
-        for k, v in batches.collator([[sample]]).items()
-    }
+    collator = batches.collator
+    if batches.graph_shape is not None:  # the short row, not padded to the graphs' shape
+        collator = PackedCollator(collator.pad_token_id)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([[sample]]).items()}
     dtype = training_autocast(model)
     mixed = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
     with mixed or contextlib.nullcontext():
@@ -488,14 +488,18 @@ def graphs_wanted(recipe: LoraRecipe, plan: FastPlan, ranks: Ranks) -> tuple[boo
         why = f"{ranks.world_size} processes train together"
     elif recipe.grad_accum != 1:  # the graph hands its gradient buffers to the parameters
         why = f"grad_accum is {recipe.grad_accum}"
+    elif recipe.quantization == "int8":  # LLM.int8's outlier split depends on the data
+        why = "quantization is 'int8'"
+    elif not plan.fits:  # the graph's memory pool stays reserved between steps
+        why = "the plan is over its memory budget"
     if why is None:
         return True, "on"
     if recipe.cuda_graphs == "on":
         raise RecipeError(
             [
                 f"cuda_graphs: 'on' needs a CUDA GPU, packing, attention 'varlen', no gradient "
-                f"checkpointing, one process and grad_accum 1; here {why}. Set cuda_graphs: "
-                "auto (on where it can be) or off"
+                f"checkpointing, one process, grad_accum 1, no int8 base and a plan within its "
+                f"memory budget; here {why}. Set cuda_graphs: auto (on where it can be) or off"
             ]
         )
     return False, f"off ({why})"

@@ -183,7 +183,11 @@ def train(
         )
         if samples:
             samples.bind(trainer)  # the trackers of report_to get the answers too
-        fit = run_fit(trainer, model, batches, start)  # 10
+        try:
+            fit = run_fit(trainer, model, batches, start)  # 10
+        finally:
+            if graphs is not None:  # the layers' own forward back; the graph's memory released
+                graphs.uninstall()
         metrics = on_main(
             ranks,
             lambda: (
