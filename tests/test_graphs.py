@@ -177,6 +177,68 @@ class _FakeCapture:
         return callables
 
 
+class _Replay(torch.autograd.Function):
+    """What ``make_graphed_callables``' autograd function does at a replay, run eagerly: the
+    user's inputs copied into static input buffers, the outputs returned as detached aliases of
+    static output buffers, the incoming gradient copied into a static buffer, and the input and
+    parameter gradients returned as detached aliases of static gradient buffers."""
+
+    @staticmethod
+    def forward(ctx, graph, *inputs):
+        graph.replay_forward(inputs[: graph.n_user])
+        ctx.graph = graph
+        return graph.static_out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (None, *ctx.graph.replay_backward(grad))
+
+
+class _EmulatedGraph(torch.nn.Module):
+    """A captured stack as ``make_graphed_callables`` returns it, with its buffer semantics."""
+
+    def __init__(self, stack, samples) -> None:
+        super().__init__()
+        self.stack = stack
+        self.n_user = len(samples)
+        self.static_in = [s.detach().clone().requires_grad_(s.requires_grad) for s in samples]
+        self.params = tuple(p for p in stack.parameters() if p.requires_grad)
+        self.static_out = None
+        self.static_grads = None
+        self._out = None
+
+    def forward(self, *args):
+        return _Replay.apply(self, *args, *self.params)
+
+    def replay_forward(self, args) -> None:
+        for buf, a in zip(self.static_in, args, strict=True):
+            if buf.data_ptr() != a.data_ptr():
+                buf.detach().copy_(a)
+        with torch.enable_grad():
+            self._out = self.stack(*self.static_in)
+        if self.static_out is None:
+            self.static_out = torch.empty_like(self._out)
+        self.static_out.copy_(self._out.detach())
+
+    def replay_backward(self, grad):
+        wanted = [t for t in self.static_in if t.requires_grad] + list(self.params)
+        grads = torch.autograd.grad(self._out, wanted, grad, allow_unused=True)
+        if self.static_grads is None:
+            self.static_grads = [torch.zeros_like(w) for w in wanted]
+        for buf, g in zip(self.static_grads, grads, strict=True):
+            buf.copy_(g if g is not None else torch.zeros_like(buf))
+        out, k = [], 0
+        for t in self.static_in:  # inputs that need no gradient get None, as the real one
+            out.append(self.static_grads[k].detach() if t.requires_grad else None)
+            k += t.requires_grad
+        return (*out, *(b.detach() for b in self.static_grads[k:]))
+
+
+def _emulated_capture(callables, samples):
+    return tuple(_EmulatedGraph(c, s) for c, s in zip(callables, samples, strict=True))
+
+
 @pytest.fixture
 def cpu_graphs(monkeypatch, segmented):
     """(plain model, model with the dispatch installed on the CPU, its state, the capture)."""
@@ -197,6 +259,45 @@ def test_the_graphed_stack_trains_what_the_layers_train(cpu_graphs):
     for seed in (0, 1, 2):  # the capture, then replays
         _same(_loss_and_grads(model, _batch(seed=seed)), _loss_and_grads(plain, _batch(seed=seed)))
     assert (capture.calls, graphs.replays, graphs.status) == (1, 3, "captured")
+
+
+def test_with_the_graphs_buffer_semantics_training_still_equals_the_layers(monkeypatch, segmented):
+    """With a stand-in that keeps ``make_graphed_callables``' static buffers (outputs and
+    gradients handed out as aliases of them), steps through the graph equal the layers' steps,
+    and a second pass before the gradients are cleared runs eagerly: through the buffers its
+    replay would overwrite the first pass's gradient and then add it to itself."""
+    plain = _model()
+    model = copy.deepcopy(plain)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _emulated_capture)
+    graphs, _ = install_layer_graphs(
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None
+    )
+    assert graphs is not None
+    monkeypatch.setattr(graphs, "device_type", "cpu")
+    for seed in (0, 1, 2):
+        _same(_loss_and_grads(model, _batch(seed=seed)), _loss_and_grads(plain, _batch(seed=seed)))
+    assert graphs.replays == 3
+    # two passes, one zero_grad: the first is replayed, the second (gradients held) is eager
+    for m in (model, plain):
+        m.zero_grad(set_to_none=True)
+        m(**_batch(seed=7)).loss.backward()
+        m(**_batch(seed=8)).loss.backward()
+    assert graphs.replays == 4
+    for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the hazard itself: without that check the accumulated gradient is wrong
+    monkeypatch.setattr(graphs, "_trainable", [])
+    for m in (model, plain):
+        m.zero_grad(set_to_none=True)
+        m(**_batch(seed=7)).loss.backward()
+        m(**_batch(seed=8)).loss.backward()
+    wrong = [
+        n
+        for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True)
+        if q.grad is not None and not torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    ]
+    assert wrong  # the stand-in reproduces what the check prevents
 
 
 def test_calls_outside_the_fixed_shape_run_the_layers_eagerly(cpu_graphs):
@@ -410,7 +511,7 @@ def test_train_replays_the_layers_and_learns_what_eager_layers_learn(
     monkeypatch.setattr(steps, "graphs_wanted", lambda recipe, plan, ranks: (True, "on"))
     monkeypatch.setattr(steps, "attention_implementation", lambda name: segmented)
     monkeypatch.setattr(LayerGraphs, "device_type", "cpu")
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _FakeCapture())
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _emulated_capture)
     base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
     results = {}
     for run in ("graphed", "eager"):
