@@ -331,6 +331,8 @@ class LayerGraphs:
         ]
         self._state = self._fingerprint()
         self.status = "captured"
+        if torch.cuda.is_available():  # the warm-up's blocks, cached outside the graph's pool
+            torch.cuda.empty_cache()
         logger.info(
             "CUDA graphs: %d decoder layers captured as one graph (rows of %d tokens, %d "
             "cu_seq_lens entries, segments of <= %d tokens)",
