@@ -426,6 +426,12 @@ def test_layers_it_cannot_take_are_left_alone(segmented):
     )
     assert graphs is None and line.startswith("off (attention 'sdpa': the graph keeps")
     model.set_attn_implementation(segmented)
+    model.config.num_hidden_layers = 2  # the model's forward would skip the third layer
+    graphs, line = install_layer_graphs(
+        model, tokens=8, segments=2, max_length=8, autocast_dtype=None
+    )
+    assert graphs is None and line == "off (the model runs 2 of its 3 decoder layers)"
+    model.config.num_hidden_layers = 3
     handle = layers[1].register_forward_hook(lambda *a: None)
     assert install_layer_graphs(model, tokens=8, segments=2, max_length=8, autocast_dtype=None) == (
         None,

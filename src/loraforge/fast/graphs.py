@@ -369,7 +369,11 @@ def install_layer_graphs(
     layers = decoder_layers(model)
     if layers is None:
         return None, "off (no decoder layers found at .model.layers)"
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", len(layers))
+    if count != len(layers):  # the model's forward runs layers[:num_hidden_layers] only
+        return None, f"off (the model runs {count} of its {len(layers)} decoder layers)"
+    attention = getattr(config, "_attn_implementation", None)
     if attention not in SEGMENTED_ATTENTION:
         return None, (
             f"off (attention {attention!r}: the graph keeps a row's examples apart by "
