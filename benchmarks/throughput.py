@@ -76,9 +76,11 @@ UNSLOTH_SITE = os.environ.get("LORAFORGE_UNSLOTH_SITE", "/tmp/site_unsloth")
 # what the Unsloth row reads from --set / --row (anything else is reported as ignored)
 UNSLOTH_KEYS = ("lora_dropout", "pack_tokens", "unsloth_arch", "gradient_checkpointing")
 GPU = os.environ.get("LORAFORGE_BENCH_CPU") is None
-# loraforge's max_memory_gib under each --cap-gib: the peak targets of issue 14 (allocated memory
-# at most 22 GiB on a 24 GiB card, 15 GiB on a 16 GiB card; the CUDA context lies outside both)
-QLORA_BUDGET = {24.0: 22.0, 16.0: 15.0}
+# loraforge's max_memory_gib under each --cap-gib, for the peak targets of issue 14 (allocated
+# memory at most 22 GiB on a 24 GiB card, 15 GiB on a 16 GiB card; the CUDA context lies outside
+# both). Under 16 the planner takes 1,024-token graphed rows: 14.0 GiB allocated, 15.4 reserved
+# on an H200 capped at 16 GiB (session 7); under 15 it took 4,096-token eager rows (12.0 GiB)
+QLORA_BUDGET = {24.0: 22.0, 16.0: 16.0}
 # --variants: the loraforge setup once per LoRA variant, each a set of recipe overrides
 VARIANTS = {
     "lora": [],

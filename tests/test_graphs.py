@@ -169,8 +169,9 @@ class _FakeCapture:
     def __init__(self, fail: bool = False) -> None:
         self.fail, self.calls = fail, 0
 
-    def __call__(self, callables, samples):
+    def __call__(self, callables, samples, num_warmup_iters=3):
         self.calls += 1
+        self.warm_up_passes = num_warmup_iters  # loraforge warms up itself (graphs._warm_up)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         assert all(isinstance(t, torch.Tensor) for s in samples for t in s)
@@ -235,7 +236,7 @@ class _EmulatedGraph(torch.nn.Module):
         return (*out, *(b.detach() for b in self.static_grads[k:]))
 
 
-def _emulated_capture(callables, samples):
+def _emulated_capture(callables, samples, num_warmup_iters=3):
     return tuple(_EmulatedGraph(c, s) for c, s in zip(callables, samples, strict=True))
 
 
@@ -389,19 +390,63 @@ def test_a_parameter_moved_after_the_capture_turns_the_graph_off(cpu_graphs):
     assert graphs.status.startswith("off:") and graphs.replays == 1
 
 
+def test_the_capture_follows_loraforges_own_warm_up(cpu_graphs, monkeypatch):
+    """The layers run forward and backward twice before the capture (``_warm_up``), and the
+    capture is asked for no warm-up of its own; the warm-up leaves no gradient behind."""
+    plain, model, _, capture = cpu_graphs
+    seen = []
+
+    def spy(stack, samples, passes):
+        graphs_mod_warm_up(stack, samples, passes)
+        seen.append((passes, [p.grad for p in stack.parameters()]))
+
+    graphs_mod_warm_up = graphs_mod._warm_up
+    monkeypatch.setattr(graphs_mod, "_warm_up", spy)
+    _same(_loss_and_grads(model, _batch(seed=0)), _loss_and_grads(plain, _batch(seed=0)))
+    assert capture.calls == 1 and capture.warm_up_passes == 0
+    assert len(seen) == 1 and seen[0][0] == graphs_mod._WARM_UP_PASSES == 2
+    assert all(g is None for g in seen[0][1])
+
+
+def test_warm_up_runs_forward_and_backward_and_keeps_nothing():
+    """``_warm_up`` on the CPU: each pass runs the stack forward and takes the gradients of the
+    input and the trainable parameters (without storing them in ``.grad``)."""
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4))
+            self.frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+
+        def forward(self, hidden, scale):
+            calls.append("forward")
+            out = hidden * self.w * self.frozen * scale
+            out.register_hook(lambda g: calls.append("backward"))
+            return out
+
+    stack = Counted()
+    hidden = torch.randn(3, 4, requires_grad=True)
+    graphs_mod._warm_up(stack, (hidden, torch.tensor(2.0)), 2)
+    assert calls == ["forward", "backward"] * 2
+    assert stack.w.grad is None and hidden.grad is None
+
+
 def test_a_failed_capture_leaves_training_eager(monkeypatch, caplog, segmented):
     plain = _model()
     model = copy.deepcopy(plain)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", _FakeCapture(fail=True))
     graphs, _ = install_layer_graphs(
-        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None
-    )
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None,
+        advice="the rows were sized for graphs; set cuda_graphs: off",
+    )  # fmt: skip
     assert graphs is not None
     monkeypatch.setattr(graphs, "device_type", "cpu")
     with caplog.at_level(logging.WARNING, logger="loraforge"):
         _same(_loss_and_grads(model, _batch()), _loss_and_grads(plain, _batch()))
     assert graphs.status.startswith("off: the capture failed (RuntimeError: operation not")
     assert "CUDA graphs of the decoder layers" in caplog.text
+    assert "they run eagerly (the rows were sized for graphs; set cuda_graphs: off)" in caplog.text
     _same(_loss_and_grads(model, _batch(seed=1)), _loss_and_grads(plain, _batch(seed=1)))
 
 
@@ -485,6 +530,30 @@ def test_cuda_graphs_are_planned_only_where_they_can_run(monkeypatch):
             graphs_wanted(LoraRecipe.from_dict({**r.to_dict(), "cuda_graphs": "on"}), p, ranks)
     off = LoraRecipe(model="m", data="d", cuda_graphs=False)  # YAML's off
     assert graphs_wanted(off, plan, one) == (False, "off (cuda_graphs: off)")
+
+
+def test_rows_sized_for_graphs_warn_when_the_layers_stay_eager(monkeypatch, caplog):
+    """``install_graphs``: a plan whose rows were sized for graphed layers, on a model whose
+    layers cannot be graphed, warns and says how to plan for eager layers."""
+    from loraforge.fast.plan import FastPlan
+    from loraforge.training import steps
+
+    plan = FastPlan(
+        packing=True, pack_tokens=1024, attention="varlen", gradient_checkpointing="off",
+        liger_kernels=True, reason="", cuda_graphs=True,
+    )  # fmt: skip
+    batches = steps.Batches(None, None, None, None, graph_shape=(1024, 9, 384))  # type: ignore[arg-type]
+    model = torch.nn.Linear(2, 2)  # no decoder layers at .model.layers
+    with caplog.at_level(logging.INFO, logger="loraforge"):
+        assert steps.install_graphs(model, batches, plan) is None
+    assert "off (no decoder layers found at .model.layers)" in caplog.text
+    assert "1024-token rows were sized for layers replayed from a graph" in caplog.text
+    assert any(r.levelno == logging.WARNING for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loraforge"):
+        steps.install_graphs(model, batches, _with(plan, cuda_graphs=False))
+    assert "sized for" not in caplog.text
+    assert not any(r.levelno == logging.WARNING for r in caplog.records)
 
 
 def _fields(plan):

@@ -132,3 +132,47 @@ def test_each_checkpoint_records_the_data_it_was_trained_on(finished, workdir):
     digest = hashlib.sha256((workdir / "data.json").read_bytes()).hexdigest()
     assert saved["data"]["sha256"] == digest
     assert saved["data"]["path"] == str(workdir / "data.json")
+
+
+def test_resume_whose_plan_packs_other_rows_is_refused_naming_the_setting(
+    workdir, finished, monkeypatch
+):
+    """Each checkpoint records the size of the packed rows it was trained on. With the same
+    recipe, the planner may size rows otherwise (another card, max_memory_gib, loraforge
+    version): such a resume is refused before anything trains, and says which setting resumes."""
+    saved = json.loads(
+        (finished / "checkpoints" / "checkpoint-4" / "loraforge_data.json").read_text("utf-8")
+    )
+    assert saved["rows"] == {"pack_tokens": None}  # padded batches of batch_size
+    packed = dict(packing="on", batch_size=None, max_steps=4)
+    out = train(recipe(workdir, "other-rows", **packed)).output_dir  # CPU rows: 4,096 tokens
+    (out / "loraforge.json").unlink()  # as if killed before its final save
+    monkeypatch.setattr("loraforge.fast.plan._CPU_ROW", 2048)  # the planner now sizes otherwise
+    with pytest.raises(OutputDirError, match=r"saved by a run of packed rows of 4096 tokens, and "
+                       r"this run plans packed rows of 2048 tokens.*"
+                       r"--set pack_tokens=4096"):  # fmt: skip
+        train(recipe(workdir, "other-rows", **{**packed, "max_steps": 6}), resume=True)
+    assert not (out / "loraforge.json").exists()  # nothing trained or saved
+    result = train(
+        recipe(workdir, "other-rows", **{**packed, "max_steps": 6, "pack_tokens": 4096}),
+        resume=True,
+    )
+    assert result.metrics["steps"] == 6
+    (out / "loraforge.json").unlink()
+    # the saved recipe now names 4,096-token rows: another size is another recipe
+    with pytest.raises(OutputDirError, match=r"different settings \(pack_tokens\)"):
+        train(
+            recipe(workdir, "other-rows", **{**packed, "max_steps": 8, "pack_tokens": 1024}),
+            resume=True,
+        )
+
+
+def test_the_rows_check_names_the_row_size_to_set_and_lets_older_checkpoints_pass(tmp_path):
+    from loraforge.training.resume import _check_rows, rows_fingerprint
+
+    ckpt = tmp_path / "checkpoint-4"
+    _check_rows(ckpt, {}, rows_fingerprint(1024))  # saved by an older loraforge: a warning
+    _check_rows(ckpt, rows_fingerprint(2048), rows_fingerprint(2048))
+    with pytest.raises(OutputDirError, match=r"packed rows of 4096 tokens, and this run plans "
+                       r"packed rows of 1024 tokens.*--set pack_tokens=4096"):  # fmt: skip
+        _check_rows(ckpt, rows_fingerprint(4096), rows_fingerprint(1024))

@@ -201,7 +201,8 @@ class LoraRecipe:
         "auto",
         "Replay the decoder layers of a training step from one CUDA graph (one launch instead of "
         "thousands; packed rows padded to pack_tokens). 'auto' = on a GPU when the plan allows: "
-        "packing, varlen attention, no gradient checkpointing, one process, grad_accum 1.",
+        "packing, varlen attention, no gradient checkpointing, one process, grad_accum 1. The "
+        "planner then counts a row's launches as nearly free and may choose shorter rows.",
     )
     max_memory_gib: float | None = _f(
         40.0, "GPU memory the automatic choices aim to stay under (None = the whole card)."

@@ -15,9 +15,15 @@ __all__ = ["relative_time"]
 _RECOMPUTE_SHARE = 0.3  # a checkpointed model's extra time: its forward again (frozen base)
 _ROW_TOKENS = 500  # each row's fixed cost (kernel launches), in tokens' worth of compute
 _DEQUANT_TOKENS = 160  # each row's cost of dequantizing a 4-bit model once, the same unit
+# measured on an H200, Phi-4 (2026-11-30, session 7): with the decoder layers replayed from a CUDA
+# graph, 2,048-token rows ran at 0.98x the rate of 8,192-token rows (bf16, one invocation), so a
+# graphed row's fixed cost is small; on a 4-bit base the dequantization stays (GPU work)
+_GRAPHED_ROW_TOKENS = 60
 
 
-def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: bool = False) -> float:
+def relative_time(
+    tokens: int, checkpointed: int, layers: int, *, quantized: bool = False, graphed: bool = False
+) -> float:
     """Estimated time per token of rows of ``tokens`` with ``checkpointed`` of ``layers``
     decoder layers checkpointed, against the compute of a token with none (1.0).
 
@@ -25,11 +31,14 @@ def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: boo
     the base frozen); every row pays a fixed cost for launching its kernels (worth about 500
     tokens of compute on an H200, more again for the layers recomputed); and on a 4-bit base
     every weight is dequantized once in the forward, once in the backward and once more in a
-    recomputed forward (about 160 tokens' worth a pass over the model). The constants come from
-    rows measured on an H200; only the order of the plans matters to the planner.
+    recomputed forward (about 160 tokens' worth a pass over the model). With ``graphed`` (the
+    decoder layers replayed from a CUDA graph, which needs no layer checkpointed) the launches
+    cost about 60 tokens' worth a row instead of 500. The constants come from rows measured on an
+    H200; only the order of the plans matters to the planner.
 
     Raises:
-        ValueError: ``tokens`` is not positive, or ``checkpointed`` is not within ``layers``.
+        ValueError: ``tokens`` is not positive, ``checkpointed`` is not within ``layers``, or
+            ``graphed`` with layers checkpointed.
 
     Examples:
         >>> relative_time(2048, 0, 40) < relative_time(2048, 4, 40)  # recomputation costs
@@ -37,12 +46,21 @@ def relative_time(tokens: int, checkpointed: int, layers: int, *, quantized: boo
         >>> long_rows = relative_time(8192, 40, 40, quantized=True)  # every layer recomputed
         >>> long_rows < relative_time(2048, 28, 40, quantized=True)
         True
+        >>> graphed = relative_time(1024, 0, 40, quantized=True, graphed=True)  # short, replayed
+        >>> graphed < relative_time(4096, 38, 40, quantized=True)
+        True
     """
     if tokens <= 0 or layers < 0 or not 0 <= checkpointed <= max(layers, 0):
         raise ValueError(
             f"relative_time: tokens must be positive and 0 <= checkpointed <= layers; got "
             f"tokens={tokens}, checkpointed={checkpointed}, layers={layers}"
         )
+    if graphed and checkpointed:
+        raise ValueError(
+            "relative_time: graphed rows have no layer checkpointed; got "
+            f"checkpointed={checkpointed}"
+        )
     share = checkpointed / layers if layers else 0.0
-    per_row = _ROW_TOKENS * (1 + share) + (_DEQUANT_TOKENS * (2 + share) if quantized else 0.0)
+    launches = _GRAPHED_ROW_TOKENS if graphed else _ROW_TOKENS * (1 + share)
+    per_row = launches + (_DEQUANT_TOKENS * (2 + share) if quantized else 0.0)
     return 1 + _RECOMPUTE_SHARE * share + per_row / tokens

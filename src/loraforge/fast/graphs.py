@@ -27,6 +27,7 @@ H200: the loss and all 320 LoRA gradients of Phi-4's shape).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -61,6 +62,40 @@ _KNOWN = frozenset(
 SEGMENTED_ATTENTION = {VARLEN_ATTENTION}
 # keyword arguments the graph may take only while they are off
 _OFF = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
+
+
+# forward and backward passes run before the capture: the first compiles and initialises what runs
+# lazily (Triton kernels, the dropout kernel's device-seed variant, cuBLAS), the second runs as
+# the capture will
+_WARM_UP_PASSES = 2
+
+
+def _warm_up(stack: torch.nn.Module, samples: tuple, passes: int) -> None:
+    """Run ``stack`` forward and backward ``passes`` times on a side stream, as
+    ``make_graphed_callables``' own warm-up does, then return the memory it cached.
+
+    ``make_graphed_callables`` keeps its warm-up's last outputs and gradients referenced while it
+    captures. On a GPU those small tensors pin the large cached blocks they were cut from (the
+    activations and dequantized weights the warm-up freed), which the graph's private pool cannot
+    use: under a 16 GiB cap a QLoRA capture of 1,024-token rows failed with 3.5 GiB reserved but
+    unallocated outside the graph's pool (H200, docs/benchmarks.md, session 7). Here nothing of
+    the warm-up stays referenced, so the cache is returned before the capture, which then runs
+    with ``num_warmup_iters=0``.
+    """
+    wanted = [t for t in samples if t.requires_grad]
+    wanted += [p for p in stack.parameters() if p.requires_grad]
+    cuda = samples[0].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()) if cuda else contextlib.nullcontext():
+        for _ in range(passes):
+            out = stack(*samples)  # the hidden states (a tensor)
+            if out.requires_grad and wanted:
+                torch.autograd.grad(out, wanted, torch.zeros_like(out))
+            del out
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 class _Stack(torch.nn.Module):
@@ -98,9 +133,12 @@ class LayerGraphs:
         max_length: the attention's bound on a segment's length.
         replays: steps replayed from the graph so far.
         status: ``"waiting"`` (not captured yet), ``"captured"`` or ``"off: <why>"``.
+        advice: what the warning adds when the graph is turned off (e.g. that the rows were
+            sized for graphed layers).
     """
 
     device_type = "cuda"
+    advice = ""
 
     def __init__(
         self,
@@ -298,7 +336,11 @@ class LayerGraphs:
     def _off(self, why: str) -> None:
         self.status = f"off: {why}"
         self._release()
-        logger.warning("CUDA graphs of the decoder layers: %s; they run eagerly", why)
+        logger.warning(
+            "CUDA graphs of the decoder layers: %s; they run eagerly%s",
+            why,
+            f" ({self.advice})" if self.advice else "",
+        )
 
     def _capture(self, inputs: tuple) -> None:
         hidden, cos, sin, cu = inputs
@@ -315,7 +357,10 @@ class LayerGraphs:
                     cache_enabled=False,  # make_graphed_callables refuses autocast's weight cache
                 ),
             ):
-                (graphed,) = torch.cuda.make_graphed_callables((stack,), (samples,))
+                _warm_up(stack, samples, _WARM_UP_PASSES)
+                (graphed,) = torch.cuda.make_graphed_callables(
+                    (stack,), (samples,), num_warmup_iters=0
+                )
         except Exception as exc:  # the run goes on eagerly
             self._off(f"the capture failed ({type(exc).__name__}: {exc})")
             return
@@ -358,10 +403,12 @@ def install_layer_graphs(
     segments: int,
     max_length: int,
     autocast_dtype: torch.dtype | None,
+    advice: str = "",
 ) -> tuple[LayerGraphs | None, str]:
     """Make the decoder layers of ``model`` replay from one CUDA graph in training steps of
     packed rows of ``tokens`` tokens with ``segments`` ``cu_seq_lens`` entries and segments of at
-    most ``max_length`` tokens (captured at the first such step).
+    most ``max_length`` tokens (captured at the first such step). ``advice`` is added to the
+    warning if the graph is turned off later (e.g. a failed capture).
 
     Returns:
         The dispatch state (``None`` if nothing was installed) and a line for the log.
@@ -394,6 +441,7 @@ def install_layer_graphs(
         max_length=max_length,
         autocast_dtype=autocast_dtype,
     )
+    graphs.advice = advice
     graphs.install()
     return graphs, (
         f"on: {len(layers)} decoder layers, captured at the first training step (rows of "

@@ -22,7 +22,12 @@ Memory and time: under ``max_memory_gib`` each packed row size (2,048 to 8,192 t
 with the fewest decoder layers it needs checkpointed to fit, and the planner takes the pair with the
 least estimated time per token ([`relative_time`][loraforge.fast.costs.relative_time]: a
 checkpointed layer runs its forward twice; each row pays a fixed cost of launches, and on a 4-bit
-base of dequantizing every weight in each pass, which longer rows spread over more tokens). DoRA,
+base of dequantizing every weight in each pass, which longer rows spread over more tokens). Where
+the decoder layers can replay from a CUDA graph (one process on a GPU, packing with varlen
+attention, ``grad_accum`` 1, no int8 base, ``cuda_graphs`` not ``off``; see
+[`loraforge.fast.graphs`][loraforge.fast.graphs]), a plan with no layer checkpointed pays far
+less for its launches, and, for examples of at most 512 tokens, 1,024-token rows with no layer
+checkpointed are tried too. DoRA,
 whose count is verified on 2,048-token rows only, takes the fewest checkpointed layers, then the
 shorter row. If no pair fits, every layer is checkpointed on the shortest row. What a decoder
 layer keeps for the backward pass is counted from the shape
@@ -269,6 +274,10 @@ _BYTES_LOGIT = 14  # the loss per vocabulary entry of each position with logits 
 _CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16 copy, the grad
 _RESERVE_BYTES = int(1.5 * GiB)  # CUDA context, allocator slack, optimizer state of the adapter
 _ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
+# tried too where the decoder layers can replay from a CUDA graph, and only with no layer
+# checkpointed: eagerly such short rows are bound by the CPU (on an H200, QLoRA under a 16 GiB cap:
+# 1,024-token rows 7,346 tokens/s graphed, 3,419-4,026 eager; docs/benchmarks.md, session 7)
+_GRAPHED_ROWS = (1024,)
 _CPU_ROW = 4096
 
 
@@ -425,6 +434,11 @@ class FastPlan:
             ``"fsdp2"`` (the frozen base weights sharded across the processes; the estimates are
             per process).
         processes: the processes training together.
+        cuda_graphs: the row size was chosen counting on the decoder layers replaying from a
+            CUDA graph (one process on a GPU, packing, varlen attention, no layer checkpointed,
+            ``grad_accum`` 1, no int8 base, ``cuda_graphs`` not ``off``, a plan within its
+            budget); whether they do is decided when the run starts
+            (``loraforge.training.steps.graphs_wanted``), on the same conditions.
     """
 
     packing: bool
@@ -438,6 +452,7 @@ class FastPlan:
     budget_bytes: int | None = None
     distributed: str = "none"
     processes: int = 1
+    cuda_graphs: bool = False
 
     @property
     def fits(self) -> bool:
@@ -546,7 +561,13 @@ def plan_fast_path(
     """
     if processes < 2 and recipe.distributed != "fsdp2":
         return _plan_one(
-            recipe, shape, device, longest_example, supervised_fraction, chunkable_head
+            recipe,
+            shape,
+            device,
+            longest_example,
+            supervised_fraction,
+            chunkable_head,
+            graphs=_graphs_possible(recipe, device),
         )
 
     def plan(weights: ModelShape) -> FastPlan:
@@ -619,6 +640,18 @@ def sharded_shape(shape: ModelShape, shards: int) -> ModelShape:
     return replace(shape, weight_bytes=min(per_process, shape.weight_bytes))
 
 
+def _graphs_possible(recipe: LoraRecipe, device: DeviceInfo | None) -> bool:
+    """Whether one process's decoder layers may replay from a CUDA graph, as far as the recipe
+    and the device say (the plan must also pack rows for varlen attention, checkpoint no layer
+    and fit its budget)."""
+    return (
+        device is not None
+        and recipe.cuda_graphs != "off"
+        and recipe.grad_accum == 1
+        and recipe.quantization != "int8"
+    )
+
+
 def _plan_one(
     recipe: LoraRecipe,
     shape: ModelShape,
@@ -626,13 +659,17 @@ def _plan_one(
     longest_example: int,
     supervised_fraction: float,
     chunkable_head: bool,
+    *,
+    graphs: bool = False,
 ) -> FastPlan:
-    """The plan of one process whose weights are ``shape.weight_bytes``."""
+    """The plan of one process whose weights are ``shape.weight_bytes``; ``graphs``: its
+    decoder layers may replay from a CUDA graph (:func:`_graphs_possible`)."""
     packing = _packs(recipe, device)
     liger = recipe.liger_kernels == "on" or (
         recipe.liger_kernels == "auto" and device is not None and device.liger
     )
     attention = _attention(recipe.attention, packing, device)
+    graphs = graphs and packing and attention == "varlen"
     ckpt: str = recipe.gradient_checkpointing
     if device is None:
         rows = (recipe.pack_tokens or max(_CPU_ROW, longest_example)) if packing else None
@@ -653,10 +690,19 @@ def _plan_one(
         candidates = [max(recipe.pack_tokens, longest_example)]
     else:
         candidates = [t for t in _ROWS if t >= longest_example] or [longest_example]
+    # shorter rows, replayed from a graph with no layer checkpointed (ranked only so); only for
+    # examples of at most half a row, which best-fit packing fills well (a graphed row is padded
+    # to its full size, so a half-empty one would cost a full row's compute)
+    short = (
+        [t for t in _GRAPHED_ROWS if 2 * longest_example <= t < min(candidates)]
+        if graphs and packing and not recipe.pack_tokens and not recipe.use_dora
+        else []
+    )
     n = shape.num_hidden_layers
     if ckpt == "auto":
-        fits = {t: mem.fewest_checkpointed(t) for t in candidates}
+        fits = {t: mem.fewest_checkpointed(t) for t in (*candidates, *short)}
         fitting = [t for t in candidates if fits[t] is not None]
+        fitting += [t for t in short if fits[t] == 0]
         nf4 = recipe.quantization == "nf4"  # dequantized per pass (int8 is not: unmeasured)
 
         def order(t: int) -> tuple[float, int]:  # the least estimated time, then the longer row
@@ -664,7 +710,7 @@ def _plan_one(
             assert k is not None  # only rows that fit are ranked
             if recipe.use_dora:  # its count is verified on 2,048-token rows only: the fewest
                 return (k, t)  # checkpointed layers, then the shorter row
-            return (relative_time(t, k, n, quantized=nf4), -t)
+            return (relative_time(t, k, n, quantized=nf4, graphed=graphs and k == 0), -t)
 
         if fitting:
             rows = min(fitting, key=order)
@@ -677,6 +723,7 @@ def _plan_one(
         k = n if ckpt in ("full", "selective") else 0
         sized = n if ckpt == "full" else 0  # selective keeps at most what no checkpointing keeps
         ok = [t for t in candidates if mem.needed(t, sized) <= mem.free]
+        ok = ok or [t for t in short if ckpt == "off" and mem.needed(t, 0) <= mem.free]
         rows = max(ok) if ok else min(candidates)
     estimate = _resident(shape) + _RESERVE_BYTES + mem.needed(rows, sized)
     reason = (
@@ -687,6 +734,9 @@ def _plan_one(
         reason += f"; estimated {estimate / GiB:.1f} GiB, over the cap"
     if not packing and recipe.packing == "auto":
         reason += "; packing off: batch_size is set (unset it to pack rows on a GPU)"
+    graphed = graphs and k == 0 and int(estimate) <= cap  # as FastPlan.fits
+    if graphed:
+        reason += "; layers replayed from a CUDA graph"
     return FastPlan(
         packing,
         rows if packing else None,
@@ -697,6 +747,7 @@ def _plan_one(
         k,
         estimated_bytes=int(estimate),
         budget_bytes=cap,
+        cuda_graphs=graphed,
     )
 
 

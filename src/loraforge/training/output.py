@@ -529,10 +529,14 @@ _RESUMABLE_CHANGES = frozenset(
 
 def _changed_settings(old: LoraRecipe, recipe: LoraRecipe) -> list[str]:
     """Settings that differ, data paths compared as absolute paths (a recipe built in Python may
-    name its data relative to the working folder; a saved recipe names it absolutely)."""
+    name its data relative to the working folder; a saved recipe names it absolutely).
+    ``pack_tokens`` left to the planner may be set on resume: each checkpoint records the rows it
+    was trained on, and a resume planning other rows is refused (``training.resume``)."""
     cwd = os.getcwd()
     before = absolute_data_paths(old.to_dict(), cwd)
     now = absolute_data_paths(recipe.to_dict(), cwd)
+    if before.get("pack_tokens") is None:
+        before["pack_tokens"] = now.get("pack_tokens")
     return [k for k in before if k not in _RESUMABLE_CHANGES and before[k] != now[k]]
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "load_checkpoint_adapter",
     "processes_fingerprint",
     "resume_point",
+    "rows_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,16 @@ def processes_fingerprint(ranks: Any) -> dict[str, dict[str, Any]]:
     return {_PROCESSES: {"count": int(ranks.world_size)}}
 
 
+def rows_fingerprint(pack_tokens: int | None) -> dict[str, dict[str, Any]]:
+    """``{"rows": {"pack_tokens": N}}`` (``None`` without packing): saved with each checkpoint,
+    so that a resume whose plan packs rows of another size is refused (the planner chooses the
+    size from the card, ``max_memory_gib`` and loraforge's cost model; the optimizer steps would
+    hold other examples and the schedule would have another length)."""
+    return {_ROWS: {"pack_tokens": pack_tokens}}
+
+
 _PROCESSES = "processes"
+_ROWS = "rows"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +151,10 @@ def _check_data(ckpt: Path, fingerprint: Mapping[str, Any], allow: bool) -> None
         return
     saved = json.loads(saved_file.read_text(encoding="utf-8"))
     _check_processes(ckpt, saved, fingerprint)
+    _check_rows(ckpt, saved, fingerprint)
     changed = [
         key
-        for key in sorted((set(saved) | set(fingerprint)) - {_PROCESSES})
+        for key in sorted((set(saved) | set(fingerprint)) - {_PROCESSES, _ROWS})
         if (saved.get(key) or {}).get("sha256") != (fingerprint.get(key) or {}).get("sha256")
     ]
     if not changed:
@@ -173,6 +184,37 @@ def _check_processes(ckpt: Path, saved: Mapping[str, Any], fingerprint: Mapping[
         "of the run would follow another schedule over other batches. Resume with the same "
         f"number of processes (torchrun --nproc_per_node {before} ... / accelerate launch "
         f"--num_processes {before} ...), or start a new output_dir"
+    )
+
+
+def _check_rows(ckpt: Path, saved: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
+    if _ROWS not in fingerprint:
+        return
+    if _ROWS not in saved:  # saved by an older loraforge
+        logger.warning(
+            "resume: %s records no row size (older loraforge); if this run packs rows of "
+            "another size than it did (pack_tokens), the rest follows another schedule",
+            ckpt,
+        )
+        return
+    before, now = saved[_ROWS].get("pack_tokens"), fingerprint[_ROWS].get("pack_tokens")
+    if before == now:
+        return
+
+    def rows(n: Any) -> str:
+        return f"packed rows of {n} tokens" if n else "no packing"
+
+    fix = (
+        f"set pack_tokens: {before} in the recipe (loraforge train ... --resume --set "
+        f"pack_tokens={before})"
+        if before
+        else "set packing: off in the recipe"
+    )
+    raise OutputDirError(
+        f"resume: {ckpt} was saved by a run of {rows(before)}, and this run plans {rows(now)} "
+        "(the planner sizes rows from the card, max_memory_gib and loraforge's version): the "
+        "rest of the run would follow another schedule over other batches. To resume, "
+        f"{fix}; or start a new output_dir"
     )
 
 

@@ -486,6 +486,8 @@ def graphs_wanted(recipe: LoraRecipe, plan: FastPlan, ranks: Ranks) -> tuple[boo
         why = f"gradient checkpointing is {plan.gradient_checkpointing!r}"
     elif ranks.world_size > 1:
         why = f"{ranks.world_size} processes train together"
+    elif plan.distributed != "none":
+        why = f"distributed is {plan.distributed!r}"
     elif recipe.grad_accum != 1:  # the graph hands its gradient buffers to the parameters
         why = f"grad_accum is {recipe.grad_accum}"
     elif recipe.quantization == "int8":  # LLM.int8's outlier split depends on the data
@@ -574,20 +576,32 @@ def lay_out_steps(
     return Batches(train_ds, eval_ds, collator, layout, graph_shape)
 
 
-def install_graphs(model: Any, batches: Batches) -> LayerGraphs | None:
+def install_graphs(model: Any, batches: Batches, plan: FastPlan) -> LayerGraphs | None:
     """The decoder layers replayed from a CUDA graph where :func:`lay_out_steps` fixed the rows'
-    shape (logged); ``None`` where they run eagerly."""
+    shape (logged); ``None`` where they run eagerly. Where the plan's row size was chosen for
+    graphed layers (``plan.cuda_graphs``) and they end up eager (refused here, or a failed
+    capture later), the warning says how to plan for eager layers instead."""
     if batches.graph_shape is None:
         return None
     tokens, segments, cap = batches.graph_shape
+    advice = (
+        f"the plan's {plan.pack_tokens}-token rows were sized for layers replayed from a graph "
+        "and may be slow eagerly; set cuda_graphs: off to plan for eager layers"
+        if plan.cuda_graphs
+        else ""
+    )
     graphs, line = install_layer_graphs(
         model,
         tokens=tokens,
         segments=segments,
         max_length=cap,
         autocast_dtype=training_autocast(model),
+        advice=advice,
     )
-    logger.info("CUDA graphs: %s", line)
+    if graphs is None and advice:
+        logger.warning("CUDA graphs: %s; %s", line, advice)
+    else:
+        logger.info("CUDA graphs: %s", line)
     return graphs
 
 

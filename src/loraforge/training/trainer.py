@@ -52,7 +52,7 @@ from loraforge.training.distributed import (
 )
 from loraforge.training.evaluation import eval_samples, samples_report
 from loraforge.training.output import save_run
-from loraforge.training.resume import data_fingerprint, processes_fingerprint
+from loraforge.training.resume import data_fingerprint, processes_fingerprint, rows_fingerprint
 from loraforge.training.steps import (
     apply_plan_and_lora,
     build_data,
@@ -168,14 +168,16 @@ def train(
         )
         batches = lay_out_steps(recipe, plan, data, tokenizer.pad_token_id, ranks)  # 7
         fingerprint = on_main(ranks, lambda: data_fingerprint(recipe), "fingerprinting the data")
-        fingerprint |= processes_fingerprint(ranks)
+        fingerprint |= processes_fingerprint(ranks) | rows_fingerprint(plan.pack_tokens)
         start = on_main(  # 8: the main process reads the checkpoints; the others get its answer
             ranks,
             lambda: start_point(run, batches.layout, fingerprint, allow_changed_data),
             "finding where to resume",
         )
         detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches, ranks)
-        graphs = install_graphs(model, batches)  # the layers replay from a CUDA graph, if planned
+        graphs = install_graphs(
+            model, batches, plan
+        )  # the layers replay from a CUDA graph, if planned
         samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
         extra = [*callbacks, *([samples] if samples else [])]
         trainer = build_trainer(  # 9
