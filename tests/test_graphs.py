@@ -522,6 +522,8 @@ def test_cuda_graphs_are_planned_only_where_they_can_run(monkeypatch):
         "quantization is 'int8'": (LoraRecipe(model="m", data="d", quantization="int8"), plan,
                                    one),
         "over its memory budget": (recipe, _with(plan, estimated_bytes=2, budget_bytes=1), one),
+        "hooks on a decoder layer": (recipe, _with(plan, ungraphable="hooks on a decoder layer"),
+                                     one),
     }  # fmt: skip
     for why, (r, p, ranks) in cases.items():
         wanted, line = graphs_wanted(r, p, ranks)
@@ -554,6 +556,33 @@ def test_rows_sized_for_graphs_warn_when_the_layers_stay_eager(monkeypatch, capl
         steps.install_graphs(model, batches, _with(plan, cuda_graphs=False))
     assert "sized for" not in caplog.text
     assert not any(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_the_planner_sizes_rows_for_eager_layers_where_they_cannot_be_graphed(segmented):
+    """``layers_graphable`` names what keeps a model's layers from a graph whatever the plan;
+    the planner told so plans no graph (and records why), so rows are sized for eager layers."""
+    import dataclasses
+
+    from loraforge import LoraRecipe
+    from loraforge.fast.plan import DeviceInfo, ModelShape, plan_fast_path
+
+    model = _model()
+    assert graphs_mod.layers_graphable(model) is None
+    handle = graphs_mod.decoder_layers(model)[1].register_forward_hook(lambda *a: None)
+    assert graphs_mod.layers_graphable(model) == "hooks on a decoder layer"
+    handle.remove()
+    model.config.num_hidden_layers = 2
+    assert graphs_mod.layers_graphable(model) == "the model runs 2 of its 3 decoder layers"
+    assert graphs_mod.layers_graphable(torch.nn.Linear(2, 2)) == (
+        "no decoder layers found at .model.layers"
+    )
+    card = DeviceInfo("GPU", 80 * 2**30, varlen_attention=True, liger=True)
+    shape = dataclasses.replace(ModelShape.from_model(_model()), weight_bytes=2**30)
+    recipe = LoraRecipe(model="m", data="d")
+    kw = dict(longest_example=8, supervised_fraction=0.5)
+    assert plan_fast_path(recipe, shape, card, **kw).cuda_graphs
+    told = plan_fast_path(recipe, shape, card, ungraphable="hooks on a decoder layer", **kw)
+    assert not told.cuda_graphs and told.ungraphable == "hooks on a decoder layer"
 
 
 def _fields(plan):

@@ -36,7 +36,7 @@ import torch
 from loraforge.fast.attention import VARLEN_ATTENTION
 from loraforge.fast.lora_ops import device_seeds
 
-__all__ = ["LayerGraphs", "install_layer_graphs"]
+__all__ = ["LayerGraphs", "install_layer_graphs", "layers_graphable"]
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +396,26 @@ def decoder_layers(model: Any) -> list[torch.nn.Module] | None:
     return list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
+def layers_graphable(model: Any) -> str | None:
+    """Why the decoder layers of ``model`` cannot replay from one CUDA graph whatever the plan
+    (no decoder layers at ``.model.layers``, a forward that runs fewer layers than it has, a
+    layer's ``forward`` already replaced on the instance, hooks on a layer), or ``None`` when
+    they can. The planner asks before sizing rows for graphed layers; the attention and the
+    checkpointing, which the plan sets, are checked when the graph is installed."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return "no decoder layers found at .model.layers"
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", len(layers))
+    if count != len(layers):  # the model's forward runs layers[:num_hidden_layers] only
+        return f"the model runs {count} of its {len(layers)} decoder layers"
+    for layer in layers:
+        if "forward" in vars(layer):
+            return "a decoder layer's forward is already replaced on the instance"
+        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
+            return "hooks on a decoder layer"
+    return None
+
+
 def install_layer_graphs(
     model: Any,
     *,
@@ -413,26 +433,20 @@ def install_layer_graphs(
     Returns:
         The dispatch state (``None`` if nothing was installed) and a line for the log.
     """
+    why = layers_graphable(model)
+    if why is not None:
+        return None, f"off ({why})"
     layers = decoder_layers(model)
-    if layers is None:
-        return None, "off (no decoder layers found at .model.layers)"
+    assert layers is not None  # layers_graphable found them
     config = getattr(model, "config", None)
-    count = getattr(config, "num_hidden_layers", len(layers))
-    if count != len(layers):  # the model's forward runs layers[:num_hidden_layers] only
-        return None, f"off (the model runs {count} of its {len(layers)} decoder layers)"
     attention = getattr(config, "_attn_implementation", None)
     if attention not in SEGMENTED_ATTENTION:
         return None, (
             f"off (attention {attention!r}: the graph keeps a row's examples apart by "
             "cu_seq_lens alone, which only loraforge's varlen attention reads)"
         )
-    for layer in layers:
-        if "forward" in vars(layer):
-            return None, "off (a decoder layer's forward is already replaced on the instance)"
-        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
-            return None, "off (hooks on a decoder layer)"
-        if getattr(layer, "gradient_checkpointing", False):
-            return None, "off (gradient checkpointing)"
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        return None, "off (gradient checkpointing)"
     graphs = LayerGraphs(
         model,
         layers,

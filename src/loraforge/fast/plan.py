@@ -439,6 +439,8 @@ class FastPlan:
             ``grad_accum`` 1, no int8 base, ``cuda_graphs`` not ``off``, a plan within its
             budget); whether they do is decided when the run starts
             (``loraforge.training.steps.graphs_wanted``), on the same conditions.
+        ungraphable: why the model's decoder layers cannot replay from a CUDA graph whatever
+            the plan (``None``: they can, or the planner was not told).
     """
 
     packing: bool
@@ -453,6 +455,7 @@ class FastPlan:
     distributed: str = "none"
     processes: int = 1
     cuda_graphs: bool = False
+    ungraphable: str | None = None
 
     @property
     def fits(self) -> bool:
@@ -525,6 +528,7 @@ def plan_fast_path(
     supervised_fraction: float = 1.0,
     chunkable_head: bool = True,
     processes: int = 1,
+    ungraphable: str | None = None,
 ) -> FastPlan:
     """Resolve the recipe's ``auto`` fast-path settings for a model of ``shape`` on ``device``.
 
@@ -551,6 +555,10 @@ def plan_fast_path(
             activations fit ``max_memory_gib`` on each device, else FSDP2 (the frozen base
             weights sharded across all processes), and the reason says how many shards the
             weights need; the memory estimates are per process.
+        ungraphable: why the model's decoder layers cannot replay from a CUDA graph
+            ([`layers_graphable`][loraforge.fast.graphs.layers_graphable]), or ``None`` if they
+            can; the plan then sizes rows for eager layers, and records why
+            (``FastPlan.ungraphable``).
 
     Returns:
         The [`FastPlan`][loraforge.fast.plan.FastPlan].
@@ -567,7 +575,8 @@ def plan_fast_path(
             longest_example,
             supervised_fraction,
             chunkable_head,
-            graphs=_graphs_possible(recipe, device),
+            graphs=_graphs_possible(recipe, device) and ungraphable is None,
+            ungraphable=ungraphable,
         )
 
     def plan(weights: ModelShape) -> FastPlan:
@@ -661,6 +670,7 @@ def _plan_one(
     chunkable_head: bool,
     *,
     graphs: bool = False,
+    ungraphable: str | None = None,
 ) -> FastPlan:
     """The plan of one process whose weights are ``shape.weight_bytes``; ``graphs``: its
     decoder layers may replay from a CUDA graph (:func:`_graphs_possible`)."""
@@ -748,6 +758,7 @@ def _plan_one(
         estimated_bytes=int(estimate),
         budget_bytes=cap,
         cuda_graphs=graphed,
+        ungraphable=ungraphable,
     )
 
 

@@ -26,7 +26,7 @@ from loraforge.data.templates import (
 )
 from loraforge.errors import DataError, RecipeError
 from loraforge.fast.attention import attention_implementation, set_attention
-from loraforge.fast.graphs import LayerGraphs, install_layer_graphs
+from loraforge.fast.graphs import LayerGraphs, install_layer_graphs, layers_graphable
 from loraforge.fast.liger import apply_liger
 from loraforge.fast.lora_ops import apply_lean_functions
 from loraforge.fast.losses import PackedLoss, head_is_detachable
@@ -355,6 +355,7 @@ def plan_run(
         supervised_fraction=data.report.supervised_fraction or 1.0,
         chunkable_head=type(head) is torch.nn.Linear and "lm_head" not in targets,
         processes=ranks.world_size,
+        ungraphable=layers_graphable(model),
     )
     logger.info("fast path: %s", plan.describe())
     graphs_wanted(recipe, plan, ranks)  # cuda_graphs: 'on' where it cannot be: an error now
@@ -494,14 +495,17 @@ def graphs_wanted(recipe: LoraRecipe, plan: FastPlan, ranks: Ranks) -> tuple[boo
         why = "quantization is 'int8'"
     elif not plan.fits:  # the graph's memory pool stays reserved between steps
         why = "the plan is over its memory budget"
+    elif plan.ungraphable:
+        why = plan.ungraphable
     if why is None:
         return True, "on"
     if recipe.cuda_graphs == "on":
         raise RecipeError(
             [
                 f"cuda_graphs: 'on' needs a CUDA GPU, packing, attention 'varlen', no gradient "
-                f"checkpointing, one process, grad_accum 1, no int8 base and a plan within its "
-                f"memory budget; here {why}. Set cuda_graphs: auto (on where it can be) or off"
+                f"checkpointing, one process, grad_accum 1, no int8 base, a plan within its "
+                f"memory budget and decoder layers at .model.layers without hooks; here {why}. "
+                "Set cuda_graphs: auto (on where it can be) or off"
             ]
         )
     return False, f"off ({why})"
