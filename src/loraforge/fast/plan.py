@@ -19,7 +19,8 @@ the recipe alone are refused by [`LoraRecipe`][loraforge.LoraRecipe]; those that
 machine by :func:`check_environment`, before the model is loaded.
 
 Memory and time: under ``max_memory_gib`` each packed row size (2,048 to 8,192 tokens) is paired
-with the fewest decoder layers it needs checkpointed to fit, and the planner takes the pair with the
+with the fewest decoder layers it needs checkpointed to fit
+([`estimate_memory`][loraforge.fast.memory.estimate_memory]), and the planner takes the pair with the
 least estimated time per token ([`relative_time`][loraforge.fast.costs.relative_time]: a
 checkpointed layer runs its forward twice; each row pays a fixed cost of launches, and on a 4-bit
 base of dequantizing every weight in each pass, which longer rows spread over more tokens). Where
@@ -41,14 +42,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ModelError, RecipeError
-from loraforge.fast.activations import FLOAT32 as _F32
-from loraforge.fast.activations import (
-    dora_layer_bytes,
-    dora_working_bytes,
-    layer_activation_bytes,
-)
 from loraforge.fast.costs import relative_time
-from loraforge.fast.losses import CHUNK_BYTES as _CHUNK_BYTES
+from loraforge.fast.memory import RESERVE_BYTES, estimate_memory, resident
 
 if TYPE_CHECKING:
     from loraforge.recipe import LoraRecipe
@@ -215,11 +210,6 @@ class ModelShape:
         )
 
 
-def _resident(shape: ModelShape) -> int:
-    """The weights, and with a quantized base the dense copies dequantizing makes."""
-    return shape.weight_bytes + shape.dequant_bytes
-
-
 def _dtype_bytes(dtype: Any) -> int:
     itemsize = getattr(dtype, "itemsize", None)  # a torch.dtype
     if isinstance(itemsize, int):
@@ -267,50 +257,14 @@ class DeviceInfo:
         )
 
 
-# --------------------------------------------------------------------------- memory
+# --------------------------------------------------------------------------- rows tried
 
-_WORKING_SET = 20  # the backward pass of one layer, in hidden-sized activations per token
-_BYTES_LOGIT = 14  # the loss per vocabulary entry of each position with logits (unchunked)
-_CHUNKED_LOSS_BYTES = 3 * _CHUNK_BYTES  # one chunk's float32 logits, their bf16 copy, the grad
-_RESERVE_BYTES = int(1.5 * GiB)  # CUDA context, allocator slack, optimizer state of the adapter
 _ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
 # tried too where the decoder layers can replay from a CUDA graph, and only with no layer
 # checkpointed: eagerly such short rows are bound by the CPU (on an H200, QLoRA under a 16 GiB cap:
 # 1,024-token rows 7,346 tokens/s graphed, 3,419-4,026 eager; docs/benchmarks.md, session 7)
 _GRAPHED_ROWS = (1024,)
 _CPU_ROW = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class _Memory:
-    """Bytes for a micro-batch of ``tokens`` with ``k`` of the ``layers`` decoder layers
-    checkpointed (a checkpointed layer keeps its input; the layer being recomputed all of its
-    activations)."""
-
-    free: float
-    layers: int
-    per_layer: float
-    layer_input: float
-    per_token: float  # outside the layers: norms lean_norms leaves alone, working set, loss
-    fixed: float = 0.0
-    layer_fixed: float = 0.0  # what a layer keeps whatever the tokens (DoRA's weight copies)
-
-    def needed(self, tokens: int, k: int) -> float:
-        per_token = (
-            (self.layers - k) * self.per_layer
-            + k * self.layer_input
-            + (self.per_layer if k else 0.0)
-            + self.per_token
-        )
-        kept = (self.layers - k + (1 if k else 0)) * self.layer_fixed
-        return tokens * per_token + self.fixed + kept
-
-    def fewest_checkpointed(self, tokens: int) -> int | None:
-        """The fewest layers to checkpoint for ``tokens`` to fit, or None if none does."""
-        for k in range(self.layers + 1):
-            if self.needed(tokens, k) <= self.free:
-                return k
-        return None
 
 
 def _cap(recipe: LoraRecipe, device: DeviceInfo) -> int:
@@ -335,11 +289,11 @@ def _memory_problems(recipe: LoraRecipe, shape: ModelShape, device: DeviceInfo) 
     """The weights (and the reserve) do not fit under the budget the planner sizes for."""
     packing = _packs(recipe, device)
     cap = _cap(recipe, device)
-    if not _sizes_memory(recipe, packing) or _resident(shape) + _RESERVE_BYTES < cap:
+    if not _sizes_memory(recipe, packing) or resident(shape) + RESERVE_BYTES < cap:
         return []
     weights = f"{shape.weight_bytes / GiB:.1f} GiB"
     card = f"{device.memory_bytes / GiB:.1f} GiB"
-    reserve = f"{_RESERVE_BYTES / GiB:g} GiB"
+    reserve = f"{RESERVE_BYTES / GiB:g} GiB"
     if cap < device.memory_bytes:
         return [
             f"max_memory_gib: {recipe.max_memory_gib:g} GiB leaves nothing for training: the "
@@ -693,7 +647,9 @@ def _plan_one(
         if problems:
             raise RecipeError(problems)
     cap = _cap(recipe, device)
-    mem = _memory(recipe, shape, attention, packing, supervised_fraction, chunkable_head, cap)
+    mem = estimate_memory(
+        recipe, shape, attention, packing, supervised_fraction, chunkable_head, cap
+    )
     if not packing:  # the micro-batch is batch_size padded sequences
         candidates = [recipe.micro_batch_size * max(recipe.max_length, longest_example)]
     elif recipe.pack_tokens:
@@ -735,7 +691,7 @@ def _plan_one(
         ok = [t for t in candidates if mem.needed(t, sized) <= mem.free]
         ok = ok or [t for t in short if ckpt == "off" and mem.needed(t, 0) <= mem.free]
         rows = max(ok) if ok else min(candidates)
-    estimate = _resident(shape) + _RESERVE_BYTES + mem.needed(rows, sized)
+    estimate = resident(shape) + RESERVE_BYTES + mem.needed(rows, sized)
     reason = (
         f"{mem.free / GiB:.1f} GiB for activations under a {cap / GiB:.0f} GiB cap, "
         f"weights {shape.weight_bytes / GiB:.1f} GiB"
@@ -759,44 +715,4 @@ def _plan_one(
         budget_bytes=cap,
         cuda_graphs=graphed,
         ungraphable=ungraphable,
-    )
-
-
-def _memory(
-    recipe: LoraRecipe,
-    shape: ModelShape,
-    attention: str,
-    packing: bool,
-    supervised_fraction: float,
-    chunkable_head: bool,
-    cap: int,
-) -> _Memory:
-    h, e = shape.hidden_size, shape.activation_bytes
-    # DoRA layers keep PEFT's forward (the allow-list refuses them): counted as such
-    lean = recipe.fused_lora and not recipe.use_dora
-    per_layer = layer_activation_bytes(
-        shape,
-        fused_lora=lean,
-        lora_r=recipe.lora_r,
-        lora_dropout=recipe.lora_dropout,
-        attention=attention,
-    )
-    dora_per_token, dora_fixed = dora_layer_bytes(shape) if recipe.use_dora else (0.0, 0.0)
-    per_layer += dora_per_token
-    dora_working = dora_working_bytes(shape) if recipe.use_dora else 0.0  # its float32 products
-    # norms lean_norms leaves alone keep their float32 input (PEFT's count has it already)
-    plain_norms = max(0, 2 * shape.num_hidden_layers + 1 - shape.lean_norms)
-    norms = plain_norms * h * _F32 if lean else 0
-    chunked = packing and chunkable_head and recipe.chunked_loss
-    # unpacked batches have logits at every position
-    supervised = min(max(supervised_fraction, 0.0), 1.0) if packing else 1.0
-    loss = 0.0 if chunked else supervised * shape.vocab_size * _BYTES_LOGIT
-    return _Memory(
-        free=cap - _resident(shape) - _RESERVE_BYTES,
-        layers=shape.num_hidden_layers,
-        per_layer=per_layer,
-        layer_input=h * e,
-        per_token=norms + _WORKING_SET * h * e + loss + dora_working,
-        fixed=_CHUNKED_LOSS_BYTES if chunked else 0.0,
-        layer_fixed=dora_fixed,
     )
