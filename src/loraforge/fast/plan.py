@@ -20,8 +20,8 @@ machine by :func:`check_environment`, before the model is loaded.
 
 Memory and time: under ``max_memory_gib`` each packed row size (2,048 to 8,192 tokens) is paired
 with the fewest decoder layers it needs checkpointed to fit
-([`estimate_memory`][loraforge.fast.memory.estimate_memory]), and the planner takes the pair with the
-least estimated time per token ([`relative_time`][loraforge.fast.costs.relative_time]: a
+([`estimate_memory`][loraforge.fast.memory.estimate_memory]), and the planner takes the pair with
+the least estimated time per token ([`relative_time`][loraforge.fast.costs.relative_time]: a
 checkpointed layer runs its forward twice; each row pays a fixed cost of launches, and on a 4-bit
 base of dequantizing every weight in each pass, which longer rows spread over more tokens). Where
 the decoder layers can replay from a CUDA graph (one process on a GPU, packing with varlen
