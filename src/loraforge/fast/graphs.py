@@ -375,9 +375,7 @@ class LayerGraphs:
             if hasattr(m, "merged_adapters") and hasattr(m, "lora_dropout")
         ]
         self._state = self._fingerprint()
-        self.status = "captured"
-        if torch.cuda.is_available():  # the warm-up's blocks, cached outside the graph's pool
-            torch.cuda.empty_cache()
+        self.status = "captured"  # the warm-up's cached blocks were returned by _warm_up
         logger.info(
             "CUDA graphs: %d decoder layers captured as one graph (rows of %d tokens, %d "
             "cu_seq_lens entries, segments of <= %d tokens)",

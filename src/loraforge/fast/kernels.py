@@ -67,8 +67,8 @@ def _on_triton(x: torch.Tensor) -> bool:
 def on_device_of(module: torch.nn.Module) -> Iterator[None]:
     """Inside the block the current CUDA device is the one of ``module``'s first CUDA parameter
     (if any), where Triton launches: for the numeric checks run on a module at installation."""
-    device = next((p.device for p in module.parameters() if p.is_cuda), None)
-    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+    first = next((p for p in module.parameters() if p.is_cuda), None)
+    with current_device_of(first) if first is not None else contextlib.nullcontext():
         yield
 
 

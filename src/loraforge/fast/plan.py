@@ -529,7 +529,7 @@ def plan_fast_path(
             longest_example,
             supervised_fraction,
             chunkable_head,
-            graphs=_graphs_possible(recipe, device) and ungraphable is None,
+            graphs=_graphs_possible(recipe, device, ungraphable),
             ungraphable=ungraphable,
         )
 
@@ -603,12 +603,15 @@ def sharded_shape(shape: ModelShape, shards: int) -> ModelShape:
     return replace(shape, weight_bytes=min(per_process, shape.weight_bytes))
 
 
-def _graphs_possible(recipe: LoraRecipe, device: DeviceInfo | None) -> bool:
-    """Whether one process's decoder layers may replay from a CUDA graph, as far as the recipe
-    and the device say (the plan must also pack rows for varlen attention, checkpoint no layer
-    and fit its budget)."""
+def _graphs_possible(
+    recipe: LoraRecipe, device: DeviceInfo | None, ungraphable: str | None
+) -> bool:
+    """Whether one process's decoder layers may replay from a CUDA graph, as far as the recipe,
+    the device and the model's layers say (the plan must also pack rows for varlen attention,
+    checkpoint no layer and fit its budget)."""
     return (
         device is not None
+        and ungraphable is None
         and recipe.cuda_graphs != "off"
         and recipe.grad_accum == 1
         and recipe.quantization != "int8"
@@ -661,7 +664,7 @@ def _plan_one(
     # to its full size, so a half-empty one would cost a full row's compute)
     short = (
         [t for t in _GRAPHED_ROWS if 2 * longest_example <= t < min(candidates)]
-        if graphs and packing and not recipe.pack_tokens and not recipe.use_dora
+        if graphs and not recipe.pack_tokens and not recipe.use_dora
         else []
     )
     n = shape.num_hidden_layers

@@ -175,9 +175,7 @@ def train(
             "finding where to resume",
         )
         detach = plan.packing and recipe.chunked_loss and head_detachable(model, batches, ranks)
-        graphs = install_graphs(
-            model, batches, plan
-        )  # the layers replay from a CUDA graph, if planned
+        graphs = install_graphs(model, batches, plan)  # replayed from a CUDA graph, if planned
         samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
         extra = [*callbacks, *([samples] if samples else [])]
         trainer = build_trainer(  # 9
