@@ -691,9 +691,10 @@ def _plan_one(
     else:  # "off", "full" or "selective" were asked for: the largest row that fits with it
         k = n if ckpt in ("full", "selective") else 0
         sized = n if ckpt == "full" else 0  # selective keeps at most what no checkpointing keeps
+        short = short if ckpt == "off" else []  # graphed rows have no layer checkpointed
         ok = [t for t in candidates if mem.needed(t, sized) <= mem.free]
-        ok = ok or [t for t in short if ckpt == "off" and mem.needed(t, 0) <= mem.free]
-        rows = max(ok) if ok else min(candidates)
+        ok = ok or [t for t in short if mem.needed(t, 0) <= mem.free]
+        rows = max(ok) if ok else min([*candidates, *short])  # else the closest to fitting
     estimate = resident(shape) + RESERVE_BYTES + mem.needed(rows, sized)
     reason = (
         f"{mem.free / GiB:.1f} GiB for activations under a {cap / GiB:.0f} GiB cap, "
