@@ -335,7 +335,18 @@ def test_adapters_changed_after_the_capture_turn_the_graph_off(cpu_graphs, caplo
 
 @pytest.mark.parametrize(
     "change",
-    ["scaling", "dropout", "frozen", "eval submodule", "hook", "config outputs", "held grads"],
+    [
+        "scaling",
+        "dropout",
+        "frozen",
+        "eval submodule",
+        "hook",
+        "config outputs",
+        "held grads",
+        "parameter replaced",
+        "submodule replaced",
+        "submodule added",
+    ],
 )
 def test_anything_the_graph_baked_in_that_changes_makes_the_layers_eager(cpu_graphs, change):
     plain, model, graphs, _ = cpu_graphs
@@ -355,6 +366,15 @@ def test_anything_the_graph_baked_in_that_changes_makes_the_layers_eager(cpu_gra
         layer.register_forward_hook(lambda *a: None)
     elif change == "config outputs":
         model.config.output_hidden_states = True
+    elif change == "parameter replaced":  # same values, a new object the graph never read
+        lora.lora_B["default"].weight = torch.nn.Parameter(lora.lora_B["default"].weight.clone())
+    elif change == "submodule replaced":
+        old = lora.lora_A["default"]
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        new.weight = torch.nn.Parameter(old.weight.detach().clone())
+        lora.lora_A["default"] = new
+    elif change == "submodule added":  # e.g. an adapter added beside the active one
+        layer.self_attn.extra = torch.nn.Linear(2, 2)
     elif change == "held grads":  # a second pass before the gradients are cleared
         before = graphs.replays
         model(**_batch(seed=5)).loss.backward()

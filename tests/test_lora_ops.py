@@ -461,8 +461,8 @@ def test_a_wrong_lean_linear_is_caught_and_peft_forward_runs(monkeypatch, caplog
     keeps PEFT's forward (and so every MLP), and the model computes exactly what PEFT computes."""
     plain = _lora(0.0)
     fused = copy.deepcopy(plain)
-    up = lora_ops._lora_up
-    monkeypatch.setattr(lora_ops, "_lora_up", lambda base, z, b: up(base, z, b) * 1.001)
+    project = lora_ops._project
+    monkeypatch.setattr(lora_ops, "_project", lambda *args: project(*args) * 1.001)
     with caplog.at_level(logging.WARNING):
         report = apply_lean_functions(fused)
     assert set(report.layers.values()) == {"numeric check failed"}
@@ -812,3 +812,31 @@ def test_seeds_are_ints_outside_a_cuda_graph_capture_and_tensors_are_for_the_ker
     assert isinstance(lora_ops.new_seed(torch.device("cpu")), int)
     with pytest.raises(ValueError, match="read by the GPU kernel only"):
         kernels.dropout_mask(torch.ones(4, 8), 0.5, torch.tensor([3], dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lora_products_equal_their_plain_forms(dtype):
+    """The scaled product (``alpha`` of one matrix product) and the projection (the base product
+    added onto the rank-r term by the product's epilogue, with and without a bias) equal the plain
+    ``(a @ b) * coef`` and ``F.linear(x, W, bias) + z @ B^T`` within the dtype's rounding; the
+    scaled product's output memory is never read (``beta=0``), so what it held does not leak in."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    z, b, bias = (
+        torch.randn(6, 4, generator=gen),
+        torch.randn(12, 4, generator=gen),
+        torch.randn(12),
+    )
+    x, w, z, b, bias = (t.to(dtype) for t in (x, w, z, b, bias))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    ref = (x.float() @ w.float().t() * 2.5).to(dtype)
+    torch.testing.assert_close(lora_ops._scaled_mm(x, w.t(), 2.5), ref, **tol)
+    for bias_ in (None, bias):
+        want = torch.nn.functional.linear(
+            x.float(), w.float(), None if bias_ is None else bias_.float()
+        )
+        want = (want + z.float() @ b.float().t()).to(dtype)
+        torch.testing.assert_close(lora_ops._project(x, w, bias_, z, b), want, **tol)
+    poisoned = torch.full((6, 12), float("nan"), dtype=dtype)
+    out = poisoned.addmm_(x, w.t(), beta=0, alpha=2.5)  # what _scaled_mm relies on
+    assert torch.isfinite(out).all()

@@ -96,7 +96,8 @@ def test_backward_dequantizes_again_and_keeps_no_dense_weight(base):
     model = qlora_model(base)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     adapter = "default"
-    x = torch.randn(2, 8, layer.in_features, requires_grad=True)
+    # on a GPU machine the quantized model loads onto the GPU
+    x = torch.randn(2, 8, layer.in_features, device=model.device, requires_grad=True)
     kept: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def test_the_allow_list_names_what_it_refuses(base):
     report = apply_lean_functions(model)
     assert report.fused_layers == 0
     assert all("Linear8bitLt" in why for why in report.layers.values()), report.layers
-    ids = torch.randint(0, 1000, (1, 16))
+    ids = torch.randint(0, 1000, (1, 16), device=model.device)  # the GPU, on a GPU machine
     loss, grads = loss_and_grads(model, ids)  # int8 trains on PEFT's path
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
 
