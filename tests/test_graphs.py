@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import types
 
 import pytest
 import torch
@@ -346,6 +347,10 @@ def test_adapters_changed_after_the_capture_turn_the_graph_off(cpu_graphs, caplo
         "parameter replaced",
         "submodule replaced",
         "submodule added",
+        "parameter added",
+        "buffer added",
+        "submodule hook",
+        "forward set on a submodule",
     ],
 )
 def test_anything_the_graph_baked_in_that_changes_makes_the_layers_eager(cpu_graphs, change):
@@ -367,14 +372,25 @@ def test_anything_the_graph_baked_in_that_changes_makes_the_layers_eager(cpu_gra
     elif change == "config outputs":
         model.config.output_hidden_states = True
     elif change == "parameter replaced":  # same values, a new object the graph never read
-        lora.lora_B["default"].weight = torch.nn.Parameter(lora.lora_B["default"].weight.clone())
+        old = lora.lora_B["default"].weight
+        old.grad = None  # else the held-gradient guard alone would keep the layers eager
+        lora.lora_B["default"].weight = torch.nn.Parameter(old.detach().clone())
     elif change == "submodule replaced":
         old = lora.lora_A["default"]
+        old.weight.grad = None  # as above
         new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
         new.weight = torch.nn.Parameter(old.weight.detach().clone())
         lora.lora_A["default"] = new
     elif change == "submodule added":  # e.g. an adapter added beside the active one
         layer.self_attn.extra = torch.nn.Linear(2, 2)
+    elif change == "parameter added":
+        layer.self_attn.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))
+    elif change == "buffer added":
+        layer.self_attn.register_buffer("extra", torch.zeros(2))
+    elif change == "submodule hook":  # the graph never calls it
+        lora.register_forward_hook(lambda *a: None)
+    elif change == "forward set on a submodule":  # as apply_lean_functions does (or undoes)
+        lora.forward = types.MethodType(type(lora).forward, lora)
     elif change == "held grads":  # a second pass before the gradients are cleared
         before = graphs.replays
         model(**_batch(seed=5)).loss.backward()
@@ -382,6 +398,8 @@ def test_anything_the_graph_baked_in_that_changes_makes_the_layers_eager(cpu_gra
         return
     loss, _ = _loss_and_grads(model, _batch(seed=4))
     assert graphs.replays == 1
+    if change not in ("hook", "config outputs"):  # those calls are refused, the graph is kept
+        assert graphs.status.startswith("off: the layers' parameters, adapters or modes changed")
     if change == "scaling":
         _same(_loss_and_grads(model, _batch(seed=4)), _loss_and_grads(plain, _batch(seed=4)))
     assert loss == loss  # finite, ran

@@ -814,29 +814,34 @@ def test_seeds_are_ints_outside_a_cuda_graph_capture_and_tensors_are_for_the_ker
         kernels.dropout_mask(torch.ones(4, 8), 0.5, torch.tensor([3], dtype=torch.int64))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_lora_products_equal_their_plain_forms(dtype):
     """The scaled product (``alpha`` of one matrix product) and the projection (the base product
     added onto the rank-r term by the product's epilogue, with and without a bias) equal the plain
     ``(a @ b) * coef`` and ``F.linear(x, W, bias) + z @ B^T`` within the dtype's rounding; the
-    scaled product's output memory is never read (``beta=0``), so what it held does not leak in."""
+    scaled product's output memory is never read (``beta=0``): with fresh memory filled with NaN
+    (torch's deterministic mode) the product is still finite."""
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(6, 16, generator=gen), torch.randn(12, 16, generator=gen)
-    z, b, bias = (
-        torch.randn(6, 4, generator=gen),
-        torch.randn(12, 4, generator=gen),
-        torch.randn(12),
-    )
+    z, b = torch.randn(6, 4, generator=gen), torch.randn(12, 4, generator=gen)
+    bias = torch.randn(12, generator=gen)
     x, w, z, b, bias = (t.to(dtype) for t in (x, w, z, b, bias))
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     ref = (x.float() @ w.float().t() * 2.5).to(dtype)
-    torch.testing.assert_close(lora_ops._scaled_mm(x, w.t(), 2.5), ref, **tol)
+    torch.testing.assert_close(lora_ops._mm_scaled(x, w.t(), 2.5), ref, **tol)
     for bias_ in (None, bias):
-        want = torch.nn.functional.linear(
-            x.float(), w.float(), None if bias_ is None else bias_.float()
-        )
+        plain_bias = None if bias_ is None else bias_.float()
+        want = torch.nn.functional.linear(x.float(), w.float(), plain_bias)
         want = (want + z.float() @ b.float().t()).to(dtype)
         torch.testing.assert_close(lora_ops._project(x, w, bias_, z, b), want, **tol)
-    poisoned = torch.full((6, 12), float("nan"), dtype=dtype)
-    out = poisoned.addmm_(x, w.t(), beta=0, alpha=2.5)  # what _scaled_mm relies on
-    assert torch.isfinite(out).all()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:  # torch.empty now returns NaN-filled memory
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        assert torch.isnan(torch.empty(3, dtype=dtype)).all()
+        out = lora_ops._mm_scaled(x, w.t(), 2.5)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.testing.assert_close(out, ref, **tol)

@@ -28,7 +28,9 @@ H200: the loss and all 320 LoRA gradients of Phi-4's shape).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -122,6 +124,21 @@ class _Stack(torch.nn.Module):
         return hidden
 
 
+_TRAINING = operator.attrgetter("training")
+_FORWARD = operator.methodcaller("get", "forward")  # of a module's __dict__: one set on it
+
+
+def _slot_dicts(m: torch.nn.Module) -> tuple[dict[Any, Any], ...]:
+    """A module's parameters, buffers and submodules (torch keeps each in a dictionary that it
+    changes in place)."""
+    return m._parameters, m._buffers, m._modules
+
+
+def _hook_dicts(m: torch.nn.Module) -> tuple[dict[Any, Any], ...]:
+    """A module's forward and backward hooks (a graph replays none of them)."""
+    return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
+
+
 class LayerGraphs:
     """The dispatch state of one model's graphed decoder layers (see the module's text).
 
@@ -166,6 +183,9 @@ class LayerGraphs:
         self._told = False
         self._param_list: list[torch.nn.Parameter] = []  # the layers' parameters at capture
         self._module_list: list[torch.nn.Module] = []  # the layers' modules at capture
+        self._instance_dicts: list[dict[str, Any]] = []  # their __dict__s
+        self._slot_dicts: list[dict[Any, Any]] = []  # their parameter, buffer, submodule dicts
+        self._hook_dicts: list[dict[Any, Any]] = []  # their hook dictionaries
         self._trainable: list[torch.nn.Parameter] = []
         self._lora_list: list[Any] = []
 
@@ -305,15 +325,21 @@ class LayerGraphs:
         """What the graph baked in: the layers' parameter objects, where they live and which are
         trained; each LoRA layer's adapter state, scaling and dropout; each module's mode.
 
-        Checked before every replay, so it walks flat lists made at the capture rather than the
-        module tree (``parameters()``/``modules()`` on Phi-4's 2,000 modules of 40 layers took a
-        few milliseconds of CPU a step): each listed module's mode and the objects in its
-        parameter and submodule slots. A module or parameter added, removed or replaced
-        anywhere in the layers changes a slot of the module that holds it."""
+        Checked before every replay, so it reads flat lists made at the capture rather than
+        walking the module tree (``parameters()``/``modules()`` on Phi-4's 2,000 modules of 40
+        layers took milliseconds of CPU a step), with C-level iteration: each listed module's
+        mode and ``forward`` set on the instance, the contents of its parameter, buffer and
+        submodule dictionaries, and the number of its hooks. A module, parameter or buffer
+        added, removed or replaced anywhere in the layers changes a dictionary of the module
+        that holds it; a hook added or removed changes a count."""
         params = tuple((id(p), p.data_ptr(), p.requires_grad) for p in self._param_list)
-        modules = tuple(
-            (m.training, *map(id, m._parameters.values()), None, *map(id, m._modules.values()))
-            for m in self._module_list
+        slots = self._slot_dicts
+        modules = (
+            tuple(map(_TRAINING, self._module_list)),
+            tuple(map(id, map(_FORWARD, self._instance_dicts))),
+            tuple(map(len, slots)),
+            tuple(map(len, self._hook_dicts)),
+            tuple(map(id, itertools.chain.from_iterable(map(dict.values, slots)))),
         )
         adapters = tuple(
             (
@@ -378,6 +404,9 @@ class LayerGraphs:
         self._input_grad = hidden.requires_grad
         self._param_list = list(stack.parameters())
         self._module_list = [m for layer in self.layers for m in layer.modules()]
+        self._instance_dicts = [vars(m) for m in self._module_list]
+        self._slot_dicts = [d for m in self._module_list for d in _slot_dicts(m)]
+        self._hook_dicts = [d for m in self._module_list for d in _hook_dicts(m)]
         self._trainable = [p for p in self._param_list if p.requires_grad]
         self._lora_list = [
             m

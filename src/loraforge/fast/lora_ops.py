@@ -121,9 +121,13 @@ def _kept(weight: Any) -> tuple[torch.Tensor | None, Any]:
     return (weight, None) if isinstance(weight, torch.Tensor) else (None, weight)
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, coef: float) -> torch.Tensor:
-    """``(a @ b) * coef`` as one matrix product (the scale applied by the product's ``alpha``,
-    with one rounding, instead of a second kernel)."""
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, coef: float) -> torch.Tensor:
+    """``(a @ b) * coef`` as one matrix product on the CPU and CUDA (the scale applied by the
+    product's ``alpha``, with one rounding, instead of a second kernel; ``beta=0`` never reads
+    the fresh output there, as ``mm`` itself does not); elsewhere (e.g. MPS, whose ``addmm``
+    has propagated NaN from the output with ``beta=0``) the product, then the scale."""
+    if a.device.type not in ("cpu", "cuda"):
+        return a.mm(b).mul_(coef)
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     return out.addmm_(a, b, beta=0, alpha=coef)
 
@@ -151,7 +155,7 @@ def _lora_down(
     ``x`` is freed on return."""
     coef = scale / (1.0 - effective_p(p, x))
     dropped, bits = drop(x, p, seed)
-    return _scaled_mm(dropped, lora_a.t(), coef), bits, coef
+    return _mm_scaled(dropped, lora_a.t(), coef), bits, coef
 
 
 def _lora_backward(
@@ -172,7 +176,7 @@ def _lora_backward(
     grad_b = grad.t().mm(zs) if need_b else None
     grad_x = grad_a = None
     if need_x or need_a:
-        gz = _scaled_mm(grad, lora_b, coef)
+        gz = _mm_scaled(grad, lora_b, coef)
         if need_a:
             grad_a = gz.t().mm(keep(x, p, seed, bits))
         if need_x:
