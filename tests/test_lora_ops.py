@@ -845,3 +845,6 @@ def test_the_lora_products_equal_their_plain_forms(dtype):
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.testing.assert_close(out, ref, **tol)
+    # off the CPU and CUDA (e.g. MPS): the plain product, then the scale
+    meta = lora_ops._mm_scaled(x.to("meta"), w.t().to("meta"), 2.5)
+    assert meta.device.type == "meta" and meta.shape == ref.shape
