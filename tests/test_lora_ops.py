@@ -845,6 +845,23 @@ def test_the_lora_products_equal_their_plain_forms(dtype):
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.testing.assert_close(out, ref, **tol)
-    # off the CPU and CUDA (e.g. MPS): the plain product, then the scale
-    meta = lora_ops._mm_scaled(x.to("meta"), w.t().to("meta"), 2.5)
-    assert meta.device.type == "meta" and meta.shape == ref.shape
+    # off the CPU and CUDA (e.g. MPS): the plain product, then the scale (no beta=0 product)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for device, want in (
+        ("meta", ["mm", "mul_"]),
+        ("cpu", ["empty", "addmm_"]),
+    ):
+        a, b_ = x.to(device), w.t().to(device)
+        with Ops() as ops:
+            got = lora_ops._mm_scaled(a, b_, 2.5)
+        assert ops.names == want and got.shape == ref.shape, (device, ops.names)
