@@ -2,9 +2,10 @@
 
 Used by ``throughput.py`` when ``LORAFORGE_PROFILE`` is set: :func:`profiler_callback` profiles two
 optimizer steps after the warm-up (CPU and CUDA activity) and :func:`analyse_profile` prints, on
-lines starting with ``PROFILE``: GPU time by kernel kind and the top kernels; the GPU's idle gaps,
-what the CPU was doing during them and which blocking CUDA calls preceded them; per-step wall and
-busy time; and, with ``LORAFORGE_SYNC_DEBUG``, the Python stacks of synchronising CUDA calls. The
+lines starting with ``PROFILE``: GPU time by kernel kind and the top kernels (the top
+``$LORAFORGE_PROFILE_TOP``, 20 by default); the GPU's idle gaps, what the CPU was doing during them
+and which blocking CUDA calls preceded them; per-step wall and busy time; and, with
+``LORAFORGE_SYNC_DEBUG``, the Python stacks of synchronising CUDA calls. The
 chrome trace goes, gzipped, to ``$LORAFORGE_PROFILE_DIR`` or the run's output folder.
 """
 
@@ -194,7 +195,8 @@ def analyse_profile(prof, window_start_perf: float, step_times: list[float], out
         print("PROFILE GPU time by kind over", steps, "steps:")
         for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
             print(f"PROFILE   {cat:<18} {t / 1e3:9.1f} ms  {t / max(total, 1e-9):6.1%}")
-        for t, cat, name in sorted(kernels, reverse=True)[:20]:
+        top = int(os.environ.get("LORAFORGE_PROFILE_TOP", "20"))
+        for t, cat, name in sorted(kernels, reverse=True)[:top]:
             print(f"PROFILE {t / 1e3:9.1f} ms  {cat:<18} {name}")
     except Exception as exc:
         print(f"PROFILE analysis failed: kernel summary: {exc!r}")

@@ -548,6 +548,7 @@ def test_cuda_graphs_are_planned_only_where_they_can_run(monkeypatch):
     )  # fmt: skip
     recipe = LoraRecipe(model="m", data="d")
     assert recipe.cuda_graphs == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI, on a GPU machine too
     assert graphs_wanted(recipe, plan, one) == (False, "off (no CUDA GPU)")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert graphs_wanted(recipe, plan, one) == (True, "on")
@@ -615,7 +616,10 @@ def test_the_planner_sizes_rows_for_eager_layers_where_they_cannot_be_graphed(se
         "no decoder layers found at .model.layers"
     )
     card = DeviceInfo("GPU", 80 * 2**30, varlen_attention=True, liger=True)
-    shape = dataclasses.replace(ModelShape.from_model(_model()), weight_bytes=2**30)
+    # the tiny model's shape as a 16-bit model's (flash attention, which graphs need, takes no
+    # float32)
+    shape = ModelShape.from_model(_model())
+    shape = dataclasses.replace(shape, weight_bytes=2**30, activation_bytes=2)
     recipe = LoraRecipe(model="m", data="d")
     kw = dict(longest_example=8, supervised_fraction=0.5)
     assert plan_fast_path(recipe, shape, card, **kw).cuda_graphs
@@ -654,6 +658,7 @@ def test_train_replays_the_layers_and_learns_what_eager_layers_learn(
     monkeypatch.setattr(steps, "attention_implementation", lambda name: segmented)
     monkeypatch.setattr(LayerGraphs, "device_type", "cpu")
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", _emulated_capture)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the run on the CPU everywhere
     base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
     results = {}
     for run in ("graphed", "eager"):
@@ -690,3 +695,6 @@ def test_the_chunked_head_check_is_not_padded_to_the_graphs_shape(segmented):
         collator([[{"input_ids": [5] * 16, "labels": [5] * 16}]])
     batches = Batches(rows, None, collator, layout=None, graph_shape=(512, segments, cap))
     assert head_detachable(model, batches, Ranks()) in (True, False)
+    # a model given on the CPU to a run on a GPU machine (the Trainer moves it later): the check
+    # runs where the model's weights are, not on the process's GPU
+    assert head_detachable(model, batches, Ranks(device="cuda:0")) in (True, False)

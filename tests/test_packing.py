@@ -240,6 +240,50 @@ def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(bias, monkeypat
         linear_cross_entropy(hidden, weight.requires_grad_(), targets)
 
 
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 5000), most=st.integers(1, 2000), align=st.sampled_from([1, 4, 64]))
+def test_chunk_rows_cover_every_row_within_the_budget(n, most, align):
+    """The chunks cover the rows, no chunk is over the budget, chunks are aligned where the budget
+    holds an aligned chunk, and the padding is under one alignment step a chunk."""
+    from loraforge.fast.losses import chunk_rows
+
+    rows, chunks = chunk_rows(n, most, align)
+    assert rows * chunks >= n and 1 <= rows <= most
+    assert rows * (chunks - 1) < n  # no chunk is only padding
+    if most >= align:
+        assert rows % align == 0
+        assert rows * chunks - n < align * chunks
+
+
+@pytest.mark.parametrize("n", [16, 23, 3, 0])
+def test_linear_cross_entropy_pads_its_chunks_without_changing_the_result(n, monkeypatch):
+    """With chunks aligned to 4 rows (at most 10 a chunk: 8 used), 16 rows need no padding, 23
+    rows are padded to 3 chunks of 8, 3 rows to one of 4, and no rows make no chunk; the loss and
+    the gradient are those of the whole logits, and the gradient has the rows' shape."""
+    import torch.nn.functional as F
+
+    import loraforge.fast.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 10 * 4 * 300)
+    monkeypatch.setattr(losses, "ROW_ALIGN", 4)
+    assert losses.chunk_rows(n, 10) == {16: (8, 2), 23: (8, 3), 3: (4, 1), 0: (0, 0)}[n]
+    torch.manual_seed(n)
+    hidden = torch.randn(n, 16, requires_grad=True)
+    weight, b = torch.randn(300, 16), torch.randn(300)
+    targets = torch.randint(0, 300, (n,))
+    if n:
+        targets[-1] = -100
+    ref = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref * 2, hidden)
+    got = losses.linear_cross_entropy(hidden, weight, targets, b)
+    (g,) = torch.autograd.grad(got * 2, hidden)
+    assert g.shape == hidden.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        g, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()) if n else 0.0
+    )
+
+
 @pytest.mark.integration
 def test_packed_training_with_eval_data_evaluates_the_same_with_and_without_chunked_loss(tmp_path):
     """The chunked loss is scoped to the packed forward calls: the final evaluation (after

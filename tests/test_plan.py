@@ -431,6 +431,19 @@ def test_graphed_plans_under_the_measured_budgets():
         assert (p.pack_tokens == 1024) == graphed == p.cuda_graphs, (longest, p)
 
 
+def test_a_float32_model_gets_sdpa_not_flash_attention():
+    """Flash attention (varlen) computes in bfloat16 or float16 only: ``auto`` gives a float32
+    model SDPA (a tiny model trained in float32 on a GPU machine failed in flash attention), and
+    ``attention: varlen`` for it is a recipe error naming the fix."""
+    fp32 = dataclasses.replace(SHAPES["phi-4"], activation_bytes=4)
+    kw = dict(longest_example=384, supervised_fraction=0.3)
+    plan = plan_fast_path(_recipe(max_memory_gib=140), fp32, H200, **kw)
+    assert plan.packing and plan.attention == "sdpa" and not plan.cuda_graphs
+    assert plan_fast_path(_recipe(), SHAPES["phi-4"], H200, **kw).attention == "varlen"
+    with pytest.raises(RecipeError, match=r"attention: 'varlen' .* 32-bit floats; set dtype"):
+        plan_fast_path(_recipe(attention="varlen", max_memory_gib=140), fp32, H200, **kw)
+
+
 def test_the_planners_graphs_are_the_runs_graphs(monkeypatch):
     """``FastPlan.cuda_graphs`` (what the row size was chosen for) agrees with
     ``graphs_wanted`` (what the run does) on a GPU, across recipes and budgets."""

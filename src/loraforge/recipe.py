@@ -181,7 +181,8 @@ class LoraRecipe:
     )
     attention: Literal["auto", "varlen", "flex_attention", "sdpa", "eager"] = _f(
         "auto",
-        "Attention kernel; 'auto' = PyTorch varlen flash attention when packing on a GPU. "
+        "Attention kernel; 'auto' = PyTorch varlen flash attention when packing on a GPU with a "
+        "16-bit model (sdpa for float32). "
         "'varlen' and 'flex_attention' train on a GPU only.",
     )
     fused_lora: bool = _f(

@@ -31,7 +31,9 @@ from loraforge.data.builder import IGNORE_INDEX
 
 __all__ = [
     "CHUNK_BYTES",
+    "ROW_ALIGN",
     "PackedLoss",
+    "chunk_rows",
     "detached_head",
     "head_is_detachable",
     "linear_cross_entropy",
@@ -43,6 +45,37 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 128 * 2**20
 """Float32 logits per chunk of [`linear_cross_entropy`][loraforge.fast.losses.linear_cross_entropy]
 (the planner counts three such buffers: the logits, their low-precision copy and the gradient)."""
+
+ROW_ALIGN = 64
+"""Rows per chunk of [`linear_cross_entropy`][loraforge.fast.losses.linear_cross_entropy] are a
+multiple of this (where a chunk holds that many): the number of supervised positions changes from
+step to step, and each new matrix-product shape costs the GPU library a kernel choice (on an H200,
+milliseconds with the GPU idle); padded to a few shapes, each is chosen once."""
+
+
+def chunk_rows(n: int, most: int, align: int | None = None) -> tuple[int, int]:
+    """Rows per chunk and number of chunks for ``n`` rows in chunks of at most ``most``: equal
+    chunks whose size is a multiple of ``align`` (``ROW_ALIGN`` by default; when ``most`` allows
+    one), so the padding is less than ``align`` rows a chunk.
+
+    Examples:
+        >>> chunk_rows(342, 334)  # two chunks of 192 rows: 42 rows of padding
+        (192, 2)
+        >>> chunk_rows(100, 334)
+        (128, 1)
+        >>> chunk_rows(23, 5)  # chunks smaller than ROW_ALIGN are not aligned
+        (5, 5)
+        >>> chunk_rows(0, 334)  # no rows: no chunk
+        (0, 0)
+    """
+    if n <= 0:
+        return 0, 0
+    align = ROW_ALIGN if align is None else align
+    align = align if most >= align else 1
+    most = most // align * align
+    chunks = max(1, -(-n // most))
+    rows = -(-n // chunks)
+    return -(-rows // align) * align, chunks
 
 
 def _targets_at_kept(labels: Any, kept: int) -> Any:
@@ -117,11 +150,16 @@ def _linear_ce_function() -> Any:
         ) -> Any:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
                 raise ValueError("linear_cross_entropy: lm_head must be frozen")
-            rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+            n = hidden.shape[0]
+            rows, chunks = chunk_rows(n, max(1, chunk_bytes // (4 * weight.shape[0])))
+            padded = rows * chunks - n  # zero rows with ignored targets: they add nothing
+            if padded:
+                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded))
+                targets = torch.nn.functional.pad(targets, (0, padded), value=IGNORE_INDEX)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             need = ctx.needs_input_grad[0]
             grad: Any = torch.empty_like(hidden) if need else None
-            for a in range(0, hidden.shape[0], rows):
+            for a in range(0, rows * chunks, max(rows, 1)):
                 h, t = hidden[a : a + rows].to(weight.dtype), targets[a : a + rows]
                 logits = (
                     h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
@@ -136,6 +174,8 @@ def _linear_ce_function() -> Any:
                     probs.scatter_add_(1, safe, torch.full_like(picked, -1.0).unsqueeze(1))
                     probs.mul_(valid.unsqueeze(1))
                     grad[a : a + rows] = probs.to(weight.dtype) @ weight
+            if padded and need:
+                grad = grad[:n]
             ctx.save_for_backward(grad)
             return total
 

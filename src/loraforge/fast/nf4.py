@@ -30,6 +30,9 @@ __all__ = ["dequantize", "kernel_available", "layout_fits"]
 logger = logging.getLogger(__name__)
 
 _BYTES = 1024  # constant: packed bytes (2,048 elements) per program
+# constant: warps per program. On an H200 (session 9), Phi-4's four weights of a layer took 266 us
+# with 2 warps against 286 with 4 (gate_up_proj 121 against 132); docs/benchmarks.md
+_WARPS = 2
 
 
 def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -101,7 +104,8 @@ def _run(k: Any, packed: torch.Tensor, state: Any) -> torch.Tensor:
         block2 = 1
     k.dequantize[grid](
         packed, *scales, state.code, out, n_bytes,
-        NESTED=bool(state.nested), BLOCK2=block2, BYTES=_BYTES, enable_fp_fusion=False,
+        NESTED=bool(state.nested), BLOCK2=block2, BYTES=_BYTES, num_warps=_WARPS,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return out
 

@@ -467,9 +467,26 @@ def over_budget_advice(recipe: LoraRecipe, plan: FastPlan) -> str:
     return f"the plan is {said}; expect an out-of-memory error ({fix}, or raise max_memory_gib)"
 
 
-def _attention(requested: str, packing: bool, device: DeviceInfo | None) -> str:
+def _attention(requested: str, packing: bool, device: DeviceInfo | None, shape: ModelShape) -> str:
+    """The attention kernel: ``auto`` is varlen flash attention when packing on a GPU that has it
+    and the model computes in 16 bits (flash attention takes bfloat16 and float16 only), else
+    SDPA.
+
+    Raises:
+        RecipeError: ``attention: varlen`` for a model that computes in float32.
+    """
+    sixteen_bits = shape.activation_bytes == 2
     if requested == "auto":
-        return "varlen" if packing and device is not None and device.varlen_attention else "sdpa"
+        usable = device is not None and device.varlen_attention and sixteen_bits
+        return "varlen" if packing and usable else "sdpa"
+    if requested == "varlen" and not sixteen_bits:
+        raise RecipeError(
+            [
+                "attention: 'varlen' (flash attention) computes in bfloat16 or float16 only, and "
+                f"the model computes in {8 * shape.activation_bytes}-bit floats; set dtype: "
+                "bfloat16, or attention: auto (sdpa for such a model) or sdpa"
+            ]
+        )
     return requested
 
 
@@ -493,8 +510,8 @@ def plan_fast_path(
     On the CPU (``device`` is ``None``): packing only when ``packing: on`` (rows of
     ``pack_tokens``, else 4,096 tokens or the longest example), ``sdpa`` for ``auto`` attention,
     no checkpointing for ``auto``. On a GPU: packing under ``auto``, varlen attention when packing
-    and available, and the row size and checkpointing from the memory under ``max_memory_gib``
-    (see the module's description).
+    and available for a model computing in 16 bits (SDPA for float32), and the row size and
+    checkpointing from the memory under ``max_memory_gib`` (see the module's description).
 
     Args:
         recipe: the run's settings.
@@ -519,7 +536,8 @@ def plan_fast_path(
 
     Raises:
         RecipeError: on a GPU, the model's weights fill the memory the planner sizes for
-            (:func:`check_environment` with the shape reports the same before loading).
+            (:func:`check_environment` with the shape reports the same before loading);
+            ``attention: varlen`` for a model computing in float32.
     """
     if processes < 2 and recipe.distributed != "fsdp2":
         return _plan_one(
@@ -635,7 +653,7 @@ def _plan_one(
     liger = recipe.liger_kernels == "on" or (
         recipe.liger_kernels == "auto" and device is not None and device.liger
     )
-    attention = _attention(recipe.attention, packing, device)
+    attention = _attention(recipe.attention, packing, device, shape)
     graphs = graphs and packing and attention == "varlen"
     ckpt: str = recipe.gradient_checkpointing
     if device is None:

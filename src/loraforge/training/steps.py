@@ -450,7 +450,9 @@ def head_detachable(model: Any, batches: Batches, ranks: Ranks) -> bool:
 
     first = batches.train[0][0]  # the first example of the first packed row
     sample = {"input_ids": first["input_ids"][:16], "labels": first["labels"][:16]}
-    device = torch.device(ranks.device)
+    # where the model is now: a model given on the CPU to a single-process run on a GPU machine
+    # is moved by the Trainer later, and the check runs where its weights are
+    device = getattr(model, "device", None) or torch.device(ranks.device)
     collator = batches.collator
     if batches.graph_shape is not None:  # the short row, not padded to the graphs' shape
         collator = PackedCollator(collator.pad_token_id)
