@@ -679,6 +679,19 @@ def test_train_replays_the_layers_and_learns_what_eager_layers_learn(
         torch.testing.assert_close(a[name], w, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_model_given_on_the_cpu_is_placed_where_the_run_trains():
+    """``apply_plan_and_lora`` moves a model whose weights are all in the CPU's memory to the
+    process's device before its checks (on a GPU machine; the Trainer would move it only at its
+    first step); a model on the CPU for a CPU run, or already elsewhere, stays."""
+    from loraforge.training.distributed import Ranks
+    from loraforge.training.steps import given_on_cpu
+
+    model = _model()
+    assert given_on_cpu(model, Ranks(device="cuda"))
+    assert not given_on_cpu(model, Ranks())  # a CPU run
+    assert not given_on_cpu(model.to("meta"), Ranks(device="cuda"))  # not on the CPU
+
+
 def test_the_chunked_head_check_is_not_padded_to_the_graphs_shape(segmented):
     """The start-of-run check of the chunked head sends one 16-token row; padded to the graphs'
     shape it could need more segments than the data's rows (here 3 against 2)."""
@@ -694,7 +707,7 @@ def test_the_chunked_head_check_is_not_padded_to_the_graphs_shape(segmented):
     with pytest.raises(DataError):
         collator([[{"input_ids": [5] * 16, "labels": [5] * 16}]])
     batches = Batches(rows, None, collator, layout=None, graph_shape=(512, segments, cap))
-    assert head_detachable(model, batches, Ranks()) in (True, False)
-    # a model given on the CPU to a run on a GPU machine (the Trainer moves it later): the check
-    # runs where the model's weights are, not on the process's GPU
-    assert head_detachable(model, batches, Ranks(device="cuda:0")) in (True, False)
+    verdict = head_detachable(model, batches, Ranks())
+    assert verdict is True  # the tiny Phi-3's logits are lm_head(hidden)
+    # the check runs where the model's weights are, whatever the process's device says
+    assert head_detachable(model, batches, Ranks(device="cuda:0")) is verdict

@@ -440,8 +440,17 @@ def test_a_float32_model_gets_sdpa_not_flash_attention():
     plan = plan_fast_path(_recipe(max_memory_gib=140), fp32, H200, **kw)
     assert plan.packing and plan.attention == "sdpa" and not plan.cuda_graphs
     assert plan_fast_path(_recipe(), SHAPES["phi-4"], H200, **kw).attention == "varlen"
-    with pytest.raises(RecipeError, match=r"attention: 'varlen' .* 32-bit floats; set dtype"):
-        plan_fast_path(_recipe(attention="varlen", max_memory_gib=140), fp32, H200, **kw)
+    varlen = _recipe(attention="varlen", max_memory_gib=140)
+    for distributed, processes in (("auto", 1), ("auto", 2), ("fsdp2", 2), ("ddp", 2)):
+        # the same error whatever the strategy (not taken for weights that do not fit)
+        with pytest.raises(RecipeError, match=r"attention: 'varlen' .* 32-bit floats; set dtype"):
+            plan_fast_path(
+                varlen.replace(distributed=distributed), fp32, H200, processes=processes, **kw
+            )
+    # a recipe asking for float32 is refused before any model is loaded
+    with pytest.raises(RecipeError, match=r"attention: 'varlen' .* 32-bit floats"):
+        check_environment(varlen.replace(dtype="float32"), H200)
+    check_environment(varlen.replace(dtype="bfloat16"), H200)
 
 
 def test_the_planners_graphs_are_the_runs_graphs(monkeypatch):

@@ -150,17 +150,16 @@ def _linear_ce_function() -> Any:
         ) -> Any:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
                 raise ValueError("linear_cross_entropy: lm_head must be frozen")
-            n = hidden.shape[0]
-            rows, chunks = chunk_rows(n, max(1, chunk_bytes // (4 * weight.shape[0])))
-            padded = rows * chunks - n  # zero rows with ignored targets: they add nothing
-            if padded:
-                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded))
-                targets = torch.nn.functional.pad(targets, (0, padded), value=IGNORE_INDEX)
+            rows, chunks = chunk_rows(hidden.shape[0], max(1, chunk_bytes // (4 * weight.shape[0])))
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             need = ctx.needs_input_grad[0]
             grad: Any = torch.empty_like(hidden) if need else None
             for a in range(0, rows * chunks, max(rows, 1)):
                 h, t = hidden[a : a + rows].to(weight.dtype), targets[a : a + rows]
+                short = rows - h.shape[0]  # the last chunk: zero rows with ignored targets
+                if short:
+                    h = torch.cat([h, h.new_zeros(short, h.shape[1])])
+                    t = torch.cat([t, t.new_full((short,), IGNORE_INDEX)])
                 logits = (
                     h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
                 ).float()
@@ -173,9 +172,7 @@ def _linear_ce_function() -> Any:
                     probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
                     probs.scatter_add_(1, safe, torch.full_like(picked, -1.0).unsqueeze(1))
                     probs.mul_(valid.unsqueeze(1))
-                    grad[a : a + rows] = probs.to(weight.dtype) @ weight
-            if padded and need:
-                grad = grad[:n]
+                    grad[a : a + rows] = (probs.to(weight.dtype) @ weight)[: rows - short]
             ctx.save_for_backward(grad)
             return total
 

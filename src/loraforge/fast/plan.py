@@ -319,7 +319,8 @@ def check_environment(
 
     Raises:
         RecipeError: listing every problem: ``liger_kernels: on`` without Liger-Kernel or a GPU,
-            ``attention: varlen`` without a GPU and a torch that has it, ``pack_tokens`` on a CPU
+            ``attention: varlen`` without a GPU and a torch that has it or with ``dtype:
+            float32``, ``pack_tokens`` on a CPU
             where ``packing: auto`` does not pack, weights that fill the memory budget.
     """
     problems: list[str] = []
@@ -340,6 +341,8 @@ def check_environment(
             "attention: 'varlen' needs a CUDA GPU and torch >= 2.9 (torch.nn.attention.varlen), "
             f"and {why}; use 'auto' or 'sdpa'"
         )
+    if recipe.attention == "varlen" and recipe.dtype == "float32":
+        problems.append(_FLASH_16_BITS.format(bits=32))
     if recipe.attention == "flex_attention" and device is None:
         problems.append(
             "attention: 'flex_attention' trains only on a GPU (torch's FlexAttention has no "
@@ -467,26 +470,20 @@ def over_budget_advice(recipe: LoraRecipe, plan: FastPlan) -> str:
     return f"the plan is {said}; expect an out-of-memory error ({fix}, or raise max_memory_gib)"
 
 
+_FLASH_16_BITS = (
+    "attention: 'varlen' (flash attention) computes in bfloat16 or float16 only, and the model "
+    "computes in {bits}-bit floats; set dtype: bfloat16 (or give train() a 16-bit model), or "
+    "attention: auto (sdpa for such a model) or sdpa"
+)
+
+
 def _attention(requested: str, packing: bool, device: DeviceInfo | None, shape: ModelShape) -> str:
     """The attention kernel: ``auto`` is varlen flash attention when packing on a GPU that has it
     and the model computes in 16 bits (flash attention takes bfloat16 and float16 only), else
-    SDPA.
-
-    Raises:
-        RecipeError: ``attention: varlen`` for a model that computes in float32.
-    """
-    sixteen_bits = shape.activation_bytes == 2
+    SDPA (:func:`plan_fast_path` refuses ``varlen`` for other models)."""
     if requested == "auto":
-        usable = device is not None and device.varlen_attention and sixteen_bits
+        usable = device is not None and device.varlen_attention and shape.activation_bytes == 2
         return "varlen" if packing and usable else "sdpa"
-    if requested == "varlen" and not sixteen_bits:
-        raise RecipeError(
-            [
-                "attention: 'varlen' (flash attention) computes in bfloat16 or float16 only, and "
-                f"the model computes in {8 * shape.activation_bytes}-bit floats; set dtype: "
-                "bfloat16, or attention: auto (sdpa for such a model) or sdpa"
-            ]
-        )
     return requested
 
 
@@ -539,6 +536,8 @@ def plan_fast_path(
             (:func:`check_environment` with the shape reports the same before loading);
             ``attention: varlen`` for a model computing in float32.
     """
+    if recipe.attention == "varlen" and shape.activation_bytes != 2:  # whatever the strategy
+        raise RecipeError([_FLASH_16_BITS.format(bits=8 * shape.activation_bytes)])
     if processes < 2 and recipe.distributed != "fsdp2":
         return _plan_one(
             recipe,

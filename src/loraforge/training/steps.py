@@ -368,12 +368,14 @@ def apply_plan_and_lora(
     recipe: LoraRecipe, model: Any, plan: FastPlan, targets: Sequence[str], ranks: Ranks
 ) -> Any:
     """Kernels, attention and checkpointing on the base model, then LoRA and the lean functions;
-    returns the PEFT model. Under DDP the model is first moved to this process's device; under
-    FSDP2 its frozen base weights are sharded across the processes last."""
+    returns the PEFT model. Under DDP, and for a model given on the CPU to a run on a GPU, the
+    model is first moved to this process's device; under FSDP2 its frozen base weights are
+    sharded across the processes last."""
     from peft import get_peft_model
 
     quantized = recipe.quantization != "none"  # placed on this process's GPU as it loaded
-    if (ranks.several or launched()) and _whole_on_device(model, plan) and not quantized:
+    moved = ranks.several or launched() or given_on_cpu(model, ranks)
+    if moved and _whole_on_device(model, plan) and not quantized:
         model = model.to(ranks.device)  # the checks below then run on the device
     elif plan.distributed == "fsdp2" and ranks.device != "cpu":
         logger.info(
@@ -410,6 +412,14 @@ def apply_plan_and_lora(
         100 * trainable / total,
     )
     return model
+
+
+def given_on_cpu(model: Any, ranks: Ranks) -> bool:
+    """Whether every weight of ``model`` is in the CPU's memory while this process trains on
+    another device: a model given to ``train()`` as it was built. The Trainer would move it at
+    its first step; moved now, every start-of-run check (the lean functions, the fused RoPE, the
+    chunked head, the graphs' shapes) runs where training runs."""
+    return ranks.device != "cpu" and all(p.device.type == "cpu" for p in model.parameters())
 
 
 def _whole_on_device(model: Any, plan: FastPlan) -> bool:
@@ -450,8 +460,7 @@ def head_detachable(model: Any, batches: Batches, ranks: Ranks) -> bool:
 
     first = batches.train[0][0]  # the first example of the first packed row
     sample = {"input_ids": first["input_ids"][:16], "labels": first["labels"][:16]}
-    # where the model is now: a model given on the CPU to a single-process run on a GPU machine
-    # is moved by the Trainer later, and the check runs where its weights are
+    # where the model's weights are (the process's device once apply_plan_and_lora placed it)
     device = getattr(model, "device", None) or torch.device(ranks.device)
     collator = batches.collator
     if batches.graph_shape is not None:  # the short row, not padded to the graphs' shape
