@@ -436,14 +436,15 @@ GiB = 2**30
 
 
 def _phi4_shape():
-    from loraforge.fast.plan import ModelShape
+    from loraforge.fast.shape import ModelShape
 
     return ModelShape.from_config(phi4_config(), "bfloat16")
 
 
 def _plan(processes: int, cap: float, distributed: str = "auto"):
     from loraforge import LoraRecipe
-    from loraforge.fast.plan import DeviceInfo, plan_fast_path
+    from loraforge.fast.plan import plan_fast_path
+    from loraforge.fast.shape import DeviceInfo
 
     h200 = DeviceInfo("NVIDIA H200", 140 * GiB, varlen_attention=True, liger=True)
     recipe = LoraRecipe(model="m", data="d", max_memory_gib=cap, distributed=distributed)
@@ -545,7 +546,8 @@ def test_eval_prompts_are_answered_by_the_main_process_and_refused_under_fsdp2(t
 
 def test_auto_never_shards_quantized_weights():
     from loraforge import LoraRecipe
-    from loraforge.fast.plan import DeviceInfo, ModelShape, plan_fast_path
+    from loraforge.fast.plan import plan_fast_path
+    from loraforge.fast.shape import DeviceInfo, ModelShape
 
     h200 = DeviceInfo("NVIDIA H200", 140 * GiB, varlen_attention=True, liger=True)
     recipe = LoraRecipe(model="m", data="d", quantization="nf4", max_memory_gib=12)

@@ -603,7 +603,8 @@ def test_the_planner_sizes_rows_for_eager_layers_where_they_cannot_be_graphed(se
     import dataclasses
 
     from loraforge import LoraRecipe
-    from loraforge.fast.plan import DeviceInfo, ModelShape, plan_fast_path
+    from loraforge.fast.plan import plan_fast_path
+    from loraforge.fast.shape import DeviceInfo, ModelShape
 
     model = _model()
     assert graphs_mod.layers_graphable(model) is None

@@ -18,13 +18,12 @@ from loraforge.fast.activations import layer_activation_bytes
 from loraforge.fast.costs import relative_time
 from loraforge.fast.lora_ops import fuse_lora_forward, lean_norms
 from loraforge.fast.plan import (
-    DeviceInfo,
     FastPlan,
-    ModelShape,
     check_environment,
     over_budget_advice,
     plan_fast_path,
 )
+from loraforge.fast.shape import DeviceInfo, ModelShape
 
 GiB = 2**30
 H200 = DeviceInfo("NVIDIA H200", 143771 * 2**20, varlen_attention=True, liger=True)

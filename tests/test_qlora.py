@@ -21,7 +21,8 @@ from loraforge import LoraRecipe, ModelError, RecipeError, load_for_inference, t
 from loraforge.demo import demo_recipe, prepare_tiny_base
 from loraforge.fast import quant
 from loraforge.fast.lora_ops import apply_lean_functions
-from loraforge.fast.plan import ModelShape, check_environment
+from loraforge.fast.plan import check_environment
+from loraforge.fast.shape import ModelShape
 from loraforge.models import load_model
 from loraforge.tiny import sample_data_path
 

@@ -228,7 +228,7 @@ def _card(gib: float | None, here: Any) -> Any:
     """The GPU to check and plan for: one of ``gib`` GiB (``--gpu-gib``), else this machine's
     (``None`` without one). A card of ``gib`` GiB is planned as a GPU machine with
     ``loraforge[gpu]`` installed: varlen attention and Liger-Kernel."""
-    from loraforge.fast.plan import DeviceInfo
+    from loraforge.fast.shape import DeviceInfo
 
     if gib is None:
         return here
@@ -245,7 +245,8 @@ def _plan_lines(recipe: Any, config: Path, card: Any, problems: list[str]) -> li
     sized for examples of up to ``max_length`` tokens and every token counted as supervised."""
     from transformers import AutoConfig
 
-    from loraforge.fast.plan import ModelShape, over_budget_advice, plan_fast_path
+    from loraforge.fast.plan import over_budget_advice, plan_fast_path
+    from loraforge.fast.shape import ModelShape
 
     dtype = "bfloat16" if recipe.dtype == "auto" else recipe.dtype
     try:
@@ -334,7 +335,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"{key + ':':<10} {path}: {read} records" + (f", {len(bad)} to skip" if bad else "")
         )
         skipped += bad
-    from loraforge.fast.plan import DeviceInfo, check_environment
+    from loraforge.fast.plan import check_environment
+    from loraforge.fast.shape import DeviceInfo
 
     card = _card(args.gpu_gib, DeviceInfo.probe())
     try:  # what the card can honour (liger, varlen attention, pack_tokens on a CPU...): this

@@ -4,7 +4,7 @@ The planner ([`plan_fast_path`][loraforge.fast.plan.plan_fast_path]) budgets act
 [`layer_activation_bytes`][loraforge.fast.activations.layer_activation_bytes] (the lean
 functions' or PEFT's forward) and, for DoRA,
 [`dora_layer_bytes`][loraforge.fast.activations.dora_layer_bytes]. Pure arithmetic on a
-[`ModelShape`][loraforge.fast.plan.ModelShape]: no torch. ``tests/test_plan.py`` measures the
+[`ModelShape`][loraforge.fast.shape.ModelShape]: no torch. ``tests/test_plan.py`` measures the
 counts against the tensors autograd really keeps.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loraforge.fast.plan import ModelShape
+    from loraforge.fast.shape import ModelShape
 
 __all__ = ["FLOAT32", "dora_layer_bytes", "dora_working_bytes", "layer_activation_bytes"]
 

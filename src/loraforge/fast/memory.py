@@ -22,7 +22,7 @@ from loraforge.fast.activations import (
 from loraforge.fast.losses import CHUNK_BYTES as _CHUNK_BYTES
 
 if TYPE_CHECKING:
-    from loraforge.fast.plan import ModelShape
+    from loraforge.fast.shape import ModelShape
     from loraforge.recipe import LoraRecipe
 
 __all__ = ["RESERVE_BYTES", "Memory", "estimate_memory", "resident"]

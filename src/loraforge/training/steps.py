@@ -31,15 +31,10 @@ from loraforge.fast.liger import apply_liger
 from loraforge.fast.lora_ops import apply_lean_functions
 from loraforge.fast.losses import PackedLoss, head_is_detachable
 from loraforge.fast.packing import PackedCollator, PackedDataset, fixed_shape
-from loraforge.fast.plan import (
-    DeviceInfo,
-    FastPlan,
-    ModelShape,
-    over_budget_advice,
-    plan_fast_path,
-)
+from loraforge.fast.plan import FastPlan, over_budget_advice, plan_fast_path
 from loraforge.fast.quant import check_quantized
 from loraforge.fast.rope import install_fused_rope
+from loraforge.fast.shape import DeviceInfo, ModelShape
 from loraforge.models import (
     enable_checkpointing,
     enable_selective_checkpointing,

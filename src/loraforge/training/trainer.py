@@ -37,7 +37,8 @@ from typing import Any
 from loraforge.data.builder import DataReport
 from loraforge.data.templates import check_recordable, check_stoppable, get_template
 from loraforge.errors import ModelError
-from loraforge.fast.plan import DeviceInfo, check_environment
+from loraforge.fast.plan import check_environment
+from loraforge.fast.shape import DeviceInfo
 from loraforge.models import check_model_source, load_tokenizer
 from loraforge.recipe import LoraRecipe
 from loraforge.training.distributed import (
