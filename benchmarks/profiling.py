@@ -3,7 +3,8 @@
 Used by ``throughput.py`` when ``LORAFORGE_PROFILE`` is set: :func:`profiler_callback` profiles two
 optimizer steps after the warm-up (CPU and CUDA activity) and :func:`analyse_profile` prints, on
 lines starting with ``PROFILE``: GPU time by kernel kind and the top kernels (the top
-``$LORAFORGE_PROFILE_TOP``, 20 by default); the GPU's idle gaps, what the CPU was doing during them
+``$LORAFORGE_PROFILE_TOP``, 20 by default; with ``LORAFORGE_PROFILE_OPS=N`` also the N operators of
+most GPU time of their own, which names what launched each kernel in eager steps); the GPU's idle gaps, what the CPU was doing during them
 and which blocking CUDA calls preceded them; per-step wall and busy time; and, with
 ``LORAFORGE_SYNC_DEBUG``, the Python stacks of synchronising CUDA calls. The
 chrome trace goes, gzipped, to ``$LORAFORGE_PROFILE_DIR`` or the run's output folder.
@@ -200,6 +201,16 @@ def analyse_profile(prof, window_start_perf: float, step_times: list[float], out
             print(f"PROFILE {t / 1e3:9.1f} ms  {cat:<18} {name}")
     except Exception as exc:
         print(f"PROFILE analysis failed: kernel summary: {exc!r}")
+    if os.environ.get("LORAFORGE_PROFILE_OPS"):
+        try:  # the GPU time of each operator that launched kernels itself (eager steps only:
+            # a graph's replayed kernels belong to its launch)
+            table = prof.key_averages().table(
+                sort_by="self_device_time_total", row_limit=int(os.environ["LORAFORGE_PROFILE_OPS"])
+            )
+            for line in table.splitlines():
+                print("PROFILE ops", line[:200])
+        except Exception as exc:
+            print(f"PROFILE analysis failed: operator table: {exc!r}")
 
     # blocking runtime calls (any thread), needed by the gap and the sync sections
     blocking = []

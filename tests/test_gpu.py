@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -179,6 +181,12 @@ def test_triton_kernels_match_torch_in_bf16():
     inplace = gu.clone()
     kernels.keep(inplace, 0.1, 7, bits, inplace=True)
     assert torch.equal(inplace, gu * mask)
+    # the backward's SwiGLU and mask in one kernel (Phi-4's MLP width, a seed drawn on the
+    # device): bit for bit the SwiGLU kernel's output after the dropout kernel
+    wide = torch.randn(1024, 2 * 17920, device="cuda", dtype=torch.bfloat16) * 3
+    seed = torch.randint(0, 2**62, (1,), device="cuda")
+    want, wide_bits = kernels.drop(kernels.swiglu(wide), 0.1, seed)
+    assert torch.equal(kernels.swiglu_keep(wide, 0.1, seed, wide_bits), want)
     # RMSNorm: Phi-3's norm, and the input gradient from the output, against float32 autograd
     # (not Phi3RMSNorm itself: once Liger has patched transformers, that name is Liger's norm,
     # whose backward overwrites the incoming gradient in place)
@@ -376,8 +384,6 @@ def test_cuda_graphs_train_the_same_steps(tmp_path, caplog, capsys, monkeypatch,
     every step's loss and the final adapter equal those of the same padded rows run eagerly
     (the dispatch turned off), and stay close to ``cuda_graphs: off`` (unpadded rows; bf16, and
     an NF4 base)."""
-    import logging
-
     from safetensors.torch import load_file
 
     from loraforge import train
@@ -410,6 +416,8 @@ def test_cuda_graphs_train_the_same_steps(tmp_path, caplog, capsys, monkeypatch,
         assert ("decoder layers captured as one graph" in log) == (run == "on"), log[-3000:]
         if run == "on":  # every step replayed, none fell back
             assert res.metrics["cuda_graphs"] == "captured; 8 steps replayed", log[-3000:]
+            # the float32 adapters (4 projections x A, B of each layer) cast at once per pass
+            assert re.search(r"each pass casts [1-9]\d* adapter weights and draws 0 ", log), log
         losses[run] = [h["loss"] for h in res.log_history if "loss" in h]
         adapters[run] = load_file(str(res.output_dir / "adapter_model.safetensors"))
     with capsys.disabled():
@@ -422,7 +430,7 @@ def test_cuda_graphs_train_the_same_steps(tmp_path, caplog, capsys, monkeypatch,
     assert losses["on"] == pytest.approx(losses["off"], rel=0.05)
 
 
-def test_cuda_graphs_with_dropout_capture_and_learn(tmp_path, capsys):
+def test_cuda_graphs_with_dropout_capture_and_learn(tmp_path, capsys, caplog):
     """``lora_dropout: 0.1`` (the default recipe's): the capture takes the dropout kernel's
     device-seed variant (compiled in the warm-up), every step replays, and the adapter learns as
     the eager run does (the masks differ, so the losses are compared loosely)."""
@@ -431,6 +439,7 @@ def test_cuda_graphs_with_dropout_capture_and_learn(tmp_path, capsys):
 
     base = prepare_tiny_base(tmp_path / "base", hidden_size=256)
     losses = {}
+    caplog.set_level(logging.INFO, logger="loraforge")
     for graphs in ("off", "on"):
         recipe = demo_recipe(
             base,
@@ -446,6 +455,8 @@ def test_cuda_graphs_with_dropout_capture_and_learn(tmp_path, capsys):
         res = train(recipe)
         if graphs == "on":
             assert res.metrics["cuda_graphs"] == "captured; 20 steps replayed"
+            # each pass draws all its dropout seeds (4 a layer) in one draw
+            assert re.search(r"and draws [1-9]\d* dropout seeds at once", caplog.text)
         losses[graphs] = [h["loss"] for h in res.log_history if "loss" in h]
     with capsys.disabled():
         print(f"\ndropout 0.1: eager {losses['off'][::5]}; graphs {losses['on'][::5]}")

@@ -302,6 +302,48 @@ def test_with_the_graphs_buffer_semantics_training_still_equals_the_layers(monke
     assert wrong  # the stand-in reproduces what the check prevents
 
 
+def test_a_graphed_pass_casts_the_lean_layers_adapters_at_once_and_trains_the_same_bits(
+    monkeypatch, segmented
+):
+    """Under bf16 autocast with the lean LoRA functions, a pass of the graphed stack casts all
+    their float32 adapter weights at once (:mod:`loraforge.fast.batched`) instead of layer by
+    layer: with the graph's buffer semantics, loss and gradients equal the eager lean layers'
+    bit for bit, and every fused layer read the pass's copies."""
+    from loraforge.fast import batched
+    from loraforge.fast.lora_ops import apply_lean_functions
+
+    plain = _model()
+    report = apply_lean_functions(plain, autocast_dtype=torch.bfloat16)
+    assert report.fused_layers == 12 and report.fused_mlps == 3  # 3 layers x 4 projections
+    model = copy.deepcopy(plain)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _emulated_capture)
+    graphs, _ = install_layer_graphs(
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=torch.bfloat16
+    )
+    assert graphs is not None
+    monkeypatch.setattr(graphs, "device_type", "cpu")
+    reads: list[bool] = []
+    real = batched.adapter_weight
+
+    def spy(w):
+        out = real(w)
+        reads.append(out is not w and out.dtype == torch.bfloat16)
+        return out
+
+    monkeypatch.setattr("loraforge.fast.fusion.adapter_weight", spy)
+    for seed in (0, 1, 2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _loss_and_grads(model, _batch(seed=seed))
+            want = _loss_and_grads(plain, _batch(seed=seed))
+        assert got[0] == want[0] and got[1].keys() == want[1].keys() and len(got[1]) == 24
+        for n, g in got[1].items():
+            assert g.dtype == torch.float32 and torch.equal(g, want[1][n]), n
+    assert graphs.replays == 3 and graphs.batched == (24, 0)  # 3 layers x 4 projections x A, B
+    # 24 weights read a pass: the graph's 2 warm-up passes and 3 replays read the pass's copies,
+    # the eager model's 3 passes cast their own
+    assert (reads.count(True), reads.count(False)) == (24 * 5, 24 * 3)
+
+
 def test_calls_outside_the_fixed_shape_run_the_layers_eagerly(cpu_graphs):
     plain, model, graphs, _ = cpu_graphs
     _loss_and_grads(model, _batch())  # captured

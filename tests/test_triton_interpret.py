@@ -8,10 +8,12 @@ the random stream is caught without a GPU. The checks run in one child process
 * the dropout kernel's mask is the documented function of the seed (a reference Philox-4x32-10
   written in numpy), the bits give it back, the dropped output is the input times the mask, and
   each of a draw's eight positions keeps 1 - p;
-* SwiGLU and the RMSNorm kernels against torch in float32;
-* the NF4 dequantization kernel bit for bit against bitsandbytes in float16 and float32 (the
-  interpreter truncates float32 to bfloat16 where a GPU rounds to nearest, so bfloat16 is within
-  one unit in the last place here; ``tests/test_qlora.py`` checks it bit for bit on a GPU).
+* SwiGLU and the RMSNorm kernels against torch in float32; the backward's fused SwiGLU-and-mask
+  kernel against SwiGLU followed by the mask kernel, exactly;
+* the NF4 dequantization kernel bit for bit against bitsandbytes in float32, and within one unit
+  in the last place in float16 and bfloat16 (interpreters truncate to 16 bits where a GPU rounds
+  to nearest: the GPU image's Triton for float16 too; ``tests/test_qlora.py`` checks every bit on
+  a GPU).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def results() -> dict[str, str]:
         "dropout_p0.5_64bit_seed_ragged",
         "swiglu_and_rms",
         "dropout_seed_from_a_tensor",
+        "swiglu_keep",
         *(f"nf4_{q}_{d}" for q in ("nested", "flat") for d in ("float16", "float32", "bfloat16")),
     ],
 )

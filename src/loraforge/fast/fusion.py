@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from loraforge.fast import lora_ops
+from loraforge.fast.batched import adapter_weight
 from loraforge.fast.equivalence import (
     CheckResult,
     check_linear,
@@ -441,7 +442,8 @@ class _FusedLinear(_Installed):
         name = self.plan.adapter
         p = _dropout_p(m.lora_dropout[name])
         seed = lora_ops.new_seed(x.device) if p > 0.0 else 0
-        a, b = m.lora_A[name].weight, m.lora_B[name].weight
+        a = adapter_weight(m.lora_A[name].weight)
+        b = adapter_weight(m.lora_B[name].weight)
         with current_device_of(x):  # Triton launches on the current device
             return lora_ops.lora_linear(m, name, self.plan.regime, x, a, b, p, seed)
 
@@ -473,6 +475,7 @@ class _FusedMLP(_Installed):
             p = _dropout_p(proj.lora_dropout[plan.adapter])
             masks.append((p, lora_ops.new_seed(x.device) if p > 0.0 else 0))
             weights += [proj.lora_A[plan.adapter].weight, proj.lora_B[plan.adapter].weight]
+        weights = [adapter_weight(w) for w in weights]
         adapters = (self.plans[0].adapter, self.plans[1].adapter)
         regime = self.plans[0].regime
         with current_device_of(x):  # Triton launches on the current device
@@ -507,6 +510,25 @@ def uninstall(model: nn.Module, groups: tuple[str, ...]) -> int:
             del module.forward
             n += 1
     return n
+
+
+def fused_adapter_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The LoRA weights (A and B of the admitted adapter) of the layers under ``module`` whose
+    forward is a fused LoRA function, in module order, each once."""
+    found: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        installed = vars(m).get("forward")
+        if isinstance(installed, _FusedLinear):
+            pairs: list[tuple[Any, _LinearPlan]] = [(m, installed.plan)]
+        elif isinstance(installed, _FusedMLP):
+            parts: Any = m
+            pairs = list(zip((parts.gate_up_proj, parts.down_proj), installed.plans, strict=True))
+        else:
+            continue
+        for layer, plan in pairs:
+            for w in (layer.lora_A[plan.adapter].weight, layer.lora_B[plan.adapter].weight):
+                found.setdefault(id(w), w)
+    return list(found.values())
 
 
 # --------------------------------------------------------------------------- installing

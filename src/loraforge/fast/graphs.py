@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from loraforge.fast.attention import VARLEN_ATTENTION
+from loraforge.fast.batched import PassInputs
+from loraforge.fast.fusion import fused_adapter_weights
 from loraforge.fast.lora_ops import device_seeds
 
 __all__ = ["LayerGraphs", "install_layer_graphs", "layers_graphable"]
@@ -102,13 +104,22 @@ def _warm_up(stack: torch.nn.Module, samples: tuple, passes: int) -> None:
 
 class _Stack(torch.nn.Module):
     """The decoder layers as one function of tensors: ``(hidden, cos, sin, cu) -> hidden``
-    (what ``make_graphed_callables`` takes), with the attention bound fixed."""
+    (what ``make_graphed_callables`` takes), with the attention bound fixed. Each pass first
+    casts the fused layers' adapter weights and draws their dropout seeds, all at once
+    (:class:`~loraforge.fast.batched.PassInputs`)."""
 
-    def __init__(self, layers: list[torch.nn.Module], eager: list[Any], max_length: int) -> None:
+    def __init__(
+        self,
+        layers: list[torch.nn.Module],
+        eager: list[Any],
+        max_length: int,
+        inputs: PassInputs,
+    ) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)  # their parameters: the graph's inputs
         self.eager = eager  # the layers' own forward methods
         self.max_length = max_length
+        self.inputs = inputs
         self.tuple_out = False  # what the layers return: (hidden,) or hidden
 
     def forward(
@@ -117,10 +128,11 @@ class _Stack(torch.nn.Module):
         bound = self.max_length
         kw: dict[str, Any] = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
         kw |= {"max_length_q": bound, "max_length_k": bound}
-        for forward in self.eager:
-            out = forward(hidden, attention_mask=None, position_embeddings=(cos, sin), **kw)
-            self.tuple_out = isinstance(out, tuple)
-            hidden = out[0] if self.tuple_out else out
+        with self.inputs.active():
+            for forward in self.eager:
+                out = forward(hidden, attention_mask=None, position_embeddings=(cos, sin), **kw)
+                self.tuple_out = isinstance(out, tuple)
+                hidden = out[0] if self.tuple_out else out
         return hidden
 
 
@@ -150,6 +162,8 @@ class LayerGraphs:
         max_length: the attention's bound on a segment's length.
         replays: steps replayed from the graph so far.
         status: ``"waiting"`` (not captured yet), ``"captured"`` or ``"off: <why>"``.
+        batched: per pass of the captured graph, the adapter weights cast and the dropout seeds
+            drawn all at once (:class:`~loraforge.fast.batched.PassInputs`).
         advice: what the warning adds when the graph is turned off (e.g. that the rows were
             sized for graphed layers).
     """
@@ -188,6 +202,7 @@ class LayerGraphs:
         self._hook_dicts: list[dict[Any, Any]] = []  # their hook dictionaries
         self._trainable: list[torch.nn.Parameter] = []
         self._lora_list: list[Any] = []
+        self.batched = (0, 0)  # adapter weights cast and dropout seeds drawn at once, per pass
 
     def summary(self) -> str:
         """One line for the run's metrics: ``captured; 100 steps replayed`` or why not."""
@@ -379,9 +394,11 @@ class LayerGraphs:
 
     def _capture(self, inputs: tuple) -> None:
         hidden, cos, sin, cu = inputs
-        stack = _Stack(self.layers, self.eager, self.max_length)
-        samples = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, cu)
         mixed = self.autocast_dtype
+        weights = [w for layer in self.layers for w in fused_adapter_weights(layer)]
+        batch = PassInputs(weights, mixed, hidden.device)
+        stack = _Stack(self.layers, self.eager, self.max_length, batch)
+        samples = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin, cu)
         try:
             with (
                 device_seeds(),
@@ -417,12 +434,16 @@ class LayerGraphs:
         self.status = "captured"  # the warm-up's cached blocks were returned by _warm_up
         logger.info(
             "CUDA graphs: %d decoder layers captured as one graph (rows of %d tokens, %d "
-            "cu_seq_lens entries, segments of <= %d tokens)",
+            "cu_seq_lens entries, segments of <= %d tokens); each pass casts %d adapter weights "
+            "and draws %d dropout seeds at once",
             len(self.layers),
             self.tokens,
             self.segments,
             self.max_length,
+            len(batch.weights),
+            batch.seeds,
         )
+        self.batched = (len(batch.weights), batch.seeds)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module] | None:

@@ -46,6 +46,7 @@ __all__ = [
     "rms_norm_backward_from_output",
     "swiglu",
     "swiglu_backward",
+    "swiglu_keep",
     "triton_kernels",
 ]
 
@@ -160,13 +161,16 @@ def _triton_apply_bits(
     n = x.numel()
     src = x.contiguous()
     out = src if inplace and src is x else torch.empty_like(src)
-    k.apply_bits[(k.cdiv(n, 8 * _GROUPS),)](src, out, bits, n, GROUPS=_GROUPS)
+    grid = (k.cdiv(n, 8 * _GROUPS),)
+    k.apply_bits[grid](src, out, bits, n, GROUPS=_GROUPS, num_warps=_GROUPS_WARPS)
     if inplace and out is not x:
         return x.copy_(out)
     return out
 
 
-_GROUPS = 512  # constant: eight-element groups per program of the mask-reading kernel
+_GROUPS = 256  # constant: eight-element groups per program of the mask-reading kernel, and
+_GROUPS_WARPS = 8  # its warps: the fastest of 9 settings on an H200 for Phi-4's widths, 4.0 us
+# against 4.8 for the former 512/4 at 1,024 x 5,120 elements (benchmarks/launch_probe.py)
 _DROP_GROUPS = 256  # constant: eight-element groups per program of the dropout kernel (fastest
 # of 256, 512 and 1,024 on an H200: benchmarks/kernel_probe.py)
 
@@ -231,6 +235,34 @@ def _triton_swiglu_backward(k: Any, gu: torch.Tensor, g: torch.Tensor) -> torch.
 
 
 _BLOCK = 1024  # constant: columns per program of the SwiGLU kernels
+
+
+def swiglu_keep(
+    gate_up: torch.Tensor, p: float, seed: int | torch.Tensor, bits: torch.Tensor | None
+) -> torch.Tensor:
+    """``keep(swiglu(gate_up), p, seed, bits)``: the SwiGLU output times its keep-mask. On the
+    GPU, with ``bits``, one kernel that does not write the SwiGLU output itself."""
+    k = _kernels(gate_up)
+    if p <= 0.0 or bits is None or k is None or not _fused_swiglu_fits(gate_up):
+        return keep(swiglu(gate_up), p, seed, bits, inplace=True)
+    return _triton_swiglu_keep(k, gate_up.contiguous(), bits)
+
+
+def _triton_swiglu_keep(k: Any, gu: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    n_cols = gu.shape[-1] // 2
+    out = torch.empty((*gu.shape[:-1], n_cols), dtype=gu.dtype, device=gu.device)
+    n = out.numel()
+    grid = (k.cdiv(n, 8 * _GROUPS),)
+    k.swiglu_keep[grid](gu, out, bits, n, n_cols, GROUPS=_GROUPS, num_warps=_GROUPS_WARPS)
+    return out
+
+
+def _fused_swiglu_fits(gate_up: torch.Tensor) -> bool:
+    """Whether :func:`swiglu_keep`'s kernel takes ``gate_up``: an even last dimension whose half
+    is a multiple of 8 (a group of eight elements never spans two rows) and fewer than 2**31
+    output elements (the dropout's 32-bit draw offsets)."""
+    width = gate_up.shape[-1]
+    return width % 16 == 0 and gate_up.numel() // 2 < 2**31
 
 
 # --------------------------------------------------------------------------- RMSNorm
@@ -330,6 +362,7 @@ def _try_kernels(k: Any) -> None:
     k.swiglu_bwd[(8, k.cdiv(n, _BLOCK))](probe, act, grad, n, BLOCK=_BLOCK)
     _, bits = _triton_drop(k, probe, 0.5, 1)
     _triton_apply_bits(k, probe, bits, inplace=False)
+    _triton_swiglu_keep(k, probe, bits)  # reads the first 8 * n // 8 bytes
     y = torch.empty_like(probe)
     rstd = torch.empty(8, dtype=torch.float32, device="cuda")
     block = max(_next_pow2(2 * n), 128)
@@ -404,6 +437,21 @@ def _build_triton_kernels() -> Any:
         tl.store(bits + groups, byte.to(tl.uint8), mask=groups * 8 < n)
 
     @triton.jit
+    def swiglu_keep(gu_ptr, out_ptr, bits_ptr, n, n_cols, GROUPS: tl.constexpr):  # type: ignore[no-untyped-def]
+        # swiglu_fwd, then apply_bits on its output, in one pass (the output itself not written)
+        groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+        byte = tl.load(bits_ptr + groups, mask=groups * 8 < n, other=0).to(tl.int32)
+        j = tl.arange(0, 8)[None, :]
+        kept = ((byte[:, None] >> j) & 1) != 0
+        offs = groups[:, None] * 8 + j
+        inside = offs < n
+        src = offs + (offs // n_cols) * n_cols  # row * 2 * n_cols + col: the gate, then the up
+        a = tl.load(gu_ptr + src, mask=inside, other=0).to(tl.float32)
+        b = tl.load(gu_ptr + src + n_cols, mask=inside, other=0).to(tl.float32)
+        c = (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty)  # as swiglu_fwd
+        tl.store(out_ptr + offs, tl.where(kept, c, tl.zeros_like(c)), mask=inside)
+
+    @triton.jit
     def apply_bits(src_ptr, out_ptr, bits_ptr, n, GROUPS: tl.constexpr):  # type: ignore[no-untyped-def]
         groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
         byte = tl.load(bits_ptr + groups, mask=groups * 8 < n, other=0).to(tl.int32)
@@ -447,6 +495,7 @@ def _build_triton_kernels() -> Any:
         swiglu_bwd=swiglu_bwd,
         drop=drop_kernel,
         apply_bits=apply_bits,
+        swiglu_keep=swiglu_keep,
         rms_fwd=rms_fwd,
         rms_bwd=rms_bwd,
         cdiv=triton.cdiv,

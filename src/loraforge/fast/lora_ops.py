@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loraforge.fast.batched import pooled_seed
 from loraforge.fast.kernels import (
     drop,
     dropout_mask,
@@ -50,6 +51,7 @@ from loraforge.fast.kernels import (
     rms_norm_backward_from_output,
     swiglu,
     swiglu_backward,
+    swiglu_keep,
 )
 from loraforge.fast.quant import frozen_weight
 
@@ -95,12 +97,16 @@ def new_seed(device: torch.device | None = None) -> int | torch.Tensor:
     CUDA generator into a one-element tensor that the dropout kernel reads. A graph replays the
     kernels it captured with the arguments of the capture; torch's generator draws afresh on
     every replay, so each replay gets new masks (an int drawn at capture would give every replay
-    the same ones)."""
+    the same ones). Within a pass of a graphed stack of layers the seed is an element of the
+    pass's single draw (:func:`loraforge.fast.batched.pooled_seed`)."""
     if (
         device is not None
         and device.type == "cuda"
         and (getattr(_DEVICE_SEEDS, "on", False) or torch.cuda.is_current_stream_capturing())
     ):
+        pooled = pooled_seed(device)
+        if pooled is not None:
+            return pooled
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
@@ -168,9 +174,12 @@ def _lora_backward(
     coef: float,
     mask: tuple[float, int, torch.Tensor | None],
     need: tuple[bool, bool, bool],
+    *,
+    masked: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``x W^T + ((x * mask) A^T * coef) B^T`` for x, A and B (2-D tensors); the
-    mask is ``(p, seed, bits)``: read from ``bits`` or drawn again from ``seed``."""
+    mask is ``(p, seed, bits)``: read from ``bits`` or drawn again from ``seed``. With
+    ``masked``, ``x`` is given already times the mask (and is read only for A's gradient)."""
     need_x, need_a, need_b = need
     p, seed, bits = mask
     grad_b = grad.t().mm(zs) if need_b else None
@@ -178,7 +187,7 @@ def _lora_backward(
     if need_x or need_a:
         gz = _mm_scaled(grad, lora_b, coef)
         if need_a:
-            grad_a = gz.t().mm(keep(x, p, seed, bits))
+            grad_a = gz.t().mm(x if masked else keep(x, p, seed, bits))
         if need_x:
             back = keep(gz.mm(lora_a), p, seed, bits, inplace=True)
             grad_x = back.addmm_(grad, weight)
@@ -266,13 +275,15 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         c1, p1, seed1, c2, p2, seed2, shape, q1, q2 = ctx.meta
         need = ctx.needs_input_grad
         grad = grad_out.reshape(-1, grad_out.shape[-1])
-        act = swiglu(gate_up)
+        # the SwiGLU output times its mask, for A2's gradient (one kernel on the GPU)
+        kept = swiglu_keep(gate_up, p2, seed2, bits2) if need[5] else gate_up
         if q2 is not None:
             w2 = q2.dense()
         d_act, grad_a2, grad_b2 = _lora_backward(
-            grad, act, z2, w2, a2, b2, c2, (p2, seed2, bits2), (True, need[5], need[6])
-        )
-        del act, w2
+            grad, kept, z2, w2, a2, b2, c2, (p2, seed2, bits2), (True, need[5], need[6]),
+            masked=True,
+        )  # fmt: skip
+        del kept, w2
         assert d_act is not None
         d_gate_up = swiglu_backward(gate_up, d_act)
         del d_act
