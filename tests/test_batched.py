@@ -121,3 +121,27 @@ def test_new_seed_takes_the_pooled_seed_only_where_it_draws_on_the_device(monkey
         a, b, c = (lora_ops.new_seed(cuda) for _ in range(3))
     assert isinstance(a, torch.Tensor) and a._base is b._base and a._base is not None
     assert isinstance(c, torch.Tensor) and c._base is None  # beyond the pool: its own draw
+
+
+def test_a_frozen_weight_is_copied_without_autograd_and_a_trained_one_with_it():
+    trained, frozen = _weights(2)
+    frozen.requires_grad_(False)
+    with PassInputs([trained, frozen], torch.bfloat16, torch.device("cpu")).active():
+        t, f = adapter_weight(trained), adapter_weight(frozen)
+        assert t.requires_grad and t.grad_fn is not None
+        assert not f.requires_grad and f.grad_fn is None  # no gradient computed for it
+        assert torch.equal(f, frozen.to(torch.bfloat16))
+
+
+def test_a_pass_cannot_be_entered_again_and_a_failed_pass_leaves_nothing_behind():
+    weights = _weights(2)
+    inputs = PassInputs(weights, torch.bfloat16, torch.device("cpu"))
+    with inputs.active(), pytest.raises(RuntimeError, match="entered again"), inputs.active():
+        pass
+    with pytest.raises(ValueError, match="boom"), inputs.active():
+        pooled_seed(torch.device("cpu"))
+        raise ValueError("boom")
+    assert adapter_weight(weights[0]) is weights[0] and inputs._copies == {}
+    assert inputs.seeds == 1  # what the failed pass drew still sizes the next one
+    with inputs.active():  # usable again
+        assert adapter_weight(weights[0]) is not weights[0]

@@ -105,7 +105,7 @@ def segmented(monkeypatch):
     return SEGMENTS
 
 
-def _model(layers: int = 3):
+def _model(layers: int = 3, dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -126,7 +126,8 @@ def _model(layers: int = 3):
     model = Phi3ForCausalLM(cfg)
     model.set_attn_implementation(SEGMENTS)
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets)
+    model = get_peft_model(model, config)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
@@ -342,6 +343,48 @@ def test_a_graphed_pass_casts_the_lean_layers_adapters_at_once_and_trains_the_sa
     # 24 weights read a pass: the graph's 2 warm-up passes and 3 replays read the pass's copies,
     # the eager model's 3 passes cast their own
     assert (reads.count(True), reads.count(False)) == (24 * 5, 24 * 3)
+
+
+def test_a_graphed_pass_draws_its_dropout_seeds_at_once(monkeypatch, segmented):
+    """With dropout, the graphed stack's first warm-up pass counts the seeds its layers ask for;
+    every later pass (the second warm-up, each replay of the stand-in, which runs the stack
+    again where a real graph replays the captured draw) takes them from one draw of that many, a
+    new draw each pass. (On the CPU the layers then draw their masks from ints, as here.)"""
+    from loraforge.fast import batched, lora_ops
+    from loraforge.fast.lora_ops import apply_lean_functions
+
+    model = _model(dropout=0.1)
+    apply_lean_functions(model, autocast_dtype=torch.bfloat16)
+    taken: list = []
+
+    def seed(device=None):
+        taken.append(batched.pooled_seed(device))
+        return len(taken)
+
+    monkeypatch.setattr(lora_ops, "new_seed", seed)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _emulated_capture)
+    graphs, _ = install_layer_graphs(
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=torch.bfloat16
+    )
+    assert graphs is not None
+    monkeypatch.setattr(graphs, "device_type", "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in (0, 1):
+            _loss_and_grads(model, _batch(seed=s))
+    per_pass = 12  # 3 layers: qkv, o, and the MLP's two projections
+    assert graphs.replays == 2 and graphs.batched == (24, per_pass)
+    assert len(taken) == 4 * per_pass  # warm-up 1 and 2, two replays
+    assert taken[:per_pass] == [None] * per_pass  # the first pass counts
+    pools = []
+    for k in range(1, 4):
+        group = taken[k * per_pass : (k + 1) * per_pass]
+        assert all(isinstance(t, torch.Tensor) and t.numel() == 1 for t in group)
+        pool = group[0]._base
+        assert pool is not None and pool.numel() == per_pass
+        assert all(t._base is pool for t in group)  # one draw a pass
+        assert [t.data_ptr() for t in group] == [pool[i].data_ptr() for i in range(per_pass)]
+        pools.append(pool)
+    assert len({id(p) for p in pools}) == 3  # a new draw each pass
 
 
 def test_calls_outside_the_fixed_shape_run_the_layers_eagerly(cpu_graphs):

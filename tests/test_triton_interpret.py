@@ -10,10 +10,10 @@ the random stream is caught without a GPU. The checks run in one child process
   each of a draw's eight positions keeps 1 - p;
 * SwiGLU and the RMSNorm kernels against torch in float32; the backward's fused SwiGLU-and-mask
   kernel against SwiGLU followed by the mask kernel, exactly;
-* the NF4 dequantization kernel bit for bit against bitsandbytes in float32, and within one unit
-  in the last place in float16 and bfloat16 (interpreters truncate to 16 bits where a GPU rounds
-  to nearest: the GPU image's Triton for float16 too; ``tests/test_qlora.py`` checks every bit on
-  a GPU).
+* the NF4 dequantization kernel bit for bit against bitsandbytes, except in a 16-bit type whose
+  conversion this interpreter truncates where a GPU rounds to nearest (CI's for bfloat16, the GPU
+  image's for float16 too: probed first): there within one unit in the last place
+  (``tests/test_qlora.py`` checks every bit on a GPU).
 """
 
 from __future__ import annotations

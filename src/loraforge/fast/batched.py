@@ -72,8 +72,9 @@ class PassInputs:
     layers, made at the start of the pass.
 
     Args:
-        weights: float32 LoRA weights of the layers the lean functions run (others are ignored:
-            a layer that falls back to its own forward casts under autocast as usual).
+        weights: LoRA weights of the layers the lean functions run; those in another dtype than
+            ``dtype`` (the float32 masters under mixed precision) are cast. A layer that falls
+            back to its own forward reads the weights themselves and casts under autocast.
         dtype: the compute dtype (the autocast dtype), or ``None`` for no casts.
         device: where seeds are drawn (the lean functions ask for pooled seeds only on a CUDA
             device, whose dropout kernel reads a seed tensor).
@@ -93,35 +94,46 @@ class PassInputs:
         self._copies: dict[int, tuple[torch.Tensor, int]] = {}
         self._pool: torch.Tensor | None = None
         self._taken = 0
+        self._active = False
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Cast the weights and draw the seeds now; within the context, on this thread, the lean
-        functions read them (:func:`adapter_weight`, :func:`pooled_seed`)."""
+        functions read them (:func:`adapter_weight`, :func:`pooled_seed`).
+
+        Raises:
+            RuntimeError: this instance is already active (a pass within its own pass).
+        """
+        if self._active:
+            raise RuntimeError("PassInputs.active() entered again within its own pass")
         before = getattr(_CURRENT, "inputs", None)
-        self._copies = self._cast()
-        self._taken = 0
-        self._pool = None
-        if self.seeds:
-            shape = (self.seeds,)
-            self._pool = torch.randint(0, 2**62, shape, dtype=torch.int64, device=self.device)
-        _CURRENT.inputs = self
+        self._active = True
         try:
+            self._taken = 0
+            self._copies = self._cast()
+            if self.seeds:
+                shape = (self.seeds,)
+                self._pool = torch.randint(0, 2**62, shape, dtype=torch.int64, device=self.device)
+            _CURRENT.inputs = self
             yield
         finally:
             _CURRENT.inputs = before
             self.seeds = max(self.seeds, self._taken)
             self._copies, self._pool = {}, None
+            self._active = False
 
     def _cast(self) -> dict[int, tuple[torch.Tensor, int]]:
         weights, dtype = self.weights, self.dtype
         if not weights or dtype is None:
             return {}
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            copies = _CastAll.apply(dtype, *weights)
-        else:
-            copies = _copied(weights, dtype)
-        return {id(w): (c, w._version) for w, c in zip(weights, copies, strict=True)}
+        # trained weights through one autograd node (their copies carry gradients back); frozen
+        # ones copied without autograd, so no gradient is computed for them
+        trained = [w for w in weights if w.requires_grad] if torch.is_grad_enabled() else []
+        frozen = [w for w in weights if not (torch.is_grad_enabled() and w.requires_grad)]
+        copies = list(_CastAll.apply(dtype, *trained)) if trained else []
+        copies += _copied(frozen, dtype)
+        order = trained + frozen
+        return {id(w): (c, w._version) for w, c in zip(order, copies, strict=True)}
 
     def copy_of(self, w: torch.Tensor) -> torch.Tensor:
         hit = self._copies.get(id(w))

@@ -258,11 +258,10 @@ def _triton_swiglu_keep(k: Any, gu: torch.Tensor, bits: torch.Tensor) -> torch.T
 
 
 def _fused_swiglu_fits(gate_up: torch.Tensor) -> bool:
-    """Whether :func:`swiglu_keep`'s kernel takes ``gate_up``: an even last dimension whose half
-    is a multiple of 8 (a group of eight elements never spans two rows) and fewer than 2**31
-    output elements (the dropout's 32-bit draw offsets)."""
-    width = gate_up.shape[-1]
-    return width % 16 == 0 and gate_up.numel() // 2 < 2**31
+    """Whether :func:`swiglu_keep`'s kernel takes ``gate_up``: an even last dimension (gate and
+    up halves; the kernel finds each output element's row itself, so a group of eight may span
+    two rows)."""
+    return gate_up.shape[-1] % 2 == 0
 
 
 # --------------------------------------------------------------------------- RMSNorm
