@@ -22,8 +22,8 @@ saves, and the others receive what it found or the error it raised
 ([`loraforge.training.distributed`][loraforge.training.distributed]).
 
 The Trainer is composed, with one subclass in [`loraforge.training.loop`][loraforge.training.loop];
-the output folder's layout and its atomic saving live in
-[`loraforge.training.output`][loraforge.training.output].
+the output folder's layout lives in [`loraforge.training.output`][loraforge.training.output], its
+final, atomic save in [`loraforge.training.saving`][loraforge.training.saving].
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from loraforge.training.distributed import (
     shared_run_folder,
 )
 from loraforge.training.evaluation import eval_samples, samples_report
-from loraforge.training.output import save_run
 from loraforge.training.resume import data_fingerprint, processes_fingerprint, rows_fingerprint
+from loraforge.training.saving import save_run
 from loraforge.training.steps import (
     apply_plan_and_lora,
     build_data,
