@@ -128,8 +128,9 @@ class PassInputs:
             return {}
         # trained weights through one autograd node (their copies carry gradients back); frozen
         # ones copied without autograd, so no gradient is computed for them
-        trained = [w for w in weights if w.requires_grad] if torch.is_grad_enabled() else []
-        frozen = [w for w in weights if not (torch.is_grad_enabled() and w.requires_grad)]
+        grad = torch.is_grad_enabled()
+        trained = [w for w in weights if grad and w.requires_grad]
+        frozen = [w for w in weights if not (grad and w.requires_grad)]
         copies = list(_CastAll.apply(dtype, *trained)) if trained else []
         copies += _copied(frozen, dtype)
         order = trained + frozen
