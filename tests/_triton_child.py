@@ -9,6 +9,7 @@ traceback.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import traceback
@@ -18,11 +19,12 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from loraforge.fast import kernels, nf4  # noqa: E402
+from loraforge.fast import kernels, lowrank, nf4  # noqa: E402
 
 _M = np.uint64(0xFFFFFFFF)
 K = kernels._build_triton_kernels()
 Q = nf4._build()
+L = lowrank._build()
 
 
 def philox4x32_10(seed: int, counters: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -165,12 +167,71 @@ def check_swiglu_keep() -> None:
         assert torch.equal(kernels._triton_swiglu_keep(K, gu, bits), dropped)
 
 
+def check_lowrank() -> None:
+    """The rank-r product kernel (float32 here) against torch's product: ranks 5, 8, 16, 17 and
+    64 (padded to 16, 16, 16, 32 and 64), ragged tiles, a contiguous ``w``, ``B^T`` and a sliced
+    ``w``; with the dropout mask's bits, the product times the mask."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, rank, width in ((70, 8, 600), (33, 5, 264), (40, 16, 520), (9, 17, 40), (50, 64, 72)):
+        z = torch.randn(rows, rank, generator=gen)
+        a = torch.randn(rank, width, generator=gen)
+        b = torch.randn(width, rank, generator=gen)
+        wide = torch.randn(rank, 2 * width, generator=gen)
+        sums = {"atol": 1e-4, "rtol": 1e-4}  # up to 64 terms, summed in another order
+        torch.testing.assert_close(lowrank._run_up(L, z, a, None), z.mm(a), **sums)
+        torch.testing.assert_close(lowrank._run_up(L, z, b.t(), None), z.mm(b.t()), **sums)
+        sliced = wide[:, 3 : 3 + width]
+        torch.testing.assert_close(lowrank._run_up(L, z, sliced, None), z.mm(sliced), **sums)
+        _, bits = kernels._triton_drop(K, torch.ones(rows, width), 0.3, 99)
+        mask = kernels._triton_apply_bits(K, torch.ones(rows, width), bits, inplace=False)
+        masked = lowrank._run_up(L, z, a, bits)
+        torch.testing.assert_close(masked, z.mm(a) * mask, **sums)
+        assert int((mask == 0).sum()) > 0 and bool((masked[mask == 0] == 0).all())
+
+
+def check_lora_backward_through_the_kernels() -> None:
+    """The lean functions' backward (``lora_ops._lora_backward``) with the GPU's dispatch
+    emulated (the Triton kernels under this interpreter): every branch equals the formulas
+    ``grad_x = keep(coef * grad B A) + grad W``, ``grad_A = (coef * grad B)^T keep(x)``,
+    ``grad_B = grad^T zs``, with the mask's bits, without dropout, and with ``x`` given masked."""
+    from loraforge.fast import lora_ops
+
+    lowrank._fits = lambda z, w, bits: True  # this child process only
+    lowrank._build = lambda: L
+    kernels._kernels = lambda x: K
+    gen = torch.Generator().manual_seed(7)
+    rows, width_in, width_out, rank = 37, 64, 48, 8
+    x = torch.randn(rows, width_in, generator=gen)
+    w = torch.randn(width_out, width_in, generator=gen)
+    a = torch.randn(rank, width_in, generator=gen)
+    b = torch.randn(width_out, rank, generator=gen)
+    grad = torch.randn(rows, width_out, generator=gen)
+    sums = {"atol": 1e-4, "rtol": 1e-4}
+    for p, masked in ((0.3, False), (0.0, False), (0.3, True)):
+        dropped, bits = kernels.drop(x, p, 11)
+        mask = torch.ones_like(x) if bits is None else kernels.keep(torch.ones_like(x), p, 11, bits)
+        zs = dropped.mm(a.t()) * 1.5
+        given = dropped if masked else x
+        for need in itertools.product((True, False), repeat=3):
+            got = lora_ops._lora_backward(
+                grad, given, zs, w, a, b, 1.5, (p, 11, bits), need, masked=masked
+            )
+            gz = grad.mm(b) * 1.5
+            want = (gz.mm(a) * mask + grad.mm(w), gz.t().mm(x * mask), grad.t().mm(zs))
+            for g, ref, asked in zip(got, want, need, strict=True):
+                assert (g is not None) == asked or (not asked and g is None), (p, masked, need)
+                if asked:
+                    torch.testing.assert_close(g, ref, **sums)
+
+
 CHECKS = {
     "dropout_p0.1": lambda: check_dropout((96, 640), 0.1, 12345),
     "dropout_p0.5_64bit_seed_ragged": lambda: check_dropout((7, 333), 0.5, 2**61 + 7),
     "swiglu_and_rms": check_swiglu_and_rms,
     "dropout_seed_from_a_tensor": check_seed_from_a_tensor,
     "swiglu_keep": check_swiglu_keep,
+    "lowrank": check_lowrank,
+    "lora_backward_through_the_kernels": check_lora_backward_through_the_kernels,
 }
 for _nested in (True, False):
     for _dtype in (torch.float16, torch.float32, torch.bfloat16):

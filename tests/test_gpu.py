@@ -202,6 +202,57 @@ def test_triton_kernels_match_torch_in_bf16():
     assert _rel(dx, xr.grad) < 1e-2
 
 
+def _rounded_once(got: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> bool:
+    """``got`` is ``u @ w`` summed exactly and rounded once to its 16-bit type, up to the order of
+    the terms (near zero the roundings of two orders differ by more than a unit of the result,
+    not of the terms' size)."""
+    exact = u.double().mm(w.double())
+    scale = u.double().abs().mm(w.double().abs())  # the terms' size: the rounding's scale
+    unit = 2.0**-8 if got.dtype == torch.bfloat16 else 2.0**-11
+    return got.shape == exact.shape and bool(
+        ((got.double() - exact).abs() <= scale * unit + 1e-6).all()
+    )
+
+
+def test_lowrank_kernel_on_phi4_shapes():
+    """The wide rank-r products of Phi-4's LoRA layers at 1,024 tokens
+    (``loraforge.fast.lowrank.up``), as the lean functions call them: z B^T of gate_up_proj, and
+    keep(gz A) of down_proj's input from the dropout mask's bits, against cuBLAS and the mask
+    kernel; other ranks and float16; and where torch's product runs instead."""
+    from loraforge.fast import kernels, lowrank
+
+    assert lowrank.kernel_available(torch.device("cuda")), "the kernel failed its check"
+    torch.manual_seed(0)
+    seed = torch.randint(0, 2**62, (1,), device="cuda")
+    z = torch.randn(1024, 8, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(35840, 8, device="cuda", dtype=torch.bfloat16)
+    assert lowrank._fits(z, b.t(), None), "z B^T would not take the kernel"
+    got = lowrank.up(z, b.t())
+    assert got.is_contiguous() and _rounded_once(got, z, b.t())
+    assert _rounded_once(z.mm(b.t()), z, b.t())  # cuBLAS's, by the same measure
+    a = torch.randn(8, 17920, device="cuda", dtype=torch.bfloat16)
+    _, bits = kernels.drop(torch.ones(1024, 17920, device="cuda", dtype=torch.bfloat16), 0.1, seed)
+    assert bits is not None and lowrank._fits(z, a, bits)
+    plain = lowrank.up(z, a)
+    assert _rounded_once(plain, z, a)
+    assert torch.equal(lowrank.up(z, a, bits), kernels.keep(plain, 0.1, seed, bits))
+    for dtype in (torch.bfloat16, torch.float16):
+        for rank in (5, 16, 32, 64):
+            u = torch.randn(300, rank, device="cuda", dtype=dtype)
+            w = torch.randn(rank, 1000, device="cuda", dtype=dtype)
+            assert lowrank._fits(u, w, None) and _rounded_once(lowrank.up(u, w), u, w)
+    # torch's product instead: float32 (the kernel would round to TF32), a rank over 64, a
+    # masked width that is not whole bytes, bits of another size, no rows
+    assert not lowrank._fits(z.float(), a.float(), None)
+    torch.testing.assert_close(lowrank.up(z.float(), a.float()), z.float().mm(a.float()))
+    wide = torch.randn(1024, 65, device="cuda", dtype=torch.bfloat16)
+    assert not lowrank._fits(wide, torch.randn(65, 64, device="cuda", dtype=torch.bfloat16), None)
+    assert not lowrank._fits(z, a[:, :17915], bits[: 1024 * 17915 // 8])
+    assert not lowrank._fits(z, a, bits[:-1])
+    assert not lowrank._fits(z[:0], a, None)
+    assert lowrank.up(z[:0], a).shape == (0, 17920)
+
+
 def test_lean_lora_matches_peft_with_dropout_in_bf16(monkeypatch, capsys):
     """The lean LoRA functions (dropout 0.1, masks drawn on the GPU from seeds) against PEFT's
     forward drawing the same masks, under autocast as the Trainer runs."""

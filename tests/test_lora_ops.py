@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loraforge import RecipeError
-from loraforge.fast import equivalence, fusion, lora_ops
+from loraforge.fast import equivalence, fusion, lora_ops, lowrank
 from loraforge.fast.kernels import swiglu_backward
 from loraforge.fast.lora_ops import (
     apply_lean_functions,
@@ -828,7 +828,7 @@ def test_the_lora_products_equal_their_plain_forms(dtype):
     x, w, z, b, bias = (t.to(dtype) for t in (x, w, z, b, bias))
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     ref = (x.float() @ w.float().t() * 2.5).to(dtype)
-    torch.testing.assert_close(lora_ops._mm_scaled(x, w.t(), 2.5), ref, **tol)
+    torch.testing.assert_close(lowrank.scaled_mm(x, w.t(), 2.5), ref, **tol)
     for bias_ in (None, bias):
         plain_bias = None if bias_ is None else bias_.float()
         want = torch.nn.functional.linear(x.float(), w.float(), plain_bias)
@@ -840,7 +840,7 @@ def test_the_lora_products_equal_their_plain_forms(dtype):
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = True
         assert torch.isnan(torch.empty(3, dtype=dtype)).all()
-        out = lora_ops._mm_scaled(x, w.t(), 2.5)
+        out = lowrank.scaled_mm(x, w.t(), 2.5)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
@@ -863,5 +863,5 @@ def test_the_lora_products_equal_their_plain_forms(dtype):
     ):
         a, b_ = x.to(device), w.t().to(device)
         with Ops() as ops:
-            got = lora_ops._mm_scaled(a, b_, 2.5)
+            got = lowrank.scaled_mm(a, b_, 2.5)
         assert ops.names == want and got.shape == ref.shape, (device, ops.names)

@@ -9,7 +9,9 @@ the random stream is caught without a GPU. The checks run in one child process
   written in numpy), the bits give it back, the dropped output is the input times the mask, and
   each of a draw's eight positions keeps 1 - p;
 * SwiGLU and the RMSNorm kernels against torch in float32; the backward's fused SwiGLU-and-mask
-  kernel against SwiGLU followed by the mask kernel, exactly;
+  kernel against SwiGLU followed by the mask kernel, exactly; the rank-r product kernel of
+  :mod:`loraforge.fast.lowrank` against torch's product, and the lean functions' backward pass
+  through it against the formulas;
 * the NF4 dequantization kernel bit for bit against bitsandbytes, except in a 16-bit type whose
   conversion this interpreter truncates where a GPU rounds to nearest (CI's for bfloat16, the GPU
   image's for float16 too: probed first): there within one unit in the last place
@@ -53,6 +55,8 @@ def results() -> dict[str, str]:
         "swiglu_and_rms",
         "dropout_seed_from_a_tensor",
         "swiglu_keep",
+        "lowrank",
+        "lora_backward_through_the_kernels",
         *(f"nf4_{q}_{d}" for q in ("nested", "flat") for d in ("float16", "float32", "bfloat16")),
     ],
 )

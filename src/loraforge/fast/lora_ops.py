@@ -29,7 +29,8 @@ instances, and :func:`remove_lean_functions` takes them off again.
 
 With ``lora_dropout=0`` the result equals PEFT's to rounding; with dropout the masks come from a
 different random stream than PEFT's ``nn.Dropout``, with the same distribution (on the GPU, ``p``
-rounded to 1/65,536). The kernels are in :mod:`loraforge.fast.kernels`.
+rounded to 1/65,536). The element-wise kernels are in :mod:`loraforge.fast.kernels`, the rank-r
+products' in :mod:`loraforge.fast.lowrank`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loraforge.fast import lowrank
 from loraforge.fast.batched import pooled_seed
 from loraforge.fast.kernels import (
     drop,
@@ -127,17 +129,6 @@ def _kept(weight: Any) -> tuple[torch.Tensor | None, Any]:
     return (weight, None) if isinstance(weight, torch.Tensor) else (None, weight)
 
 
-def _mm_scaled(a: torch.Tensor, b: torch.Tensor, coef: float) -> torch.Tensor:
-    """``(a @ b) * coef`` as one matrix product on the CPU and CUDA (the scale applied by the
-    product's ``alpha``, with one rounding, instead of a second kernel; ``beta=0`` never reads
-    the fresh output there, as ``mm`` itself does not); elsewhere (e.g. MPS, whose ``addmm``
-    has propagated NaN from the output with ``beta=0``) the product, then the scale."""
-    if a.device.type not in ("cpu", "cuda"):
-        return a.mm(b).mul_(coef)
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
-    return out.addmm_(a, b, beta=0, alpha=coef)
-
-
 def _project(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -149,7 +140,7 @@ def _project(
     the product's epilogue (``beta=1``), which reads it once instead of writing the base product
     and then reading and rewriting it to add the small term (measured on an H200 with Phi-4's
     shapes: 3-8% less time for ``qkv_proj`` and ``gate_up_proj``)."""
-    lora = z.mm(lora_b.t()) if bias is None else torch.addmm(bias, z, lora_b.t())
+    lora = lowrank.up(z, lora_b.t()) if bias is None else torch.addmm(bias, z, lora_b.t())
     return lora.addmm_(x, weight.t())
 
 
@@ -161,7 +152,7 @@ def _lora_down(
     ``x`` is freed on return."""
     coef = scale / (1.0 - effective_p(p, x))
     dropped, bits = drop(x, p, seed)
-    return _mm_scaled(dropped, lora_a.t(), coef), bits, coef
+    return lowrank.scaled_mm(dropped, lora_a.t(), coef), bits, coef
 
 
 def _lora_backward(
@@ -185,11 +176,14 @@ def _lora_backward(
     grad_b = grad.t().mm(zs) if need_b else None
     grad_x = grad_a = None
     if need_x or need_a:
-        gz = _mm_scaled(grad, lora_b, coef)
+        gz = lowrank.scaled_mm(grad, lora_b, coef)
         if need_a:
             grad_a = gz.t().mm(x if masked else keep(x, p, seed, bits))
         if need_x:
-            back = keep(gz.mm(lora_a), p, seed, bits, inplace=True)
+            if p > 0.0 and bits is None:  # no bits (no GPU kernel): the mask drawn again
+                back = keep(gz.mm(lora_a), p, seed, bits, inplace=True)
+            else:  # the product written once, with the mask's bits applied (one GPU kernel)
+                back = lowrank.up(gz, lora_a, bits if p > 0.0 else None)
             grad_x = back.addmm_(grad, weight)
     return grad_x, grad_a, grad_b
 
