@@ -719,6 +719,7 @@ def run_loraforge(
     lf_train.PadCollator.__call__ = lambda self, f: meter.wrap(
         lambda b: lf_train.pad_collate(b, self.pad_token_id)
     )(f)
+    settings = {"save_steps": 10**6, "logging_steps": 10} | overrides  # a row may set these too
     recipe = LoraRecipe(
         model="phi-4 (random init)",
         model_source="local",
@@ -727,9 +728,7 @@ def run_loraforge(
         input_separator="",
         output_dir=str(out),
         max_steps=warmup + steps,
-        save_steps=10**6,
-        logging_steps=10,
-        **overrides,
+        **settings,
     )
     tok = tokenizer_of(assets)
     if model is None:
