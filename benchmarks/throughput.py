@@ -719,17 +719,17 @@ def run_loraforge(
     lf_train.PadCollator.__call__ = lambda self, f: meter.wrap(
         lambda b: lf_train.pad_collate(b, self.pad_token_id)
     )(f)
-    settings = {"save_steps": 10**6, "logging_steps": 10} | overrides  # a row may set these too
-    recipe = LoraRecipe(
-        model="phi-4 (random init)",
-        model_source="local",
-        data=str(assets / "data" / "huanhuan.json"),
-        system_prompt=SYSTEM,
-        input_separator="",
-        output_dir=str(out),
-        max_steps=warmup + steps,
-        **settings,
-    )
+    defaults = {
+        "model": "phi-4 (random init)",
+        "model_source": "local",
+        "data": str(assets / "data" / "huanhuan.json"),
+        "system_prompt": SYSTEM,
+        "input_separator": "",
+        "max_steps": warmup + steps,
+        "save_steps": 10**6,
+        "logging_steps": 10,  # as the TRL rows: a row that changes it is not comparable with them
+    }
+    recipe = LoraRecipe(output_dir=str(out), **(defaults | overrides))  # a row's settings win
     tok = tokenizer_of(assets)
     if model is None:
         nf4 = overrides.get("quantization") == "nf4"

@@ -190,38 +190,56 @@ def check_lowrank() -> None:
 
 
 def check_lora_backward_through_the_kernels() -> None:
-    """The lean functions' backward (``lora_ops._lora_backward``) with the GPU's dispatch
-    emulated (the Triton kernels under this interpreter): every branch equals the formulas
-    ``grad_x = keep(coef * grad B A) + grad W``, ``grad_A = (coef * grad B)^T keep(x)``,
-    ``grad_B = grad^T zs``, with the mask's bits, without dropout, and with ``x`` given masked."""
+    """The lean functions' backward (``lora_ops._lora_backward``) with the rank-r product kernel
+    taken wherever it is called (here under the interpreter, in float32) and the dropout kernels
+    drawing the masks: every need-flag combination equals the formulas ``grad_x = keep(coef *
+    grad B A) + grad W``, ``grad_A = (coef * grad B)^T keep(x)``, ``grad_B = grad^T zs`` with the
+    mask's bits, without dropout, with ``x`` given masked, and with the mask drawn again from its
+    seed (no bits); the input is wider than one column tile of the kernel."""
     from loraforge.fast import lora_ops
 
-    lowrank._fits = lambda z, w, bits: True  # this child process only
-    lowrank._build = lambda: L
+    taken: list[bool] = []
+    run_up, fits, find = lowrank._run_up, lowrank._fits, kernels._kernels
+
+    def counted(*args: object) -> torch.Tensor:
+        taken.append(True)
+        return run_up(*args)  # type: ignore[arg-type]
+
+    lowrank._fits, lowrank._run_up = (lambda z, w, bits: True), counted
     kernels._kernels = lambda x: K
-    gen = torch.Generator().manual_seed(7)
-    rows, width_in, width_out, rank = 37, 64, 48, 8
-    x = torch.randn(rows, width_in, generator=gen)
-    w = torch.randn(width_out, width_in, generator=gen)
-    a = torch.randn(rank, width_in, generator=gen)
-    b = torch.randn(width_out, rank, generator=gen)
-    grad = torch.randn(rows, width_out, generator=gen)
-    sums = {"atol": 1e-4, "rtol": 1e-4}
-    for p, masked in ((0.3, False), (0.0, False), (0.3, True)):
-        dropped, bits = kernels.drop(x, p, 11)
-        mask = torch.ones_like(x) if bits is None else kernels.keep(torch.ones_like(x), p, 11, bits)
-        zs = dropped.mm(a.t()) * 1.5
-        given = dropped if masked else x
-        for need in itertools.product((True, False), repeat=3):
-            got = lora_ops._lora_backward(
-                grad, given, zs, w, a, b, 1.5, (p, 11, bits), need, masked=masked
-            )
-            gz = grad.mm(b) * 1.5
-            want = (gz.mm(a) * mask + grad.mm(w), gz.t().mm(x * mask), grad.t().mm(zs))
-            for g, ref, asked in zip(got, want, need, strict=True):
-                assert (g is not None) == asked or (not asked and g is None), (p, masked, need)
-                if asked:
-                    torch.testing.assert_close(g, ref, **sums)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        rows, width_in, width_out, rank = 37, 264, 48, 8
+        x = torch.randn(rows, width_in, generator=gen)
+        w = torch.randn(width_out, width_in, generator=gen)
+        a = torch.randn(rank, width_in, generator=gen)
+        b = torch.randn(width_out, rank, generator=gen)
+        grad = torch.randn(rows, width_out, generator=gen)
+        sums = {"atol": 1e-4, "rtol": 1e-4}
+        for p, masked, with_bits in ((0.3, False, True), (0.0, False, True), (0.3, True, True),
+                                     (0.3, False, False)):  # fmt: skip
+            dropped, bits = kernels.drop(x, p, 11)
+            ones = torch.ones_like(x)
+            mask = ones if bits is None else kernels.keep(ones, p, 11, bits)
+            zs = dropped.mm(a.t()) * 1.5
+            given = dropped if masked else x
+            mask_arg = (p, 11, bits if with_bits else None)
+            for need in itertools.product((True, False), repeat=3):
+                before = len(taken)
+                got = lora_ops._lora_backward(
+                    grad, given, zs, w, a, b, 1.5, mask_arg, need, masked=masked
+                )
+                # the kernel computes keep(gz A) whenever the input's gradient is asked for,
+                # except where the mask must be drawn again (no bits)
+                assert len(taken) - before == int(need[0] and (with_bits or p == 0.0))
+                gz = grad.mm(b) * 1.5
+                want = (gz.mm(a) * mask + grad.mm(w), gz.t().mm(x * mask), grad.t().mm(zs))
+                for g, ref, asked in zip(got, want, need, strict=True):
+                    assert (g is not None) == asked, (p, masked, need)
+                    if asked:
+                        torch.testing.assert_close(g, ref, **sums)
+    finally:
+        lowrank._fits, lowrank._run_up, kernels._kernels = fits, run_up, find
 
 
 CHECKS = {

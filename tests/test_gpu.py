@@ -217,8 +217,10 @@ def _rounded_once(got: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> bool:
 def test_lowrank_kernel_on_phi4_shapes():
     """The wide rank-r products of Phi-4's LoRA layers at 1,024 tokens
     (``loraforge.fast.lowrank.up``), as the lean functions call them: z B^T of gate_up_proj, and
-    keep(gz A) of down_proj's input from the dropout mask's bits, against cuBLAS and the mask
-    kernel; other ranks and float16; and where torch's product runs instead."""
+    keep(gz A) of down_proj's input from the dropout mask's bits, each within a rounding of the
+    exact product (cuBLAS's within the same bound), the masked one exactly the mask kernel on the
+    unmasked one; other ranks and float16; where torch's product runs instead, and that it is
+    the same there; malformed mask bits refused."""
     from loraforge.fast import kernels, lowrank
 
     assert lowrank.kernel_available(torch.device("cuda")), "the kernel failed its check"
@@ -242,15 +244,26 @@ def test_lowrank_kernel_on_phi4_shapes():
             w = torch.randn(rank, 1000, device="cuda", dtype=dtype)
             assert lowrank._fits(u, w, None) and _rounded_once(lowrank.up(u, w), u, w)
     # torch's product instead: float32 (the kernel would round to TF32), a rank over 64, a
-    # masked width that is not whole bytes, bits of another size, no rows
+    # masked width that is not whole bytes (then the mask kernel applies the same bits), no rows
     assert not lowrank._fits(z.float(), a.float(), None)
-    torch.testing.assert_close(lowrank.up(z.float(), a.float()), z.float().mm(a.float()))
+    exact32 = z.double().mm(a.double())
+    assert (lowrank.up(z.float(), a.float()).double() - exact32).abs().max() < 1e-3
     wide = torch.randn(1024, 65, device="cuda", dtype=torch.bfloat16)
     assert not lowrank._fits(wide, torch.randn(65, 64, device="cuda", dtype=torch.bfloat16), None)
-    assert not lowrank._fits(z, a[:, :17915], bits[: 1024 * 17915 // 8])
-    assert not lowrank._fits(z, a, bits[:-1])
+    ragged = a[:, :17915]
+    _, ragged_bits = kernels.drop(torch.ones(1024, 17915, device="cuda"), 0.1, seed)
+    assert ragged_bits is not None and not lowrank._fits(z, ragged, ragged_bits)
+    want = kernels.keep(z.mm(ragged), 0.1, seed, ragged_bits)
+    assert torch.equal(lowrank.up(z, ragged, ragged_bits), want)
     assert not lowrank._fits(z[:0], a, None)
     assert lowrank.up(z[:0], a).shape == (0, 17920)
+    with pytest.raises(ValueError, match="mask bits"):
+        lowrank.up(z, a, bits[:-1])
+    with pytest.raises(ValueError, match="mask bits"):
+        lowrank.up(z, a, bits.to(torch.int8))
+    # one check per device, however the device is named
+    lowrank.kernel_available(torch.device("cuda", torch.cuda.current_device()))
+    assert lowrank._checked.cache_info().currsize == 1
 
 
 def test_lean_lora_matches_peft_with_dropout_in_bf16(monkeypatch, capsys):

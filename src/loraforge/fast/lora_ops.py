@@ -183,7 +183,7 @@ def _lora_backward(
             if p > 0.0 and bits is None:  # no bits (no GPU kernel): the mask drawn again
                 back = keep(gz.mm(lora_a), p, seed, bits, inplace=True)
             else:  # the product written once, with the mask's bits applied (one GPU kernel)
-                back = lowrank.up(gz, lora_a, bits if p > 0.0 else None)
+                back = lowrank.up(gz, lora_a, bits)  # no bits without dropout
             grad_x = back.addmm_(grad, weight)
     return grad_x, grad_a, grad_b
 

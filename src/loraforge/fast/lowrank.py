@@ -10,14 +10,17 @@ read and wrote it again.
 
 The sum runs in float32 as cuBLAS's does and is rounded once, so a result differs from cuBLAS's
 only by the order of the ``r`` terms. The kernel runs where it was checked: on its first use on
-each CUDA device it runs on random problems (bfloat16 and
-float16; ranks 5, 8, 16, 32 and 64; ragged tiles; a strided ``B^T``; with and without a mask)
-and must agree with torch's product to within that rounding. Elsewhere torch's product (and the
-mask kernel) runs: on the CPU, in float32 (whose Triton product would round its inputs to TF32),
-for a rank over 64, mixed dtypes or devices, a device other than the current one, a masked width
-that is not a whole number of mask bytes, mask bits of another size or type, more than 2**31
-elements, or a failed check. :func:`up` is called inside the lean functions' autograd functions:
-it is not differentiable itself.
+each CUDA device (outside a CUDA graph capture) it runs on random problems (bfloat16 and
+float16; ranks 5, 8, 16, 24, 32, 40 and 64; ragged tiles and tiles of whole multiples of 16;
+a strided ``B^T``; with and without a mask) and must agree with torch's product to within that
+rounding. Elsewhere torch's product (and the mask kernel) runs: on the CPU, in float32 (whose
+Triton product would round its inputs to TF32), for a rank over 64, mixed dtypes or devices, a
+device other than the current one, a masked width that is not a whole number of mask bytes, an
+output of 2**31 elements or more or of more than 65,535 column tiles, during a capture before
+the check has run, or after a failed check. Mask bits that cannot be the mask of a ``T x M``
+tensor (not ``uint8``, another device, another number of bytes) are an error. :func:`up` is
+called inside the lean functions' autograd functions: the kernel's result has no autograd
+history.
 
 Tried and not kept (``docs/benchmarks.md``, session 11): drawing the dropout mask inside the
 forward's ``dropout(x) A^T`` product (slower than the dropout kernel and cuBLAS), and A's
@@ -62,11 +65,28 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, coef: float) -> torch.Tensor:
 def up(z: torch.Tensor, w: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
     """``z @ w`` for a thin ``z`` (``T x r``) and a wide ``w`` (``r x M``, any strides, e.g.
     ``B^T``), times the keep-mask in ``bits`` (from :func:`~loraforge.fast.kernels.drop` of a
-    ``T x M`` tensor) when given. A new contiguous tensor; not differentiable."""
+    ``T x M`` tensor) when given. A new contiguous tensor.
+
+    Raises:
+        ValueError: ``bits`` are not ``uint8``, not on ``z``'s device, or not ``ceil(T * M / 8)``
+            bytes.
+    """
+    if bits is not None:
+        _check_bits(bits, z, w)
     if _fits(z, w, bits):
         return _run_up(_build(), z.contiguous(), w, bits)
     out = z.mm(w)
-    return out if bits is None else kernels.apply_mask_bits(out, bits, inplace=True)
+    return out if bits is None else kernels.apply_mask_bits(out, bits.contiguous(), inplace=True)
+
+
+def _check_bits(bits: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> None:
+    cells = z.shape[0] * w.shape[-1]
+    if bits.dtype != torch.uint8 or bits.device != z.device or bits.numel() != (cells + 7) // 8:
+        raise ValueError(
+            f"lowrank.up: the mask bits of a {z.shape[0]} x {w.shape[-1]} product are "
+            f"{(cells + 7) // 8} uint8 bytes on {z.device} (from kernels.drop); got "
+            f"{bits.numel()} {bits.dtype} on {bits.device}"
+        )
 
 
 def _fits(z: torch.Tensor, w: torch.Tensor, bits: torch.Tensor | None) -> bool:
@@ -176,15 +196,25 @@ def kernel_available(device: torch.device) -> bool:
     """Whether :func:`up` uses the kernel on ``device``: Triton compiles it and, on random
     bfloat16 and float16 problems of ranks 5 to 64 with ragged tiles, with and without a mask,
     its result agrees with torch's product to within a rounding of its terms (checked once per
-    device). The check synchronises: the lean functions first run it in the warm-up passes that
-    precede a CUDA graph capture (:mod:`loraforge.fast.graphs`)."""
+    device). The check synchronises, so during a CUDA graph capture a device not checked yet
+    answers ``False`` (and is checked at its next call outside one); the lean functions run it in
+    the warm-up passes that precede their capture (:mod:`loraforge.fast.graphs`)."""
     if device.type != "cuda":
         return False
-    return _checked(torch.cuda.current_device() if device.index is None else device.index)
+    try:
+        return _checked(torch.cuda.current_device() if device.index is None else device.index)
+    except _Capturing:
+        return False
+
+
+class _Capturing(Exception):
+    """The check was asked for during a CUDA graph capture (raised, so not memoised)."""
 
 
 @functools.cache  # memoised per device: the answer depends on Triton and the GPU
 def _checked(index: int) -> bool:
+    if torch.cuda.is_current_stream_capturing():
+        raise _Capturing
     device = torch.device("cuda", index)
     if kernels.triton_kernels() is None:
         return False
@@ -207,10 +237,13 @@ def _check(k: Any, device: torch.device) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
         for rows, rank, width in (
-            (77, 8, 2056),
+            (77, 8, 2056),  # ragged tiles
+            (64, 8, 1024),  # whole tiles, sizes of multiples of 16 (Triton specialises on them)
             (300, 5, 264),
             (40, 16, 520),
+            (48, 24, 256),
             (33, 32, 96),
+            (32, 40, 128),
             (50, 64, 1032),
         ):
             z, a, b = (
