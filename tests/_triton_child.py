@@ -9,7 +9,6 @@ traceback.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import traceback
@@ -192,10 +191,11 @@ def check_lowrank() -> None:
 def check_lora_backward_through_the_kernels() -> None:
     """The lean functions' backward (``lora_ops._lora_backward``) with the rank-r product kernel
     taken wherever it is called (here under the interpreter, in float32) and the dropout kernels
-    drawing the masks: every need-flag combination equals the formulas ``grad_x = keep(coef *
-    grad B A) + grad W``, ``grad_A = (coef * grad B)^T keep(x)``, ``grad_B = grad^T zs`` with the
-    mask's bits, without dropout, with ``x`` given masked, and with the mask drawn again from its
-    seed (no bits); the input is wider than one column tile of the kernel."""
+    drawing the masks: all gradients, the input's alone, and the adapter's alone equal the
+    formulas ``grad_x = keep(coef * grad B A) + grad W``, ``grad_A = (coef * grad B)^T keep(x)``,
+    ``grad_B = grad^T zs`` with the mask's bits, without dropout, with ``x`` given masked, and
+    with the mask drawn again from its seed (no bits); the input is wider than one column tile
+    of the kernel."""
     from loraforge.fast import lora_ops
 
     taken: list[bool] = []
@@ -224,7 +224,7 @@ def check_lora_backward_through_the_kernels() -> None:
             zs = dropped.mm(a.t()) * 1.5
             given = dropped if masked else x
             mask_arg = (p, 11, bits if with_bits else None)
-            for need in itertools.product((True, False), repeat=3):
+            for need in ((True, True, True), (True, False, False), (False, True, True)):
                 before = len(taken)
                 got = lora_ops._lora_backward(
                     grad, given, zs, w, a, b, 1.5, mask_arg, need, masked=masked
