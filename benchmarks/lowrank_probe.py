@@ -16,6 +16,7 @@ import argparse
 import json
 
 import torch
+from launch_probe import graphed_time  # this folder's: GPU us a call, from a CUDA graph
 
 from loraforge.fast import kernels, lowrank
 
@@ -26,28 +27,6 @@ _PROJECTIONS = (
     ("down", 17920, 5120),
 )
 _TILES = ((32, 256, 4), (64, 128, 4), (16, 512, 4), (32, 128, 4), (64, 256, 4), (32, 256, 8))  # fmt: skip
-
-
-def timed(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record()
-    for _ in range(10):
-        g.replay()
-    t1.record()
-    torch.cuda.synchronize()
-    return t0.elapsed_time(t1) / 200 * 1000
 
 
 def _cases(tokens: int) -> list[dict]:
@@ -97,13 +76,13 @@ def main() -> None:
     args = ap.parse_args()
     assert lowrank.kernel_available(torch.device("cuda")), "the kernel failed its check"
     cases = _cases(args.tokens)
-    before = [timed(_before(c)) for c in cases]
+    before = [graphed_time(_before(c)) for c in cases]
     results = []
     for tile in _TILES:
         lowrank._UP_TILE = tile
         for c in cases:
             _check(c)
-        parts = [timed(_now(c)) for c in cases]
+        parts = [graphed_time(_now(c)) for c in cases]
         results.append((sum(parts), tile))
         print(
             f"up {tile}: a layer {sum(before):.1f} -> {sum(parts):.1f} us ("

@@ -102,21 +102,12 @@ def _fits(z: torch.Tensor, w: torch.Tensor, bits: torch.Tensor | None) -> bool:
     extent = (rank - 1) * w.stride(0) + (width - 1) * w.stride(1)  # w's elements, from its start
     if rows * width >= 2**31 or extent >= 2**31 or -(-width // _UP_TILE[1]) > _GRID:
         return False
-    if bits is not None and not (
-        width % 8 == 0  # a row's bits are whole bytes
-        and bits.dtype == torch.uint8
-        and bits.device == z.device
-        and bits.is_contiguous()
-        and bits.numel() == rows * width // 8
-    ):
+    # bits passed _check_bits (type, device, size); the kernel also needs whole bytes a row
+    if bits is not None and (width % 8 or not bits.is_contiguous()):
         return False
     if z.device.index != torch.cuda.current_device():
         return False
     return kernel_available(z.device)
-
-
-def _padded(rank: int) -> int:
-    return max(16, 1 << (rank - 1).bit_length())  # a tensor-core product's smallest side
 
 
 def _run_up(k: Any, z: torch.Tensor, w: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +118,8 @@ def _run_up(k: Any, z: torch.Tensor, w: torch.Tensor, bits: torch.Tensor | None)
     grid = (k.cdiv(rows, bt), k.cdiv(width, bm))
     k.up[grid](
         z, w, out, bits if bits is not None else out, rows, width, rank, w.stride(0), w.stride(1),
-        RP=_padded(rank), BT=bt, BM=bm, MASKED=bits is not None, num_warps=warps,
+        RP=max(16, kernels._next_pow2(rank)),  # a tensor-core product's smallest side
+        BT=bt, BM=bm, MASKED=bits is not None, num_warps=warps,
     )  # fmt: skip
     return out
 
