@@ -328,6 +328,8 @@ class Meter:
         return {
             **counts,
             "step_s_median": steps[len(steps) // 2] if steps else None,  # robust to a hiccup
+            # each timed step's host interval, in order (a logging step's drain shows here)
+            "step_s": [round(b - a, 5) for a, b in itertools.pairwise(timed)],
             "tokens_per_s": real / (t1 - t0),
             "supervised_tokens_per_s": sup / (t1 - t0),
             "timed_steps": len(self.marks) - self.warmup,

@@ -3,7 +3,6 @@ what a run says one optimizer step holds."""
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from loraforge.demo import demo_recipe, prepare_tiny_base
 from loraforge.fast.losses import detached_head, head_is_detachable
 from loraforge.tiny import build_tiny_model, build_tiny_tokenizer, sample_data_path
-from loraforge.training.loop import build_hf_trainer, frozen_gc, lighter_steps
+from loraforge.training.loop import build_hf_trainer, lighter_steps
 
 TOK = build_tiny_tokenizer()
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -49,26 +48,6 @@ def test_lighter_zero_grad_clears_only_what_the_adapter_has():
         assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
         model.zero_grad()
         assert all(p.grad is None for p in model.parameters())
-
-
-def test_frozen_gc_restores_the_collector_and_leaves_a_callers_freeze_alone():
-    assert gc.get_freeze_count() == 0
-    with frozen_gc():
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0 and gc.isenabled()
-    with pytest.raises(RuntimeError), frozen_gc():
-        raise RuntimeError("a failing fit")
-    assert gc.get_freeze_count() == 0
-    gc.freeze()  # the caller's own
-    try:
-        frozen = gc.get_freeze_count()
-        with frozen_gc():
-            pass
-        # not unfrozen behind the caller's back (that would leave 0); a frozen object whose last
-        # reference goes away meanwhile (another thread's) is freed, so the count may drop a little
-        assert frozen // 2 < gc.get_freeze_count() <= frozen
-    finally:
-        gc.unfreeze()
 
 
 def test_trainer_flop_count_is_transformers_count_from_a_cached_parameter_count(tmp_path):

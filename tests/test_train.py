@@ -14,6 +14,7 @@ from loraforge import (
     LoraRecipe,
     ModelError,
     OutputDirError,
+    SFTDatasetBuilder,
     TargetModulesError,
     load_for_inference,
     train,
@@ -174,6 +175,73 @@ def test_accumulation_equals_bigger_batch(workdir):
     for key in w_a:
         torch.testing.assert_close(w_a[key], w_b[key], rtol=1e-5, atol=1e-7)
     assert any(w_a[k].abs().sum() > 0 for k in w_a if "lora_B" in k)
+
+
+def test_default_fused_adamw_gives_the_multi_tensor_adamw_update(workdir):
+    """The default optimizer (``adamw_torch_fused``) against ``adamw_torch`` over five steps with
+    weight decay and clipping: the same losses and adapter weights to float32 rounding, and the
+    update is not nothing."""
+    from transformers import TrainerCallback
+
+    assert LoraRecipe.__dataclass_fields__["optimizer"].default == "adamw_torch_fused"
+
+    fused = []
+
+    class Seen(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            fused.append((type(optimizer.optimizer).__name__, optimizer.defaults["fused"]))
+
+    runs = {}
+    for name in ("adamw_torch_fused", "adamw_torch"):
+        recipe = fast_recipe(
+            workdir,
+            f"optim-{name}",
+            optimizer=name,
+            max_steps=5,
+            learning_rate=1e-3,
+            weight_decay=0.1,
+            max_grad_norm=0.5,
+            logging_steps=1,
+            overwrite_output_dir=True,
+        )
+        res = train(recipe, callbacks=[Seen()])
+        losses = [h["loss"] for h in res.log_history if "loss" in h]
+        runs[name] = (losses, lora_state(res.output_dir))
+    assert fused == [("AdamW", True), ("AdamW", None)]  # torch's AdamW, fused, then not
+    (loss_f, w_f), (loss_m, w_m) = runs["adamw_torch_fused"], runs["adamw_torch"]
+    assert len(loss_f) == 5 and loss_f == pytest.approx(loss_m, rel=1e-5)
+    for key in w_f:
+        torch.testing.assert_close(w_f[key], w_m[key], rtol=1e-4, atol=1e-6)
+    assert all(w.abs().sum() > 0 for k, w in w_f.items() if "lora_B" in k)
+
+
+def test_the_garbage_collector_is_left_alone_while_building_and_training(workdir):
+    """No pause, freeze or threshold change of Python's garbage collector at any point of a
+    build or a fit: its state is read while the records are read and at every training step."""
+    import gc
+
+    from transformers import AutoTokenizer, TrainerCallback
+
+    def state():
+        return (gc.isenabled(), gc.get_freeze_count(), gc.get_threshold())
+
+    before, seen = state(), []
+
+    class Records(list):  # the builder reads the records one by one
+        def __iter__(self):
+            for rec in super().__iter__():
+                seen.append(state())
+                yield rec
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state_, control, **kw):
+            seen.append(state())
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workdir / "base"))
+    SFTDatasetBuilder(tokenizer, max_length=64).build(Records(RECORDS))
+    train(fast_recipe(workdir, "gc", max_steps=3, overwrite_output_dir=True), callbacks=[Steps()])
+    assert len(seen) == len(RECORDS) + 3
+    assert set(seen) == {before} and state() == before
 
 
 def test_gradient_checkpointing_still_trains_lora(workdir):

@@ -12,9 +12,9 @@
 * [`PlainLog`][loraforge.training.loop.PlainLog] and
   [`MarkComplete`][loraforge.training.loop.MarkComplete]: a plain log line per logging step, and
   the manifest that marks a checkpoint complete (with the run's recipe and data fingerprint).
-* [`lighter_steps`][loraforge.training.loop.lighter_steps] and
-  [`frozen_gc`][loraforge.training.loop.frozen_gc]: the per-step CPU work a GPU waits for, trimmed
-  on this model instance only and for the length of the fit; both restore what they change.
+* [`lighter_steps`][loraforge.training.loop.lighter_steps]: the per-step CPU work a GPU waits
+  for, trimmed on this model instance only and for the length of the fit; it restores what it
+  changes. Nothing process-wide (the garbage collector's state included) is changed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ __all__ = [
     "MarkComplete",
     "PlainLog",
     "build_hf_trainer",
-    "frozen_gc",
     "lighter_steps",
     "quiet_progress",
 ]
@@ -206,27 +205,6 @@ def quiet_progress(trainer: Any) -> None:
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(Progress())
     trainer.pop_callback(PrinterCallback)
-
-
-@contextlib.contextmanager
-def frozen_gc() -> Iterator[None]:
-    """Move the objects alive before training out of the garbage collector's sight: its full
-    passes over the model's and datasets' objects otherwise land between GPU steps.
-
-    Only when nothing is frozen already (``gc.unfreeze`` cannot tell the caller's frozen objects
-    from ours); the collector's state is as before on every exit path.
-    """
-    import gc
-
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 @contextlib.contextmanager

@@ -65,7 +65,6 @@ from loraforge.training.loop import (
     MarkComplete,
     PlainLog,
     build_hf_trainer,
-    frozen_gc,
     lighter_steps,
     quiet_progress,
 )
@@ -756,7 +755,6 @@ def run_fit(trainer: Any, model: Any, batches: Batches, start: ResumePoint) -> F
             with (
                 disk_full_errors(checkpoints, "saving a checkpoint to"),
                 lighter_steps(model),
-                frozen_gc(),
             ):
                 resume_from = str(start.checkpoint) if start.checkpoint else None
                 result = trainer.train(resume_from_checkpoint=resume_from)
