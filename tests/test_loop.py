@@ -166,3 +166,21 @@ def test_chunked_head_check_runs_under_the_training_autocast(monkeypatch):
     monkeypatch.setattr(steps, "training_autocast", lambda m: torch.bfloat16)  # as on a GPU
     assert steps.head_detachable(model, batches, Ranks())
     assert not report.fallback_calls  # the check ran the lean functions training runs
+
+
+def test_fused_adamw_gives_way_to_the_multi_tensor_form_under_float16_loss_scaling(caplog):
+    """Under fp16 the fused optimizer applies the grad scaler's skips itself, so the Trainer
+    would advance the learning-rate schedule on a skipped step (huggingface/accelerate#4242):
+    ``adamw_torch`` runs there instead, and the log says so; elsewhere the recipe's choice."""
+    from loraforge import LoraRecipe
+    from loraforge.training.steps import optimizer_name
+
+    fused = LoraRecipe(model="m", data="d.json")
+    assert fused.optimizer == "adamw_torch_fused"
+    with caplog.at_level("INFO", logger="loraforge"):
+        assert optimizer_name(fused, torch.float16) == "adamw_torch"
+    assert "instead of adamw_torch_fused under float16" in caplog.text
+    assert optimizer_name(fused, torch.bfloat16) == "adamw_torch_fused"
+    assert optimizer_name(fused, None) == "adamw_torch_fused"
+    for other in ("adamw_torch", "sgd"):
+        assert optimizer_name(fused.replace(optimizer=other), torch.float16) == other

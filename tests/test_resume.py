@@ -91,6 +91,20 @@ def test_resume_mid_run_stops_exactly_at_max_steps(workdir, finished):
     assert not (out / "checkpoints" / "checkpoint-11").exists()
 
 
+def test_a_run_resumes_across_the_two_forms_of_adamw_and_goes_on_in_its_own(workdir, finished):
+    """The recipe's default optimizer was ``adamw_torch`` before it became
+    ``adamw_torch_fused``: a run interrupted under one resumes under the other (here the
+    finished run, fused, resumed with ``adamw_torch``), going on in its checkpoint's form (the
+    same adapter as the uninterrupted run); any other optimizer is still a changed setting."""
+    assert recipe(workdir, "x").optimizer == "adamw_torch_fused"
+    out = _interrupted_copy(finished, workdir / "cut-other-adamw", keep={2, 4})
+    with pytest.raises(OutputDirError, match=r"different settings \(optimizer\)"):
+        train(recipe(workdir, "cut-other-adamw", optimizer="sgd"), resume=True)
+    result = train(recipe(workdir, "cut-other-adamw", optimizer="adamw_torch"), resume=True)
+    assert result.metrics["steps"] == 10
+    assert same(adapter(out), adapter(finished))
+
+
 def test_lowered_max_steps_resumes_from_the_checkpoint_at_that_step(workdir, finished):
     out = _interrupted_copy(finished, workdir / "lowered")
     result = train(recipe(workdir, "lowered", max_steps=4), resume=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from loraforge import (
     DataError,
@@ -56,9 +58,30 @@ def fast_recipe(workdir: Path, out: str, **changes) -> LoraRecipe:
     return demo_recipe(workdir / "base", workdir / out, **values)
 
 
+def gc_state() -> tuple:
+    return (gc.isenabled(), gc.get_freeze_count(), gc.get_threshold())
+
+
+class GcAtEachStep(TrainerCallback):
+    """Reads the garbage collector's state at every training step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def on_step_end(self, args, state, control, **kw):
+        self.seen.append(gc_state())
+
+
+# the collector's state in the module's training run: before, at each step, after
+GC_SEEN: dict[str, object] = {}
+
+
 @pytest.fixture(scope="module")
 def trained(workdir):
-    return train(fast_recipe(workdir, "run"))
+    watch, before = GcAtEachStep(), gc_state()
+    result = train(fast_recipe(workdir, "run"), callbacks=[watch])
+    GC_SEEN.update(before=before, steps=watch.seen, after=gc_state())
+    return result
 
 
 def lora_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -178,9 +201,10 @@ def test_accumulation_equals_bigger_batch(workdir):
 
 
 def test_default_fused_adamw_gives_the_multi_tensor_adamw_update(workdir):
-    """The default optimizer (``adamw_torch_fused``) against ``adamw_torch`` over five steps with
-    weight decay and clipping: the same losses and adapter weights to float32 rounding, and the
-    update is not nothing."""
+    """The default optimizer (``adamw_torch_fused``) against ``adamw_torch`` (on the CPU torch's
+    single-tensor loop, on a GPU its multi-tensor form) over five steps with weight decay and
+    clipping: the fused form is the one that runs, and the losses and adapter weights are the
+    same to float32 rounding; the update is not nothing."""
     from transformers import TrainerCallback
 
     assert LoraRecipe.__dataclass_fields__["optimizer"].default == "adamw_torch_fused"
@@ -189,7 +213,8 @@ def test_default_fused_adamw_gives_the_multi_tensor_adamw_update(workdir):
 
     class Seen(TrainerCallback):
         def on_train_begin(self, args, state, control, optimizer=None, **kw):
-            fused.append((type(optimizer.optimizer).__name__, optimizer.defaults["fused"]))
+            group = optimizer.optimizer.param_groups[0]  # what step() reads
+            fused.append((type(optimizer.optimizer).__name__, group["fused"]))
 
     runs = {}
     for name in ("adamw_torch_fused", "adamw_torch"):
@@ -215,33 +240,26 @@ def test_default_fused_adamw_gives_the_multi_tensor_adamw_update(workdir):
     assert all(w.abs().sum() > 0 for k, w in w_f.items() if "lora_B" in k)
 
 
-def test_the_garbage_collector_is_left_alone_while_building_and_training(workdir):
+def test_the_garbage_collector_is_left_alone_while_building_and_training(trained, workdir):
     """No pause, freeze or threshold change of Python's garbage collector at any point of a
-    build or a fit: its state is read while the records are read and at every training step."""
-    import gc
+    build or a fit: its state is read while the builder reads each record, and at every step of
+    the module's training run."""
+    from transformers import AutoTokenizer
 
-    from transformers import AutoTokenizer, TrainerCallback
-
-    def state():
-        return (gc.isenabled(), gc.get_freeze_count(), gc.get_threshold())
-
-    before, seen = state(), []
+    before, seen = gc_state(), []
 
     class Records(list):  # the builder reads the records one by one
         def __iter__(self):
             for rec in super().__iter__():
-                seen.append(state())
+                seen.append(gc_state())
                 yield rec
-
-    class Steps(TrainerCallback):
-        def on_step_end(self, args, state_, control, **kw):
-            seen.append(state())
 
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "base"))
     SFTDatasetBuilder(tokenizer, max_length=64).build(Records(RECORDS))
-    train(fast_recipe(workdir, "gc", max_steps=3, overwrite_output_dir=True), callbacks=[Steps()])
-    assert len(seen) == len(RECORDS) + 3
-    assert set(seen) == {before} and state() == before
+    assert len(seen) == len(RECORDS) and set(seen) == {before} and gc_state() == before
+    at_steps = GC_SEEN["steps"]
+    assert len(at_steps) == trained.metrics["steps"] > 1
+    assert set(at_steps) == {GC_SEEN["before"]} == {GC_SEEN["after"]}
 
 
 def test_gradient_checkpointing_still_trains_lora(workdir):

@@ -163,8 +163,9 @@ class LoraRecipe:
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = _f(
         "adamw_torch_fused",
         "Optimizer (transformers' `optim` names). The default, `adamw_torch_fused`, is torch's "
-        "AdamW in one fused kernel per parameter group: the same update as `adamw_torch` (its "
-        "multi-tensor form) to float32 rounding, in fewer kernels a step.",
+        "AdamW in its fused form (transformers' own default with recent torch): the same update "
+        "as `adamw_torch` to float32 rounding, in fewer kernel launches a step on a GPU. Under "
+        "float16 loss scaling `adamw_torch` runs instead (logged).",
     )
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")

@@ -14,7 +14,7 @@
   the manifest that marks a checkpoint complete (with the run's recipe and data fingerprint).
 * [`lighter_steps`][loraforge.training.loop.lighter_steps]: the per-step CPU work a GPU waits
   for, trimmed on this model instance only and for the length of the fit; it restores what it
-  changes. Nothing process-wide (the garbage collector's state included) is changed.
+  changes. The garbage collector's state is never changed.
 """
 
 from __future__ import annotations

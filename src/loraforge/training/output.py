@@ -525,9 +525,17 @@ _RESUMABLE_CHANGES = frozenset(
 )
 
 
+# torch's AdamW in its two forms: the same update to float32 rounding, with the same optimizer
+# state. A run started under the recipe's earlier default (adamw_torch) resumes under the current
+# one (adamw_torch_fused), and back; it goes on in its checkpoint's form (the saved optimizer state
+# carries the flag)
+_SAME_ADAMW = frozenset({"adamw_torch", "adamw_torch_fused"})
+
+
 def _changed_settings(old: LoraRecipe, recipe: LoraRecipe) -> list[str]:
     """Settings that differ, data paths compared as absolute paths (a recipe built in Python may
-    name its data relative to the working folder; a saved recipe names it absolutely).
+    name its data relative to the working folder; a saved recipe names it absolutely). The two
+    forms of torch's AdamW (``adamw_torch``, ``adamw_torch_fused``) count as the same setting.
     ``pack_tokens`` left to the planner may be set on resume: each checkpoint records the rows it
     was trained on, and a resume planning other rows is refused (``training.resume``)."""
     cwd = os.getcwd()
@@ -535,6 +543,8 @@ def _changed_settings(old: LoraRecipe, recipe: LoraRecipe) -> list[str]:
     now = absolute_data_paths(recipe.to_dict(), cwd)
     if before.get("pack_tokens") is None:
         before["pack_tokens"] = now.get("pack_tokens")
+    if {before.get("optimizer"), now.get("optimizer")} <= _SAME_ADAMW:
+        before["optimizer"] = now.get("optimizer")  # one update; the checkpoint's state fits both
     return [k for k in before if k not in _RESUMABLE_CHANGES and before[k] != now[k]]
 
 

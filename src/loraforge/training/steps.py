@@ -639,6 +639,23 @@ def start_point(
     return start
 
 
+def optimizer_name(recipe: LoraRecipe, mixed: torch.dtype | None) -> str:
+    """The Trainer's ``optim`` for ``recipe`` under the autocast dtype ``mixed``: the recipe's,
+    except ``adamw_torch_fused`` under float16 loss scaling, where ``adamw_torch`` (the same
+    update) runs instead. There the fused optimizer applies the grad scaler's skips itself, so
+    accelerate does not see a skipped step and the Trainer would advance the learning-rate
+    schedule on it (huggingface/accelerate#4242)."""
+    import torch
+
+    if recipe.optimizer == "adamw_torch_fused" and mixed == torch.float16:
+        logger.info(
+            "optimizer: adamw_torch instead of adamw_torch_fused under float16 loss scaling "
+            "(a step the grad scaler skips must not advance the learning-rate schedule)"
+        )
+        return "adamw_torch"
+    return recipe.optimizer
+
+
 def build_trainer(
     recipe: LoraRecipe,
     out: Path,
@@ -678,7 +695,7 @@ def build_trainer(
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler,
         warmup_steps=layout.warmup_steps,
-        optim=recipe.optimizer,
+        optim=optimizer_name(recipe, mixed),
         weight_decay=recipe.weight_decay,
         max_grad_norm=recipe.max_grad_norm,
         seed=recipe.seed,
