@@ -93,9 +93,9 @@ def test_resume_mid_run_stops_exactly_at_max_steps(workdir, finished):
 
 def test_a_run_resumes_across_the_two_forms_of_adamw_and_goes_on_in_its_own(workdir, finished):
     """The recipe's default optimizer was ``adamw_torch`` before it became
-    ``adamw_torch_fused``: a run interrupted under one resumes under the other (here the
-    finished run, fused, resumed with ``adamw_torch``), going on in its checkpoint's form (the
-    same adapter as the uninterrupted run); any other optimizer is still a changed setting."""
+    ``adamw_torch_fused``: a run interrupted under one resumes under the other, both ways, going
+    on in its checkpoint's form (the same adapter as the uninterrupted run); any other optimizer
+    is still a changed setting."""
     assert recipe(workdir, "x").optimizer == "adamw_torch_fused"
     out = _interrupted_copy(finished, workdir / "cut-other-adamw", keep={2, 4})
     with pytest.raises(OutputDirError, match=r"different settings \(optimizer\)"):
@@ -103,6 +103,12 @@ def test_a_run_resumes_across_the_two_forms_of_adamw_and_goes_on_in_its_own(work
     result = train(recipe(workdir, "cut-other-adamw", optimizer="adamw_torch"), resume=True)
     assert result.metrics["steps"] == 10
     assert same(adapter(out), adapter(finished))
+    # the other way, as a run begun under the earlier default meets the current one
+    old = train(recipe(workdir, "old-default", optimizer="adamw_torch", max_steps=4)).output_dir
+    cut = _interrupted_copy(old, workdir / "old-default-cut", keep={2})
+    resumed = train(recipe(workdir, "old-default-cut", max_steps=4), resume=True)
+    assert resumed.metrics["steps"] == 4
+    assert same(adapter(cut), adapter(old))
 
 
 def test_lowered_max_steps_resumes_from_the_checkpoint_at_that_step(workdir, finished):

@@ -388,8 +388,14 @@ def test_nan_loss_on_the_packed_path_is_caught_as_a_loss(workdir):
     recipe = fast_recipe(
         workdir, "nanpacked", packing="on", pack_tokens=512, max_steps=3, overwrite_output_dir=True
     )
-    with pytest.raises(TrainingDivergedError, match=r"loss"):
+    with pytest.raises(TrainingDivergedError, match=r"loss") as info:
         train(recipe, callbacks=[Poison()])
+    # the packed row's examples (held as arrays) are traced back to their records, every one
+    err = info.value
+    report = json.loads(Path(err.batch_file).read_text(encoding="utf-8"))
+    assert report["rows"] and all(r["record_indices"] for r in report["rows"]), report
+    assert err.record_indices == report["record_indices"]
+    assert set(err.record_indices) <= set(range(len(RECORDS))) and err.step == 2
 
 
 def test_inference_falls_back_to_the_template_class_path(trained, tmp_path):

@@ -65,8 +65,9 @@ class PackedDataset:
     """A map-style dataset whose items are bins of examples (lists of feature dicts).
 
     The bins are packed once; their order is shuffled by the Trainer's sampler each epoch. Each
-    example's tokens and labels are held as an ``array("i")`` (4 bytes a token, and no object the
-    garbage collector has to scan for the length of the fit) rather than a list of ints.
+    example's tokens and labels are held as an ``array("i")`` rather than a list of ints: 4 bytes
+    a token, and one object an example that the garbage collector scans in constant time during
+    the fit (a list's every element is visited).
     """
 
     def __init__(self, dataset: Any, budget: int, *, seed: int = 0) -> None:
