@@ -200,13 +200,11 @@ def test_accumulation_equals_bigger_batch(workdir):
     assert any(w_a[k].abs().sum() > 0 for k in w_a if "lora_B" in k)
 
 
-def test_default_fused_adamw_gives_the_multi_tensor_adamw_update(workdir):
+def test_default_fused_adamw_gives_the_adamw_torch_update(workdir):
     """The default optimizer (``adamw_torch_fused``) against ``adamw_torch`` (on the CPU torch's
     single-tensor loop, on a GPU its multi-tensor form) over five steps with weight decay and
     clipping: the fused form is the one that runs, and the losses and adapter weights are the
     same to float32 rounding; the update is not nothing."""
-    from transformers import TrainerCallback
-
     assert LoraRecipe.__dataclass_fields__["optimizer"].default == "adamw_torch_fused"
 
     fused = []

@@ -527,10 +527,9 @@ _RESUMABLE_CHANGES = frozenset(
 
 # torch's AdamW in its two forms: the same update to float32 rounding, with the same optimizer
 # state. A run started under the recipe's earlier default (adamw_torch) resumes under the current
-# one (adamw_torch_fused), and back; it goes on in its checkpoint's form (the saved optimizer state
-# carries the flag). Under float16 loss scaling, where steps.optimizer_name picks adamw_torch, a
-# run only has fused checkpoints if it began at the one commit whose default was fused with no
-# such exception (acbbd62): it would go on fused
+# one (adamw_torch_fused), and back; it goes on in its checkpoint's form, since the saved optimizer
+# state carries the flag (so a fused checkpoint goes on fused even where steps.optimizer_name
+# would pick adamw_torch)
 _SAME_ADAMW = frozenset({"adamw_torch", "adamw_torch_fused"})
 
 
