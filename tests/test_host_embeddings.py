@@ -131,10 +131,18 @@ def test_host_embeddings_on_where_the_plan_cannot_is_a_recipe_error():
     unpacked = dataclasses.replace(plan, packing=False, pack_tokens=None)
     with pytest.raises(RecipeError, match="here packing is off"):
         host_embeddings_wanted(on, unpacked, _model(), card)
-    # planned, on the CPU, or not asked for: nothing to say
+    # checkpointed layers: PEFT hooks the input embedding (to give the first layer's input a
+    # gradient), and a hooked embedding cannot move
+    partial = dataclasses.replace(plan, gradient_checkpointing="partial", checkpoint_layers=3)
+    with pytest.raises(RecipeError, match=r"here gradient checkpointing is 'partial' \(PEFT"):
+        host_embeddings_wanted(on, partial, _model(), card)
+    # on the CPU, as cuda_graphs: on there
+    with pytest.raises(RecipeError, match="here this machine has no CUDA GPU"):
+        host_embeddings_wanted(on, plan, _model(), None)
+    # planned, or not asked for: nothing to say
     host_embeddings_wanted(on, dataclasses.replace(plan, host_embeddings=True), tied, card)
-    host_embeddings_wanted(on, plan, tied, None)
     host_embeddings_wanted(LoraRecipe(model="m", data="d"), plan, tied, card)
+    host_embeddings_wanted(LoraRecipe(model="m", data="d"), plan, tied, None)
 
 
 @pytest.mark.integration
@@ -217,3 +225,29 @@ def test_on_a_gpu_the_table_is_pinned_and_its_memory_freed():
     assert model.get_input_embeddings().weight.device == ids.device
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_the_models_state_during_the_fit_holds_the_real_table(tmp_path):
+    """While the stand-in is in place, the model's state dict holds the table under the
+    embedding's own name: a checkpoint PEFT writes with the embedding layers (as it does after
+    the vocabulary was resized) saves the real table, and loading a state copies into it."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    model = get_peft_model(_model(), LoraConfig(r=4, target_modules=["qkv_proj"]))
+    table = model.get_input_embeddings().weight.detach().clone()
+    name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    host = install_host_embeddings(model)
+    state = model.state_dict()
+    assert torch.equal(state[name + ".weight"], table)
+    model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=True)
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (kept,) = [v for k, v in saved.items() if "embed_tokens" in k]
+    assert torch.equal(kept, table)
+    changed = {name + ".weight": table + 1}
+    model.load_state_dict(changed, strict=False)
+    assert torch.equal(host.table, table + 1)
+    with pytest.raises(RuntimeError, match=r"input embedding table .* has shape"):
+        model.load_state_dict({name + ".weight": table[:3]}, strict=False)
+    host.restore()
+    assert torch.equal(model.get_input_embeddings().weight.detach().cpu(), table + 1)

@@ -909,3 +909,57 @@ def test_recomputed_mlps_keep_less_and_give_the_same_gradients_bit_for_bit(regim
         assert torch.equal(g, ref[n]), n
     assert fusion.recompute_mlps(part, 0) == 0
     assert not any(vars(layer.mlp)["forward"].recompute for layer in _layers(part))
+
+
+def test_train_recomputes_the_mlps_its_plan_names(tmp_path, monkeypatch, caplog):
+    """``train()`` applies the plan's ``recompute_mlps`` to the model it trains (logged), before
+    its first step, and the run's losses and adapter equal those of the run without it."""
+    import dataclasses
+    import logging
+
+    from safetensors.torch import load_file
+
+    import loraforge.training.steps as steps
+    from loraforge import train
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+
+    base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
+    real_plan, real_recompute = steps.plan_fast_path, steps.recompute_mlps
+    set_on: list[tuple[int, list[bool]]] = []
+
+    def recompute(model, count):
+        done = real_recompute(model, count)
+        flags = [
+            vars(m)["forward"].recompute
+            for m in model.modules()
+            if "mlp" in type(m).__name__.lower()
+        ]
+        set_on.append((done, flags))
+        return done
+
+    results = {}
+    for run in ("keep", "recompute"):
+        with monkeypatch.context() as m:
+            if run == "recompute":
+                m.setattr(
+                    steps,
+                    "plan_fast_path",
+                    lambda *a, **k: dataclasses.replace(real_plan(*a, **k), recompute_mlps=1),
+                )
+                m.setattr(steps, "recompute_mlps", recompute)
+            recipe = demo_recipe(
+                base, tmp_path / run, packing="on", pack_tokens=256, max_steps=3, logging_steps=1
+            )
+            with caplog.at_level(logging.INFO, logger="loraforge"):
+                results[run] = train(recipe)
+    assert set_on == [(1, [True, False])]
+    assert "MLPs: 1 recompute their gate_up output in the backward pass (planned 1)" in caplog.text
+    assert "1 MLPs recompute gate_up" in results["recompute"].metrics["fast_path"]
+    losses = {r: [h["loss"] for h in res.log_history if "loss" in h] for r, res in results.items()}
+    assert len(losses["keep"]) == 3 and losses["keep"] == losses["recompute"]
+    adapters = {
+        r: load_file(str(res.output_dir / "adapter_model.safetensors"))
+        for r, res in results.items()
+    }
+    for name, w in adapters["keep"].items():
+        assert torch.equal(adapters["recompute"][name], w), name

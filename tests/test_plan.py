@@ -422,6 +422,8 @@ def test_graphed_plans_under_the_measured_budgets():
         assert p[0] >= 2048 and p[1] in ("partial", "full") and not p[3], (why, p)
     assert plan(bf16) == (2048, "off", 0, True)
     assert plan(bf16, max_memory_gib=80) == (8192, "off", 0, True)
+    # short graphed rows on a 16-bit base: 1,024 tokens only (1,536 was measured on 4 bits)
+    assert plan(bf16, max_memory_gib=37) == (1024, "off", 0, True)
     # a row size set in the recipe is kept; checkpointing asked for: no graph
     assert plan(nf4, quantization="nf4", max_memory_gib=16, pack_tokens=2048)[0] == 2048
     assert plan(bf16, gradient_checkpointing="full")[3] is False
@@ -490,6 +492,12 @@ def test_host_embeddings_where_they_buy_a_longer_graphed_row():
         assert not plan(shape, **r).host_embeddings
         on = plan(shape, host_embeddings="on", **r)
         assert on.host_embeddings and on.estimated_bytes < plan(shape, **r).estimated_bytes
+    # a 16-bit base: auto never (measured on a 4-bit base only), whatever it would buy
+    assert not plan(bf16, max_memory_gib=38).host_embeddings
+    assert plan(bf16, max_memory_gib=38, host_embeddings="on").host_embeddings
+    # with layers checkpointed PEFT hooks the table: never planned there, even when asked for
+    full = plan(bf16, host_embeddings="on", gradient_checkpointing="full")
+    assert full.gradient_checkpointing == "full" and not full.host_embeddings
     # a tied table cannot move: the shape says so
     tied = dataclasses.replace(nf4, input_embedding_bytes=0)
     assert not plan(
@@ -666,6 +674,7 @@ def _time(plan: FastPlan, shape: ModelShape, quantized: bool = False) -> float:
         layers,
         quantized=quantized,
         graphed=plan.cuda_graphs,
+        recomputed_mlps=plan.recompute_mlps,
     )
 
 

@@ -212,10 +212,11 @@ class LoraRecipe:
     host_embeddings: Literal["auto", "on", "off"] = _f(
         "auto",
         "Keep the frozen input embedding table in the CPU's (pinned) memory during training and "
-        "gather each row's embeddings there (Phi-4: 0.96 GiB of GPU memory freed). 'auto' = "
-        "where the plan without it replays short rows from a CUDA graph and the memory lets the "
-        "planner choose rows it estimates faster (QLoRA on a 16 GB card: max_memory_gib 15 or "
-        "16); 'on' = wherever it can: one process on a GPU, packing, an untied nn.Embedding.",
+        "gather each row's embeddings there (Phi-4: 0.96 GiB of GPU memory freed). 'auto' = on "
+        "a 4-bit base, where the plan without it replays short rows from a CUDA graph and the "
+        "memory lets the planner choose a plan it estimates faster (QLoRA on a 16 GB card: "
+        "max_memory_gib 15 or 16); 'on' = wherever it can: one process on a GPU, packing, no "
+        "layer checkpointed, an untied nn.Embedding.",
     )
     max_memory_gib: float | None = _f(
         40.0, "GPU memory the automatic choices aim to stay under (None = the whole card)."

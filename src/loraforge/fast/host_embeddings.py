@@ -87,7 +87,9 @@ class _OnHost(torch.nn.Module):
     Its ``weight`` is an empty frozen parameter of the table's dtype on ``home``: the model's
     parameters keep their names, and what transformers reads from the first of them (the
     model's ``device`` and ``dtype``, from which e.g. the training's autocast is chosen) stays
-    what it was."""
+    what it was. Its state dict holds the table itself under ``weight`` (and loading one copies
+    into the table), so whatever saves the model's state during the fit (a checkpoint that PEFT
+    writes with the embedding layers, after the vocabulary was resized) saves the real table."""
 
     def __init__(self, original: torch.nn.Embedding, table: torch.Tensor, home: torch.device):
         super().__init__()
@@ -104,6 +106,34 @@ class _OnHost(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, in host memory"
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.table if keep_vars else self.table.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        value = state_dict[key]
+        if tuple(value.shape) != tuple(self.table.shape):
+            error_msgs.append(
+                f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the "
+                f"input embedding table (in host memory) has shape {tuple(self.table.shape)}"
+            )
+            return
+        with torch.no_grad():
+            self.table.copy_(value)
 
 
 @dataclass

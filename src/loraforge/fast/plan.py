@@ -24,8 +24,12 @@ base of dequantizing every weight in each pass, which longer rows spread over mo
 the decoder layers can replay from a CUDA graph (one process on a GPU, packing with varlen
 attention, ``grad_accum`` 1, no int8 base, ``cuda_graphs`` not ``off``; see
 [`loraforge.fast.graphs`][loraforge.fast.graphs]), a plan with no layer checkpointed pays far
-less for its launches, and, for examples of at most 512 tokens, 1,024-token rows with no layer
-checkpointed are tried too. DoRA,
+less for its launches, and rows shorter than 2,048 tokens are tried too: 1,024 tokens for
+examples of at most 512, and on a 4-bit base 1,536 for examples of at most 768, with no layer
+checkpointed but, on a 4-bit base, as many MLPs as they need recomputing their ``gate_up`` output
+(:func:`~loraforge.fast.fusion.recompute_mlps`). Where the plan would be such a short row, the
+input embedding table may be kept in host memory (``host_embeddings``; ``auto``: on a 4-bit
+base) if that lets the planner choose a plan it estimates faster. DoRA,
 whose count is verified on 2,048-token rows only, takes the fewest checkpointed layers, then the
 shorter row. If no pair fits, every layer is checkpointed on the shortest row. What a decoder
 layer keeps for the backward pass is counted from the shape
@@ -62,10 +66,10 @@ _ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
 # tried too where the decoder layers can replay from a CUDA graph, and only with no layer
 # checkpointed: eagerly such short rows are bound by the CPU (on an H200, QLoRA under a 16 GiB cap:
 # 1,024-token rows 7,346 tokens/s graphed, 3,419-4,026 eager; docs/benchmarks.md, session 7)
-# 1,536 too: on an H200 a 4-bit Phi-4's graphed rows (24 GiB cap, all fitting) ran at 7,866-7,898
-# tokens/s for 1,024 tokens, 7,795 for 1,152, 7,895-7,901 for 1,280, 7,942 for 1,408, 8,426-8,638
-# for 1,536 and 8,397 for 1,664 (docs/benchmarks.md, session 13): the matrix products' speed
-# depends on the row length, and 1,152-1,408 do not pay
+# 1,536 too, on a 4-bit base only: on an H200 a 4-bit Phi-4's graphed rows (24 GiB cap, all
+# fitting) ran at 7,866-7,898 tokens/s for 1,024 tokens, 7,795 for 1,152, 7,895-7,901 for 1,280,
+# 7,942 for 1,408, 8,426-8,638 for 1,536 and 8,397 for 1,664 (docs/benchmarks.md, session 13):
+# the matrix products' speed depends on the row length, and 1,152-1,408 do not pay
 _GRAPHED_ROWS = (1024, 1536)
 _CPU_ROW = 4096
 
@@ -344,10 +348,12 @@ def plan_fast_path(
             (``FastPlan.ungraphable``).
         movable_embeddings: the model's input embedding table may be kept in host memory
             ([`embedding_refusal`][loraforge.fast.host_embeddings.embedding_refusal] found no
-            reason against it). With one process on a GPU and packing, ``host_embeddings: on``
-            then plans without the table's GPU memory, and ``auto`` does so only where that lets
-            a longer row replay from a CUDA graph than the short graphed row planned without it
-            (a 4-bit Phi-4 under ``max_memory_gib: 16``).
+            reason against it). With one process on a GPU, packing and no layer checkpointed
+            (PEFT hooks the input embedding of a checkpointed model), ``host_embeddings: on``
+            then plans without the table's GPU memory, and ``auto`` does so only on a 4-bit base
+            where the plan without it is a short graphed row and the plan with it is estimated
+            faster (a 4-bit Phi-4 under ``max_memory_gib: 15`` or ``16``: fewer MLPs
+            recomputed, or a longer row).
 
     Returns:
         The [`FastPlan`][loraforge.fast.plan.FastPlan].
@@ -482,9 +488,12 @@ def _plan_one(
         return plan
     lighter = replace(shape, weight_bytes=shape.weight_bytes - moved)
     host = _plan_rows(recipe, lighter, *args[2:], graphs=graphs, ungraphable=ungraphable)
+    if host.gradient_checkpointing != "off":  # PEFT hooks the input embedding for checkpointing
+        return plan
     short = plan.cuda_graphs and (plan.pack_tokens or 0) < min(_ROWS)
     faster = host.cuda_graphs and _time(recipe, shape, host) < _time(recipe, shape, plan)
-    if recipe.host_embeddings == "auto" and not (short and faster):
+    measured = recipe.quantization == "nf4"  # auto only where it was measured to pay
+    if recipe.host_embeddings == "auto" and not (short and faster and measured):
         return plan
     return replace(
         host,
@@ -553,6 +562,8 @@ def _plan_rows(
         if graphs and not recipe.pack_tokens and not recipe.use_dora
         else []
     )
+    if recipe.quantization != "nf4":  # 1,536 tokens measured on a 4-bit base only
+        short = [t for t in short if t <= _GRAPHED_ROWS[0]]
     n = shape.num_hidden_layers
     m = 0  # MLPs recomputing their gate_up output
     if ckpt == "auto":

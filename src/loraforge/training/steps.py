@@ -613,20 +613,30 @@ def host_embeddings_wanted(
     device: DeviceInfo | None,
     targets: Sequence[str] = (),
 ) -> None:
-    """``host_embeddings: on`` where the plan does not keep the table in host memory on a GPU.
+    """``host_embeddings: on`` where the plan does not keep the table in host memory.
 
     Raises:
-        RecipeError: naming why (the model's embedding, packing, several processes).
+        RecipeError: naming why (no GPU, the model's embedding, packing, checkpointing, several
+            processes).
     """
-    if recipe.host_embeddings != "on" or device is None or plan.host_embeddings:
+    if recipe.host_embeddings != "on" or plan.host_embeddings:
         return
-    why = embedding_refusal(model, before_lora=True, targets=targets)
-    if why is None:
-        why = "packing is off" if not plan.packing else f"distributed is {plan.distributed!r}"
+    why = "this machine has no CUDA GPU" if device is None else None
+    why = why or embedding_refusal(model, before_lora=True, targets=targets)
+    if why is None and not plan.packing:
+        why = "packing is off"
+    elif why is None and plan.gradient_checkpointing != "off":
+        why = (
+            f"gradient checkpointing is {plan.gradient_checkpointing!r} (PEFT then hooks the "
+            "input embedding)"
+        )
+    elif why is None:
+        why = f"distributed is {plan.distributed!r}"
     raise RecipeError(
         [
-            f"host_embeddings: 'on' needs one process on a GPU, packing and an untied, frozen "
-            f"nn.Embedding input embedding; here {why}. Set host_embeddings: auto or off"
+            "host_embeddings: 'on' needs one process on a GPU, packing, no layer checkpointed "
+            f"and an untied, frozen nn.Embedding input embedding; here {why}. Set "
+            "host_embeddings: auto or off"
         ]
     )
 

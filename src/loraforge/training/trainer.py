@@ -180,8 +180,9 @@ def train(
         graphs = install_graphs(model, batches, plan)  # replayed from a CUDA graph, if planned
         samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
         extra = [*callbacks, *([samples] if samples else [])]
-        batches, host = embeddings_to_host(model, batches, plan)  # if planned
+        host = None
         try:
+            batches, host = embeddings_to_host(model, batches, plan)  # if planned
             trainer = build_trainer(  # 9
                 recipe, out, model, batches, detach, fingerprint, extra, plan, ranks
             )
