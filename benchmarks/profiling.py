@@ -672,3 +672,56 @@ def python_profile_callback(start: int, steps: int = 3, top: int = 45):
             self.prof = None
 
     return PyProfile()
+
+
+def memory_snapshot_callback(at: int, out: Path):
+    """Record the CUDA caching allocator's history from the start of training and, at the end of
+    optimizer step ``at``, write its snapshot (``torch.cuda.memory._dump_snapshot``, gzipped) to
+    ``out/memory-snapshot.pickle.gz`` (``out`` is made if missing) and print a summary: reserved and allocated bytes per memory
+    pool (CUDA graph pools apart), the largest free gaps, and the largest allocated blocks."""
+    import gzip
+    import pickle
+
+    import torch
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            torch.cuda.memory._record_memory_history(max_entries=300_000)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step != at:
+                return
+            torch.cuda.synchronize()
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"memory-snapshot-{os.getpid()}.pickle.gz"
+            with gzip.open(path, "wb") as f:
+                pickle.dump(snap, f)
+            pools: dict = {}
+            for seg in snap["segments"]:
+                key = str(seg.get("segment_pool_id", "?"))
+                p = pools.setdefault(key, [0, 0, 0, []])
+                p[0] += seg["total_size"]
+                p[1] += seg["allocated_size"]
+                p[2] += 1
+                free = [b["size"] for b in seg["blocks"] if b["state"] != "active_allocated"]
+                p[3] += free
+            g = 2**30
+            stats = torch.cuda.memory_stats()
+            print(
+                f"MEMSNAP step {at}: reserved {stats['reserved_bytes.all.current'] / g:.2f} GiB,"
+                f" allocated {stats['allocated_bytes.all.current'] / g:.2f} GiB, peak allocated"
+                f" {stats['allocated_bytes.all.peak'] / g:.2f}, peak reserved"
+                f" {stats['reserved_bytes.all.peak'] / g:.2f}; snapshot {path}"
+            )
+            for key, (tot, alloc, n, free) in sorted(pools.items(), key=lambda kv: -kv[1][0]):
+                big = sorted(free, reverse=True)[:5]
+                print(
+                    f"MEMSNAP pool {key}: {n} segments, reserved {tot / g:.2f} GiB, allocated "
+                    f"{alloc / g:.2f}, free {(tot - alloc) / g:.2f} (largest free "
+                    f"{', '.join(f'{b / 2**20:.0f}' for b in big)} MiB)"
+                )
+
+    return Snapshot()

@@ -745,6 +745,10 @@ def run_loraforge(
         from profiling import python_profile_callback
 
         callbacks.append(python_profile_callback(warmup))
+    if os.environ.get("LORAFORGE_MEMSNAP"):  # a folder: the allocator's snapshot after warm-up
+        from profiling import memory_snapshot_callback
+
+        callbacks.append(memory_snapshot_callback(warmup, Path(os.environ["LORAFORGE_MEMSNAP"])))
     res = train(recipe, model=model, tokenizer=tok, callbacks=callbacks)
     result = meter.result()
     result["fast_path"] = res.metrics["fast_path"] + (
@@ -1065,7 +1069,7 @@ def main() -> None:
             plan += [x for x in stdout.splitlines() if x.startswith("unsloth checkpoint")]
         if plan:  # what the run chose: fast path, fused layers and their check, RoPE, loss
             print("\n".join(f"  {x[:400]}" for x in plan[-12:]), flush=True)
-        prof = [x for x in stdout.splitlines() if x.startswith(("PROFILE", "PYPROFILE"))]
+        prof = [x for x in stdout.splitlines() if x.startswith(("PROFILE", "PYPROFILE", "MEMSNAP"))]
         if prof:
             print("\n".join(prof[:400]), flush=True)
         r = json.loads(line[7:])

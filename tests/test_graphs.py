@@ -797,3 +797,32 @@ def test_the_chunked_head_check_is_not_padded_to_the_graphs_shape(segmented):
     assert verdict is True  # the tiny Phi-3's logits are lm_head(hidden)
     # the check runs where the model's weights are, whatever the process's device says
     assert head_detachable(model, batches, Ranks(device="cuda:0")) is verdict
+
+
+def test_recomputing_mlps_train_the_same_through_the_graph_and_a_later_change_is_seen(
+    monkeypatch, segmented
+):
+    """MLPs that recompute their gate_up output (``recompute_mlps``, set before the capture, as
+    ``train()`` does) train through the graph what the lean layers train keeping it; a change of
+    that choice after the capture turns the graph off like any other change it baked in."""
+    from loraforge.fast.fusion import recompute_mlps
+    from loraforge.fast.lora_ops import fuse_lora_forward
+
+    plain = _model()
+    fuse_lora_forward(plain)
+    model = copy.deepcopy(plain)
+    assert recompute_mlps(model, 2) == 2
+    capture = _FakeCapture()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    graphs, _ = install_layer_graphs(
+        model, tokens=TOKENS, segments=3, max_length=TOKENS, autocast_dtype=None
+    )
+    assert graphs is not None
+    monkeypatch.setattr(graphs, "device_type", "cpu")
+    for seed in (0, 1):  # the capture, then a replay
+        _same(_loss_and_grads(model, _batch(seed=seed)), _loss_and_grads(plain, _batch(seed=seed)))
+    assert (graphs.replays, graphs.status) == (2, "captured")
+    assert recompute_mlps(model, 0) == 0
+    _same(_loss_and_grads(model, _batch(seed=2)), _loss_and_grads(plain, _batch(seed=2)))
+    assert graphs.status.startswith("off: the layers' parameters, adapters or modes changed")
+    assert graphs.replays == 2

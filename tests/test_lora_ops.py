@@ -865,3 +865,101 @@ def test_the_lora_products_equal_their_plain_forms(dtype):
         with Ops() as ops:
             got = lowrank.scaled_mm(a, b_, 2.5)
         assert ops.names == want and got.shape == ref.shape, (device, ops.names)
+
+
+@pytest.mark.parametrize("regime", [None, torch.bfloat16])
+def test_recomputed_mlps_keep_less_and_give_the_same_gradients_bit_for_bit(regime):
+    """``recompute_mlps``: the first MLPs recompute their gate_up output in the backward pass;
+    they keep it no longer (only x, the rank-r products and the dropout's seeds), and the loss
+    and every gradient equal the run that keeps it, bit for bit (same dropout seeds), in float32
+    and under bfloat16 autocast (the Trainer's bf16)."""
+    fused = _lora(0.1, torch.bfloat16 if regime else torch.float32)
+    lora_ops.fuse_lora_forward(fused, autocast_dtype=regime)
+    part = copy.deepcopy(fused)
+    assert fusion.recompute_mlps(part, 1) == 1
+    flags = [vars(layer.mlp)["forward"].recompute for layer in _layers(part)]
+    assert flags == [True, False]
+    assert fusion.recompute_mlps(copy.deepcopy(fused), 5) == 2  # as many as there are
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        fusion.recompute_mlps(part, -1)
+
+    def mixed():
+        return torch.autocast("cpu", dtype=regime, enabled=regime is not None)
+
+    hidden, inter = fused.config.hidden_size, fused.config.intermediate_size
+    x = torch.randn(1, 256, hidden, dtype=regime or torch.float32, requires_grad=True)
+    with mixed():
+        kept = _saved_bytes(_layers(fused)[0].mlp, x)
+        lighter = _saved_bytes(_layers(part)[0].mlp, x)
+    e = 2 if regime else 4
+    assert kept - lighter == 256 * 2 * inter * e, (kept, lighter)  # the gate_up output
+    for model in (fused, part):  # the measurement's own gradients (other dropout seeds) dropped
+        model.zero_grad(set_to_none=True)
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model in (fused, part):
+        torch.manual_seed(11)
+        with mixed():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    ref = _grads(fused)
+    for n, g in _grads(part).items():
+        assert torch.equal(g, ref[n]), n
+    assert fusion.recompute_mlps(part, 0) == 0
+    assert not any(vars(layer.mlp)["forward"].recompute for layer in _layers(part))
+
+
+def test_train_recomputes_the_mlps_its_plan_names(tmp_path, monkeypatch, caplog):
+    """``train()`` applies the plan's ``recompute_mlps`` to the model it trains (logged), before
+    its first step, and the run's losses and adapter equal those of the run without it."""
+    import dataclasses
+    import logging
+
+    from safetensors.torch import load_file
+
+    import loraforge.training.steps as steps
+    from loraforge import train
+    from loraforge.demo import demo_recipe, prepare_tiny_base
+
+    base = prepare_tiny_base(tmp_path / "base", hidden_size=64)
+    real_plan, real_recompute = steps.plan_fast_path, steps.recompute_mlps
+    set_on: list[tuple[int, list[bool]]] = []
+
+    def recompute(model, count):
+        done = real_recompute(model, count)
+        flags = [
+            vars(m)["forward"].recompute
+            for m in model.modules()
+            if "mlp" in type(m).__name__.lower()
+        ]
+        set_on.append((done, flags))
+        return done
+
+    results = {}
+    for run in ("keep", "recompute"):
+        with monkeypatch.context() as m:
+            if run == "recompute":
+                m.setattr(
+                    steps,
+                    "plan_fast_path",
+                    lambda *a, **k: dataclasses.replace(real_plan(*a, **k), recompute_mlps=1),
+                )
+                m.setattr(steps, "recompute_mlps", recompute)
+            recipe = demo_recipe(
+                base, tmp_path / run, packing="on", pack_tokens=256, max_steps=3, logging_steps=1
+            )
+            with caplog.at_level(logging.INFO, logger="loraforge"):
+                results[run] = train(recipe)
+    assert set_on == [(1, [True, False])]
+    assert "MLPs: 1 recompute their gate_up output in the backward pass (planned 1)" in caplog.text
+    assert "1 MLPs recompute gate_up" in results["recompute"].metrics["fast_path"]
+    losses = {r: [h["loss"] for h in res.log_history if "loss" in h] for r, res in results.items()}
+    assert len(losses["keep"]) == 3 and losses["keep"] == losses["recompute"]
+    adapters = {
+        r: load_file(str(res.output_dir / "adapter_model.safetensors"))
+        for r, res in results.items()
+    }
+    for name, w in adapters["keep"].items():
+        assert torch.equal(adapters["recompute"][name], w), name

@@ -378,13 +378,18 @@ def test_qlora_under_16_gib_packs_longer_rows_than_its_checkpointing_alone_would
     checkpointed over 2,048-token rows with fewer (on an H200 capped at 16 GiB, 8,192-token rows
     with every layer recomputed ran 1.39x as fast as 2,048-token rows with 28 of 40)."""
     shape, kw = _nf4_phi4(), dict(longest_example=700, supervised_fraction=0.3)
-    plan = plan_fast_path(_recipe(quantization="nf4", max_memory_gib=15), shape, H200, **kw)
-    short = plan_fast_path(
-        _recipe(quantization="nf4", max_memory_gib=15, pack_tokens=2048), shape, H200, **kw
-    )
+    eager = {"quantization": "nf4", "max_memory_gib": 15, "cuda_graphs": "off"}
+    plan = plan_fast_path(_recipe(**eager), shape, H200, **kw)
+    short = plan_fast_path(_recipe(**eager, pack_tokens=2048), shape, H200, **kw)
     assert plan.fits and short.fits and plan.pack_tokens > short.pack_tokens == 2048
     assert plan.checkpoint_layers > short.checkpoint_layers > 0
     assert _time(plan, shape, quantized=True) < _time(short, shape, quantized=True)
+    assert plan.recompute_mlps == short.recompute_mlps == 0  # eager rows recompute no MLP
+    # where the layers can replay from a graph, 1,536-token rows with no layer checkpointed and
+    # MLPs recomputing their gate_up output are estimated faster than either
+    graphed = plan_fast_path(_recipe(**(eager | {"cuda_graphs": "auto"})), shape, H200, **kw)
+    assert (graphed.pack_tokens, graphed.checkpoint_layers, graphed.cuda_graphs) == (1536, 0, True)
+    assert 0 < graphed.recompute_mlps < 40 and graphed.fits
     # with room for every layer's activations, 2,048-token rows recompute nothing: chosen
     roomy = plan_fast_path(_recipe(quantization="nf4", max_memory_gib=22), shape, H200, **kw)
     assert (roomy.pack_tokens, roomy.gradient_checkpointing) == (2048, "off") and roomy.fits
@@ -404,14 +409,21 @@ def test_graphed_plans_under_the_measured_budgets():
 
     assert plan(nf4, quantization="nf4", max_memory_gib=16) == (1024, "off", 0, True)
     assert plan(nf4, quantization="nf4", max_memory_gib=22) == (2048, "off", 0, True)
-    # 1,024-token rows with nothing recomputed do not fit 15 GiB (15.9 estimated): eager plan
-    assert plan(nf4, quantization="nf4", max_memory_gib=15) == (4096, "partial", 38, False)
+    # 1,024-token rows with nothing recomputed do not fit 15 GiB (15.9 estimated): with 13 of
+    # the 40 MLPs recomputing their gate_up output they do (before session 13: 4,096-token rows
+    # with 38 layers checkpointed, eager)
+    assert plan(nf4, quantization="nf4", max_memory_gib=15) == (1024, "off", 0, True)
+    p15 = plan_fast_path(_recipe(quantization="nf4", max_memory_gib=15), nf4, H200, **kw)
+    assert p15.recompute_mlps == 13 and p15.fits
+    assert "13 MLPs recompute gate_up" in p15.describe()
     # without graphs, short rows are never tried (eagerly they are bound by the CPU)
     for why in ({"cuda_graphs": "off"}, {"grad_accum": 2}, {"attention": "sdpa"}):
         p = plan(nf4, quantization="nf4", max_memory_gib=16, **why)
         assert p[0] >= 2048 and p[1] in ("partial", "full") and not p[3], (why, p)
     assert plan(bf16) == (2048, "off", 0, True)
     assert plan(bf16, max_memory_gib=80) == (8192, "off", 0, True)
+    # short graphed rows on a 16-bit base: 1,024 tokens only (1,536 was measured on 4 bits)
+    assert plan(bf16, max_memory_gib=37) == (1024, "off", 0, True)
     # a row size set in the recipe is kept; checkpointing asked for: no graph
     assert plan(nf4, quantization="nf4", max_memory_gib=16, pack_tokens=2048)[0] == 2048
     assert plan(bf16, gradient_checkpointing="full")[3] is False
@@ -421,13 +433,13 @@ def test_graphed_plans_under_the_measured_budgets():
     # checkpointing off but 2,048-token rows do not fit: the graphed 1,024-token rows do
     off = plan(nf4, quantization="nf4", max_memory_gib=16, gradient_checkpointing="off")
     assert off == (1024, "off", 0, True)
-    # 1,024-token rows only for examples of at most 512 tokens (a half-empty graphed row costs
-    # a full one's compute)
-    for longest, graphed in ((512, True), (513, False)):
+    # 1,024-token rows only for examples of at most 512 tokens, 1,536 for at most 768 (a
+    # half-empty graphed row costs a full one's compute); longer examples: eager rows
+    for longest, rows in ((512, 1024), (513, 1536), (768, 1536), (769, 6144)):
         p = plan_fast_path(
             _recipe(quantization="nf4", max_memory_gib=16), nf4, H200, longest_example=longest
         )
-        assert (p.pack_tokens == 1024) == graphed == p.cuda_graphs, (longest, p)
+        assert p.pack_tokens == rows and p.cuda_graphs == (rows < 2048), (longest, p)
 
 
 def test_a_float32_model_gets_sdpa_not_flash_attention():
@@ -450,6 +462,55 @@ def test_a_float32_model_gets_sdpa_not_flash_attention():
     with pytest.raises(RecipeError, match=r"attention: 'varlen' .* 32-bit floats"):
         check_environment(varlen.replace(dtype="float32"), H200)
     check_environment(varlen.replace(dtype="bfloat16"), H200)
+
+
+def test_host_embeddings_where_they_buy_a_longer_graphed_row():
+    """A 4-bit Phi-4 under 16 GiB: 1,024-token graphed rows; with its input embedding table
+    (0.96 GiB) in host memory the planner fits 1,536-token rows with 14 MLPs recomputing their
+    gate_up output (with the table on the GPU they would need 23, estimated slower than the
+    1,024-token rows). ``auto`` takes that only where the plan without it is a short graphed row
+    and the one with it is estimated faster; ``on`` plans with the table in host memory wherever
+    it can; ``off``, a tied or otherwise unmovable table, several processes or the CPU never."""
+    nf4, bf16 = _nf4_phi4(), SHAPES["phi-4"]
+    assert nf4.input_embedding_bytes == 100352 * 5120 * 2
+    kw = dict(longest_example=384, supervised_fraction=0.3)
+
+    def plan(shape, movable=True, **r):
+        return plan_fast_path(_recipe(**r), shape, H200, movable_embeddings=movable, **kw)
+
+    small = plan(nf4, quantization="nf4", max_memory_gib=16)
+    assert (small.pack_tokens, small.cuda_graphs, small.host_embeddings) == (1536, True, True)
+    assert small.recompute_mlps == 14 and small.fits
+    assert "input embeddings in host memory (0.96 GiB)" in small.describe()
+    for unmoved in (
+        plan(nf4, movable=False, quantization="nf4", max_memory_gib=16),
+        plan(nf4, quantization="nf4", max_memory_gib=16, host_embeddings="off"),
+    ):
+        assert (unmoved.pack_tokens, unmoved.host_embeddings) == (1024, False)
+    # auto: nothing gained where the rows are not short graphed ones (24 GiB, bf16's default)
+    for shape, r in ((nf4, {"quantization": "nf4", "max_memory_gib": 22}), (bf16, {})):
+        assert not plan(shape, **r).host_embeddings
+        on = plan(shape, host_embeddings="on", **r)
+        assert on.host_embeddings and on.estimated_bytes < plan(shape, **r).estimated_bytes
+    # a 16-bit base: auto never (measured on a 4-bit base only), whatever it would buy
+    assert not plan(bf16, max_memory_gib=38).host_embeddings
+    assert plan(bf16, max_memory_gib=38, host_embeddings="on").host_embeddings
+    # with layers checkpointed PEFT hooks the table: never planned there, even when asked for
+    full = plan(bf16, host_embeddings="on", gradient_checkpointing="full")
+    assert full.gradient_checkpointing == "full" and not full.host_embeddings
+    # a tied table cannot move: the shape says so
+    tied = dataclasses.replace(nf4, input_embedding_bytes=0)
+    assert not plan(
+        tied, quantization="nf4", max_memory_gib=16, host_embeddings="on"
+    ).host_embeddings
+    # several processes, packing off, the CPU
+    two = plan_fast_path(
+        _recipe(host_embeddings="on"), bf16, H200, processes=2, movable_embeddings=True, **kw
+    )
+    assert not two.host_embeddings
+    assert not plan(bf16, host_embeddings="on", packing="off", batch_size=4).host_embeddings
+    cpu = plan_fast_path(_recipe(host_embeddings="on"), bf16, None, movable_embeddings=True, **kw)
+    assert not cpu.host_embeddings
 
 
 def test_the_planners_graphs_are_the_runs_graphs(monkeypatch):
@@ -613,6 +674,7 @@ def _time(plan: FastPlan, shape: ModelShape, quantized: bool = False) -> float:
         layers,
         quantized=quantized,
         graphed=plan.cuda_graphs,
+        recomputed_mlps=plan.recompute_mlps,
     )
 
 

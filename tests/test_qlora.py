@@ -90,6 +90,23 @@ def test_lean_functions_on_nf4_equal_peft_qlora(base):
     assert not report.fallback_calls
 
 
+def test_recomputed_mlps_on_nf4_give_the_same_gradients_bit_for_bit(base):
+    """On a 4-bit base the recomputed MLP dequantizes ``gate_up``'s weight in its backward pass
+    and computes the output again: the same loss and gradients as the MLP that keeps it."""
+    from loraforge.fast.fusion import recompute_mlps
+
+    model = qlora_model(base)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(model.device)  # on a GPU machine the quantized model loads onto the GPU
+    apply_lean_functions(model)
+    want_loss, want = loss_and_grads(model, ids)
+    assert recompute_mlps(model, 2) == 2
+    got_loss, got = loss_and_grads(model, ids)
+    assert torch.equal(got_loss, want_loss)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_backward_dequantizes_again_and_keeps_no_dense_weight(base):
     """The 4-bit function keeps the packed weight, never a dequantized copy, for backward."""
     from loraforge.fast.lora_ops import lora_linear

@@ -430,7 +430,16 @@ def test_validate_shows_the_plan_for_a_smaller_card_from_the_config(workdir, phi
     out = capsys.readouterr().out
     plan = next(line for line in out.splitlines() if line.strip().startswith("plan:"))
     assert "on a 16 GiB GPU (8.5 GiB of weights in bfloat16, nf4" in plan
-    assert "max_length=384" in plan and "4096 tokens/row" in plan and "38 layers" in plan
+    # what a run would plan there: 1,024-token graphed rows with the input embedding table in
+    # host memory (the config's untied table is taken to be movable)
+    assert "max_length=384" in plan and "1024 tokens/row" in plan and "checkpointing off" in plan
+    assert "input embeddings in host memory (0.96 GiB)" in plan
+    # with eager layers: 4,096-token rows with 38 layers checkpointed
+    eager = ["--set", "cuda_graphs=off"]
+    main(["validate", str(recipe), "--gpu-gib", "16", "--set", "max_memory_gib=15", *eager])
+    out = capsys.readouterr().out
+    plan = next(line for line in out.splitlines() if line.strip().startswith("plan:"))
+    assert "4096 tokens/row" in plan and "38 layers" in plan
     # the recipe fixes rows the estimate puts over the budget: said, and the run may still fit
     fixed = ["--set", "pack_tokens=8192", "--set", "gradient_checkpointing=full"]
     assert (

@@ -242,7 +242,9 @@ def _card(gib: float | None, here: Any) -> Any:
 
 def _plan_lines(recipe: Any, config: Path, card: Any, problems: list[str]) -> list[str]:
     """The fast path's plan for ``card`` from the model's config alone (no weights), with rows
-    sized for examples of up to ``max_length`` tokens and every token counted as supervised."""
+    sized for examples of up to ``max_length`` tokens and every token counted as supervised; an
+    untied input embedding is taken to be a plain ``nn.Embedding`` that may move to host memory
+    (``host_embeddings``), as in transformers' decoder models."""
     from transformers import AutoConfig
 
     from loraforge.fast.plan import over_budget_advice, plan_fast_path
@@ -257,7 +259,9 @@ def _plan_lines(recipe: Any, config: Path, card: Any, problems: list[str]) -> li
             dtype,
             quantization=recipe.quantization,
         )
-        plan = plan_fast_path(recipe, shape, card, longest_example=recipe.max_length)
+        plan = plan_fast_path(
+            recipe, shape, card, longest_example=recipe.max_length, movable_embeddings=True
+        )
     except LoraForgeError as exc:  # the weights leave nothing under the budget, and the like
         problems.append(f"plan on {card.name}: {exc}")
         return []

@@ -19,10 +19,19 @@ _DEQUANT_TOKENS = 160  # each row's cost of dequantizing a 4-bit model once, the
 # graph, 2,048-token rows ran at 0.98x the rate of 8,192-token rows (bf16, one invocation), so a
 # graphed row's fixed cost is small; on a 4-bit base the dequantization stays (GPU work)
 _GRAPHED_ROW_TOKENS = 60
+# a recomputed MLP's extra time: gate_up's forward product again, 2·h·2i of a layer's
+# 4·(h(2q+2k) + 3hi) base compute (Phi-4: 0.269 of a decoder layer's step)
+_MLP_RECOMPUTE_SHARE = 0.27
 
 
 def relative_time(
-    tokens: int, checkpointed: int, layers: int, *, quantized: bool = False, graphed: bool = False
+    tokens: int,
+    checkpointed: int,
+    layers: int,
+    *,
+    quantized: bool = False,
+    graphed: bool = False,
+    recomputed_mlps: int = 0,
 ) -> float:
     """Estimated time per token of rows of ``tokens`` with ``checkpointed`` of ``layers``
     decoder layers checkpointed, against the compute of a token with none (1.0).
@@ -33,8 +42,10 @@ def relative_time(
     every weight is dequantized once in the forward, once in the backward and once more in a
     recomputed forward (about 160 tokens' worth a pass over the model). With ``graphed`` (the
     decoder layers replayed from a CUDA graph, which needs no layer checkpointed) the launches
-    cost about 60 tokens' worth a row instead of 500. The constants come from rows measured on an
-    H200; only the order of the plans matters to the planner.
+    cost about 60 tokens' worth a row instead of 500. Each of ``recomputed_mlps`` MLPs computing
+    its ``gate_up`` output again in the backward pass costs that product again (``0.27`` of a
+    layer's step). The constants come from rows measured on an H200; only the order of the plans
+    matters to the planner.
 
     Raises:
         ValueError: ``tokens`` is not positive, ``checkpointed`` is not within ``layers``, or
@@ -50,10 +61,12 @@ def relative_time(
         >>> graphed < relative_time(4096, 38, 40, quantized=True)
         True
     """
-    if tokens <= 0 or layers < 0 or not 0 <= checkpointed <= max(layers, 0):
+    bad_mlps = not 0 <= recomputed_mlps <= max(layers - checkpointed, 0)
+    if tokens <= 0 or layers < 0 or not 0 <= checkpointed <= max(layers, 0) or bad_mlps:
         raise ValueError(
-            f"relative_time: tokens must be positive and 0 <= checkpointed <= layers; got "
-            f"tokens={tokens}, checkpointed={checkpointed}, layers={layers}"
+            f"relative_time: tokens must be positive, 0 <= checkpointed <= layers and "
+            f"0 <= recomputed_mlps <= layers - checkpointed; got tokens={tokens}, "
+            f"checkpointed={checkpointed}, recomputed_mlps={recomputed_mlps}, layers={layers}"
         )
     if graphed and checkpointed:
         raise ValueError(
@@ -61,6 +74,7 @@ def relative_time(
             f"checkpointed={checkpointed}"
         )
     share = checkpointed / layers if layers else 0.0
+    mlps = _MLP_RECOMPUTE_SHARE * recomputed_mlps / layers if layers else 0.0
     launches = _GRAPHED_ROW_TOKENS if graphed else _ROW_TOKENS * (1 + share)
     per_row = launches + (_DEQUANT_TOKENS * (2 + share) if quantized else 0.0)
-    return 1 + _RECOMPUTE_SHARE * share + per_row / tokens
+    return 1 + _RECOMPUTE_SHARE * share + mlps + per_row / tokens

@@ -456,6 +456,7 @@ class _FusedMLP(_Installed):
     ):
         super().__init__(module, report, label)
         self.plans = plans
+        self.recompute = False  # set by recompute_mlps: gate_up's output recomputed, not kept
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         mlp: Any = self.module
@@ -479,7 +480,9 @@ class _FusedMLP(_Installed):
         adapters = (self.plans[0].adapter, self.plans[1].adapter)
         regime = self.plans[0].regime
         with current_device_of(x):  # Triton launches on the current device
-            return lora_ops.lora_mlp(mlp, adapters, regime, x, tuple(weights), tuple(masks))
+            return lora_ops.lora_mlp(
+                mlp, adapters, regime, x, tuple(weights), tuple(masks), self.recompute
+            )
 
 
 class _LeanNorm(_Installed):
@@ -510,6 +513,23 @@ def uninstall(model: nn.Module, groups: tuple[str, ...]) -> int:
             del module.forward
             n += 1
     return n
+
+
+def recompute_mlps(model: nn.Module, count: int) -> int:
+    """Have the first ``count`` fused SwiGLU MLPs of ``model`` (in module order) recompute their
+    ``gate_up`` output in the backward pass instead of keeping it, and the others keep it
+    (:class:`~loraforge.fast.lora_ops.LoraSwiGLUFunction`); returns how many recompute. Set it
+    before any CUDA graph of the layers is captured: a graph replays what it captured.
+
+    Raises:
+        ValueError: ``count`` is negative.
+    """
+    if count < 0:
+        raise ValueError(f"recompute_mlps: count must be >= 0, got {count}")
+    fused = [f for m in model.modules() if isinstance(f := vars(m).get("forward"), _FusedMLP)]
+    for i, forward in enumerate(fused):
+        forward.recompute = i < count
+    return min(count, len(fused))
 
 
 def fused_adapter_weights(module: nn.Module) -> list[torch.Tensor]:

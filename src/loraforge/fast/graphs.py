@@ -138,6 +138,7 @@ class _Stack(torch.nn.Module):
 
 _TRAINING = operator.attrgetter("training")
 _FORWARD = operator.methodcaller("get", "forward")  # of a module's __dict__: one set on it
+_RECOMPUTE = operator.attrgetter("recompute")  # of a fused MLP's forward (recompute_mlps)
 
 
 def _slot_dicts(m: torch.nn.Module) -> tuple[dict[Any, Any], ...]:
@@ -338,7 +339,8 @@ class LayerGraphs:
     # ------------------------------------------------------------------ capture and checks
     def _fingerprint(self) -> tuple[Any, ...]:
         """What the graph baked in: the layers' parameter objects, where they live and which are
-        trained; each LoRA layer's adapter state, scaling and dropout; each module's mode.
+        trained; each LoRA layer's adapter state, scaling and dropout; each module's mode; each
+        fused MLP's choice to recompute its ``gate_up`` output.
 
         Checked before every replay, so it reads flat lists made at the capture rather than
         walking the module tree (``parameters()``/``modules()`` on Phi-4's 2,000 modules of 40
@@ -352,6 +354,7 @@ class LayerGraphs:
         modules = (
             tuple(map(_TRAINING, self._module_list)),
             tuple(map(id, map(_FORWARD, self._instance_dicts))),
+            tuple(map(_RECOMPUTE, self._recomputing)),  # recompute_mlps, on the same forwards
             tuple(map(len, slots)),
             tuple(map(len, self._hook_dicts)),
             tuple(map(id, itertools.chain.from_iterable(map(dict.values, slots)))),
@@ -422,6 +425,11 @@ class LayerGraphs:
         self._param_list = list(stack.parameters())
         self._module_list = [m for layer in self.layers for m in layer.modules()]
         self._instance_dicts = [vars(m) for m in self._module_list]
+        # installed forwards with a recompute choice (the fused MLPs'): a new forward object
+        # changes the ids above; a changed choice on the same one, this list's values
+        self._recomputing = [
+            f for d in self._instance_dicts if hasattr(f := d.get("forward"), "recompute")
+        ]
         self._slot_dicts = [d for m in self._module_list for d in _slot_dicts(m)]
         self._hook_dicts = [d for m in self._module_list for d in _hook_dicts(m)]
         self._trainable = [p for p in self._param_list if p.requires_grad]

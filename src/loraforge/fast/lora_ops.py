@@ -157,7 +157,7 @@ def _lora_down(
 
 def _lora_backward(
     grad: torch.Tensor,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     zs: torch.Tensor,
     weight: torch.Tensor,
     lora_a: torch.Tensor,
@@ -170,7 +170,8 @@ def _lora_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``x W^T + ((x * mask) A^T * coef) B^T`` for x, A and B (2-D tensors); the
     mask is ``(p, seed, bits)``: read from ``bits`` or drawn again from ``seed``. With
-    ``masked``, ``x`` is given already times the mask (and is read only for A's gradient)."""
+    ``masked``, ``x`` is given already times the mask (and is read only for A's gradient; it
+    may be ``None`` where that is not asked for)."""
     need_x, need_a, need_b = need
     p, seed, bits = mask
     grad_b = grad.t().mm(zs) if need_b else None
@@ -178,6 +179,7 @@ def _lora_backward(
     if need_x or need_a:
         gz = lowrank.scaled_mm(grad, lora_b, coef)
         if need_a:
+            assert x is not None
             grad_a = gz.t().mm(x if masked else keep(x, p, seed, bits))
         if need_x:
             if p > 0.0 and bits is None:  # no bits (no GPU kernel): the mask drawn again
@@ -235,7 +237,14 @@ class LoraLinearFunction(torch.autograd.Function):
 class LoraSwiGLUFunction(torch.autograd.Function):
     """``down(swiglu(gate_up(x)))`` with LoRA on both projections, keeping ``x``, the ``gate_up``
     output and (on the GPU) the dropout masks as bits; the SwiGLU activation is recomputed. The
-    base weights are tensors or 4-bit, as for :class:`LoraLinearFunction`."""
+    base weights are tensors or 4-bit, as for :class:`LoraLinearFunction`.
+
+    With ``recompute``, the ``gate_up`` output (2 x ``intermediate_size`` per token, most of
+    what a decoder layer keeps) is not kept: the backward pass computes it again from ``x``,
+    the kept rank-r product and ``W1`` (on a 4-bit base ``W1`` is dequantized there anyway), with
+    the forward's own kernels, so the gradients are bit for bit those without it. It costs one
+    ``gate_up`` product per backward pass; the planner chooses it where the memory buys a longer
+    row (``FastPlan.recompute_mlps``)."""
 
     @staticmethod
     def forward(
@@ -249,6 +258,7 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         b2: torch.Tensor,
         lora1: tuple[float, float, int | torch.Tensor],
         lora2: tuple[float, float, int | torch.Tensor],
+        recompute: bool = False,
     ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -259,7 +269,8 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         z2, bits2, c2 = _lora_down(act, a2, s2, p2, seed2)
         out = _project(act, _dense(w2), None, z2, b2)
         (d1, q1), (d2, q2) = _kept(w1), _kept(w2)
-        ctx.save_for_backward(x2, gate_up, z1, z2, d1, a1, b1, d2, a2, b2, bits1, bits2)
+        kept = None if recompute else gate_up  # recomputed from x, z1 and W1 in the backward
+        ctx.save_for_backward(x2, kept, z1, z2, d1, a1, b1, d2, a2, b2, bits1, bits2)
         ctx.meta = (c1, p1, seed1, c2, p2, seed2, shape, q1, q2)
         return out.view(*shape[:-1], out.shape[-1])
 
@@ -269,26 +280,41 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         c1, p1, seed1, c2, p2, seed2, shape, q1, q2 = ctx.meta
         need = ctx.needs_input_grad
         grad = grad_out.reshape(-1, grad_out.shape[-1])
-        # the SwiGLU output times its mask, for A2's gradient (one kernel on the GPU)
-        kept = swiglu_keep(gate_up, p2, seed2, bits2) if need[5] else gate_up
         if q2 is not None:
             w2 = q2.dense()
-        d_act, grad_a2, grad_b2 = _lora_backward(
-            grad, kept, z2, w2, a2, b2, c2, (p2, seed2, bits2), (True, need[5], need[6]),
-            masked=True,
-        )  # fmt: skip
-        del kept, w2
+        if gate_up is None:  # recomputed: W2's products first, so one dense weight at a time
+            d_act, _, grad_b2 = _lora_backward(
+                grad, gate_up, z2, w2, a2, b2, c2, (p2, seed2, bits2), (True, False, need[6]),
+                masked=True,
+            )  # fmt: skip
+            del w2
+            if q1 is not None:
+                w1 = q1.dense()
+            gate_up = _project(x2, w1, None, z1, b1)  # the forward's product, bit for bit
+            grad_a2 = None
+            if need[5]:  # as _lora_backward computes it, on the masked SwiGLU output
+                gz2 = lowrank.scaled_mm(grad, b2, c2)
+                grad_a2 = gz2.t().mm(swiglu_keep(gate_up, p2, seed2, bits2))
+                del gz2
+        else:
+            # the SwiGLU output times its mask, for A2's gradient (one kernel on the GPU)
+            kept = swiglu_keep(gate_up, p2, seed2, bits2) if need[5] else gate_up
+            d_act, grad_a2, grad_b2 = _lora_backward(
+                grad, kept, z2, w2, a2, b2, c2, (p2, seed2, bits2), (True, need[5], need[6]),
+                masked=True,
+            )  # fmt: skip
+            del kept, w2
+            if q1 is not None and need[0]:
+                w1 = q1.dense()
         assert d_act is not None
         d_gate_up = swiglu_backward(gate_up, d_act)
-        del d_act
-        if q1 is not None and need[0]:
-            w1 = q1.dense()
+        del d_act, gate_up
         grad_x, grad_a1, grad_b1 = _lora_backward(
             d_gate_up, x2, z1, w1, a1, b1, c1, (p1, seed1, bits1), (need[0], need[2], need[3])
         )
         if grad_x is not None:
             grad_x = grad_x.view(shape)
-        return grad_x, None, grad_a1, grad_b1, None, grad_a2, grad_b2, None, None
+        return grad_x, None, grad_a1, grad_b1, None, grad_a2, grad_b2, None, None, None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -349,10 +375,12 @@ def lora_mlp(
     x: torch.Tensor,
     weights: tuple[torch.Tensor, ...],
     masks: tuple[tuple[float, int | torch.Tensor], ...],
+    recompute: bool = False,
 ) -> Any:
     """The MLP's ``mlp(x)`` through :class:`LoraSwiGLUFunction`, with adapter weights
     ``(A1, B1, A2, B2)`` of ``gate_up_proj`` and ``down_proj`` and dropout
-    ``((p1, seed1), (p2, seed2))``."""
+    ``((p1, seed1), (p2, seed2))``; with ``recompute``, its ``gate_up`` output is computed again
+    in the backward pass instead of kept."""
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     dtype = regime or x.dtype
     a1, b1, a2, b2 = (w.to(dtype) for w in weights)
@@ -361,7 +389,9 @@ def lora_mlp(
     lora2 = (float(down.scaling[adapters[1]]), p2, seed2)
     w1, w2 = frozen_weight(gate_up.base_layer, dtype), frozen_weight(down.base_layer, dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return LoraSwiGLUFunction.apply(x.to(dtype), w1, a1, b1, w2, a2, b2, lora1, lora2)
+        return LoraSwiGLUFunction.apply(
+            x.to(dtype), w1, a1, b1, w2, a2, b2, lora1, lora2, recompute
+        )
 
 
 def norm_eps(module: Any) -> float | None:

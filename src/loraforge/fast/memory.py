@@ -1,7 +1,8 @@
 """What a plan costs in memory: the estimate the planner fits plans under.
 
 [`plan_fast_path`][loraforge.fast.plan.plan_fast_path] pairs each packed row size with the fewest
-decoder layers it needs checkpointed to fit ``max_memory_gib``: the resident weights, a reserve,
+decoder layers it needs checkpointed (or, for graphed rows on a 4-bit base, the fewest MLPs
+recomputing their ``gate_up`` output) to fit ``max_memory_gib``: the resident weights, a reserve,
 and per token what each decoder layer keeps for its backward pass
 ([`loraforge.fast.activations`][loraforge.fast.activations]), the working set of one layer's
 backward pass and the loss. Pure arithmetic: no torch. Its time counterpart is
@@ -44,7 +45,8 @@ def resident(shape: ModelShape) -> int:
 class Memory:
     """Bytes for a micro-batch of ``tokens`` with ``k`` of the ``layers`` decoder layers
     checkpointed (a checkpointed layer keeps its input; the layer being recomputed all of its
-    activations), against ``free`` bytes under the budget."""
+    activations) and ``m`` of the others' MLPs recomputing their ``gate_up`` output (each keeps
+    ``mlp_kept`` bytes a token less), against ``free`` bytes under the budget."""
 
     free: float
     layers: int
@@ -53,13 +55,26 @@ class Memory:
     per_token: float  # outside the layers: norms lean_norms leaves alone, working set, loss
     fixed: float = 0.0
     layer_fixed: float = 0.0  # what a layer keeps whatever the tokens (DoRA's weight copies)
+    mlp_kept: float = 0.0  # per token: the gate_up output a recomputing MLP does not keep
 
-    def needed(self, tokens: int, k: int) -> float:
+    def needed(self, tokens: int, k: int, m: int = 0) -> float:
+        """Bytes for ``tokens`` with ``k`` layers checkpointed and ``m`` MLPs recomputed.
+
+        Raises:
+            ValueError: ``m`` MLPs recomputed beside layers checkpointed, or more than the
+                layers there are (the planner asks for one or the other).
+        """
+        if m and (k or m > self.layers or not self.mlp_kept):
+            raise ValueError(
+                f"Memory.needed: m={m} MLPs recomputed needs k=0 layers checkpointed, at most "
+                f"{self.layers} MLPs and MLPs that can recompute (got k={k})"
+            )
         per_token = (
             (self.layers - k) * self.per_layer
             + k * self.layer_input
             + (self.per_layer if k else 0.0)
             + self.per_token
+            - m * self.mlp_kept
         )
         kept = (self.layers - k + (1 if k else 0)) * self.layer_fixed
         return tokens * per_token + self.fixed + kept
@@ -69,6 +84,16 @@ class Memory:
         for k in range(self.layers + 1):
             if self.needed(tokens, k) <= self.free:
                 return k
+        return None
+
+    def fewest_recomputed_mlps(self, tokens: int) -> int | None:
+        """The fewest MLPs recomputing their ``gate_up`` output for ``tokens`` to fit with no
+        layer checkpointed, or None if none does (or the MLPs cannot recompute)."""
+        if not self.mlp_kept:
+            return 0 if self.needed(tokens, 0) <= self.free else None
+        for m in range(self.layers + 1):
+            if self.needed(tokens, 0, m) <= self.free:
+                return m
         return None
 
 
@@ -112,4 +137,6 @@ def estimate_memory(
         per_token=norms + _WORKING_SET * h * e + loss + dora_working,
         fixed=_CHUNKED_LOSS_BYTES if chunked else 0.0,
         layer_fixed=dora_fixed,
+        # the lean fused SwiGLU function can recompute its gate_up output (LoraSwiGLUFunction)
+        mlp_kept=2 * shape.intermediate_size * e if lean and shape.fused_mlp else 0.0,
     )

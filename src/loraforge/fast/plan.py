@@ -24,8 +24,12 @@ base of dequantizing every weight in each pass, which longer rows spread over mo
 the decoder layers can replay from a CUDA graph (one process on a GPU, packing with varlen
 attention, ``grad_accum`` 1, no int8 base, ``cuda_graphs`` not ``off``; see
 [`loraforge.fast.graphs`][loraforge.fast.graphs]), a plan with no layer checkpointed pays far
-less for its launches, and, for examples of at most 512 tokens, 1,024-token rows with no layer
-checkpointed are tried too. DoRA,
+less for its launches, and rows shorter than 2,048 tokens are tried too: 1,024 tokens for
+examples of at most 512, and on a 4-bit base 1,536 for examples of at most 768, with no layer
+checkpointed but, on a 4-bit base, as many MLPs as they need recomputing their ``gate_up`` output
+(:func:`~loraforge.fast.fusion.recompute_mlps`). Where the plan would be such a short row, the
+input embedding table may be kept in host memory (``host_embeddings``; ``auto``: on a 4-bit
+base) if that lets the planner choose a plan it estimates faster. DoRA,
 whose count is verified on 2,048-token rows only, takes the fewest checkpointed layers, then the
 shorter row. If no pair fits, every layer is checkpointed on the shortest row. What a decoder
 layer keeps for the backward pass is counted from the shape
@@ -62,7 +66,11 @@ _ROWS = (8192, 6144, 4096, 3072, 2048)  # packed row sizes tried, largest first
 # tried too where the decoder layers can replay from a CUDA graph, and only with no layer
 # checkpointed: eagerly such short rows are bound by the CPU (on an H200, QLoRA under a 16 GiB cap:
 # 1,024-token rows 7,346 tokens/s graphed, 3,419-4,026 eager; docs/benchmarks.md, session 7)
-_GRAPHED_ROWS = (1024,)
+# 1,536 too, on a 4-bit base only: on an H200 a 4-bit Phi-4's graphed rows (24 GiB cap, all
+# fitting) ran at 7,866-7,898 tokens/s for 1,024 tokens, 7,795 for 1,152, 7,895-7,901 for 1,280,
+# 7,942 for 1,408, 8,426-8,638 for 1,536 and 8,397 for 1,664 (docs/benchmarks.md, session 13):
+# the matrix products' speed depends on the row length, and 1,152-1,408 do not pay
+_GRAPHED_ROWS = (1024, 1536)
 _CPU_ROW = 4096
 
 
@@ -197,6 +205,13 @@ class FastPlan:
             (``loraforge.training.steps.graphs_wanted``), on the same conditions.
         ungraphable: why the model's decoder layers cannot replay from a CUDA graph whatever
             the plan (``None``: they can, or the planner was not told).
+        recompute_mlps: decoder MLPs (the first ones) whose ``gate_up`` output is computed
+            again in the backward pass instead of kept
+            ([`recompute_mlps`][loraforge.fast.fusion.recompute_mlps]); planned only for rows
+            replayed from a CUDA graph on a 4-bit base, where the memory buys a longer row.
+        host_embeddings: the input embedding table is kept in host memory for the fit
+            ([`loraforge.fast.host_embeddings`][loraforge.fast.host_embeddings]) and the plan
+            counts the GPU memory that frees.
     """
 
     packing: bool
@@ -212,6 +227,8 @@ class FastPlan:
     processes: int = 1
     cuda_graphs: bool = False
     ungraphable: str | None = None
+    recompute_mlps: int = 0
+    host_embeddings: bool = False
 
     @property
     def fits(self) -> bool:
@@ -226,6 +243,8 @@ class FastPlan:
         ckpt = self.gradient_checkpointing
         if ckpt == "partial":
             ckpt = f"{self.checkpoint_layers} layers"
+        if self.recompute_mlps:
+            ckpt += f", {self.recompute_mlps} MLPs recompute gate_up"
         several = f"{self.distributed} over {self.processes} process" + (
             "es; " if self.processes > 1 else "; "
         )
@@ -296,6 +315,7 @@ def plan_fast_path(
     chunkable_head: bool = True,
     processes: int = 1,
     ungraphable: str | None = None,
+    movable_embeddings: bool = False,
 ) -> FastPlan:
     """Resolve the recipe's ``auto`` fast-path settings for a model of ``shape`` on ``device``.
 
@@ -326,6 +346,14 @@ def plan_fast_path(
             ([`layers_graphable`][loraforge.fast.graphs.layers_graphable]), or ``None`` if they
             can; the plan then sizes rows for eager layers, and records why
             (``FastPlan.ungraphable``).
+        movable_embeddings: the model's input embedding table may be kept in host memory
+            ([`embedding_refusal`][loraforge.fast.host_embeddings.embedding_refusal] found no
+            reason against it). With one process on a GPU, packing and no layer checkpointed
+            (PEFT hooks the input embedding of a checkpointed model), ``host_embeddings: on``
+            then plans without the table's GPU memory, and ``auto`` does so only on a 4-bit base
+            where the plan without it is a short graphed row and the plan with it is estimated
+            faster (a 4-bit Phi-4 under ``max_memory_gib: 15`` or ``16``: fewer MLPs
+            recomputed, or a longer row).
 
     Returns:
         The [`FastPlan`][loraforge.fast.plan.FastPlan].
@@ -347,6 +375,7 @@ def plan_fast_path(
             chunkable_head,
             graphs=_graphs_possible(recipe, device, ungraphable),
             ungraphable=ungraphable,
+            movable_embeddings=movable_embeddings,
         )
 
     def plan(weights: ModelShape) -> FastPlan:
@@ -444,9 +473,59 @@ def _plan_one(
     *,
     graphs: bool = False,
     ungraphable: str | None = None,
+    movable_embeddings: bool = False,
 ) -> FastPlan:
     """The plan of one process whose weights are ``shape.weight_bytes``; ``graphs``: its
-    decoder layers may replay from a CUDA graph (:func:`_graphs_possible`)."""
+    decoder layers may replay from a CUDA graph (:func:`_graphs_possible`);
+    ``movable_embeddings``: its input embedding table may be kept in host memory (see
+    :func:`plan_fast_path`)."""
+    args = (recipe, shape, device, longest_example, supervised_fraction, chunkable_head)
+    plan = _plan_rows(*args, graphs=graphs, ungraphable=ungraphable)
+    moved = shape.input_embedding_bytes
+    if not (movable_embeddings and plan.packing and device is not None and moved):
+        return plan
+    if recipe.host_embeddings == "off":
+        return plan
+    lighter = replace(shape, weight_bytes=shape.weight_bytes - moved)
+    host = _plan_rows(recipe, lighter, *args[2:], graphs=graphs, ungraphable=ungraphable)
+    if host.gradient_checkpointing != "off":  # PEFT hooks the input embedding for checkpointing
+        return plan
+    short = plan.cuda_graphs and (plan.pack_tokens or 0) < min(_ROWS)
+    faster = host.cuda_graphs and _time(recipe, shape, host) < _time(recipe, shape, plan)
+    measured = recipe.quantization == "nf4"  # auto only where it was measured to pay
+    if recipe.host_embeddings == "auto" and not (short and faster and measured):
+        return plan
+    return replace(
+        host,
+        host_embeddings=True,
+        reason=f"{host.reason}; input embeddings in host memory ({moved / GiB:.2f} GiB)",
+    )
+
+
+def _time(recipe: LoraRecipe, shape: ModelShape, plan: FastPlan) -> float:
+    """A packed plan's estimated time per token (:func:`relative_time`)."""
+    return relative_time(
+        plan.pack_tokens or 1,
+        plan.checkpoint_layers if plan.gradient_checkpointing in ("partial", "full") else 0,
+        shape.num_hidden_layers,
+        quantized=recipe.quantization == "nf4",
+        graphed=plan.cuda_graphs,
+        recomputed_mlps=plan.recompute_mlps,
+    )
+
+
+def _plan_rows(
+    recipe: LoraRecipe,
+    shape: ModelShape,
+    device: DeviceInfo | None,
+    longest_example: int,
+    supervised_fraction: float,
+    chunkable_head: bool,
+    *,
+    graphs: bool = False,
+    ungraphable: str | None = None,
+) -> FastPlan:
+    """:func:`_plan_one` with the weights on the GPU: the row size and checkpointing."""
     packing = _packs(recipe, device)
     liger = recipe.liger_kernels == "on" or (
         recipe.liger_kernels == "auto" and device is not None and device.liger
@@ -483,23 +562,45 @@ def _plan_one(
         if graphs and not recipe.pack_tokens and not recipe.use_dora
         else []
     )
+    if recipe.quantization != "nf4":  # 1,536 tokens measured on a 4-bit base only
+        short = [t for t in short if t <= _GRAPHED_ROWS[0]]
     n = shape.num_hidden_layers
+    m = 0  # MLPs recomputing their gate_up output
     if ckpt == "auto":
-        fits = {t: mem.fewest_checkpointed(t) for t in (*candidates, *short)}
-        fitting = [t for t in candidates if fits[t] is not None]
-        fitting += [t for t in short if fits[t] == 0]
         nf4 = recipe.quantization == "nf4"  # dequantized per pass (int8 is not: unmeasured)
+        # the short graphed rows on a 4-bit base may keep less by recomputing MLPs' gate_up
+        # outputs instead of checkpointing layers (measured there only: docs/benchmarks.md,
+        # session 13; a longer row spreads the dequantization of every weight over more tokens)
+        mlps = graphs and nf4 and not recipe.use_dora
+
+        def time(t: int, k: int, m: int) -> float:
+            return relative_time(
+                t, k, n, quantized=nf4, graphed=graphs and k == 0, recomputed_mlps=m
+            )
+
+        def options(t: int) -> list[tuple[int, int]]:  # (checkpointed, recomputed MLPs) that fit
+            k = mem.fewest_checkpointed(t)
+            found = [(k, 0)] if k is not None and (k == 0 or t not in short) else []
+            if mlps and k != 0 and t in short:
+                m = mem.fewest_recomputed_mlps(t)
+                found += [(0, m)] if m is not None else []
+            return found
+
+        fits = {
+            t: min(o, key=lambda km: time(t, *km))
+            for t in (*candidates, *short)
+            if (o := options(t))
+        }
 
         def order(t: int) -> tuple[float, int]:  # the least estimated time, then the longer row
-            k = fits[t]
-            assert k is not None  # only rows that fit are ranked
+            k, m = fits[t]
             if recipe.use_dora:  # its count is verified on 2,048-token rows only: the fewest
                 return (k, t)  # checkpointed layers, then the shorter row
-            return (relative_time(t, k, n, quantized=nf4, graphed=graphs and k == 0), -t)
+            return (time(t, k, m), -t)
 
-        if fitting:
-            rows = min(fitting, key=order)
-            k = fits[rows] or 0
+        if fits:
+            rows = min(fits, key=order)
+            k, m = fits[rows]
         else:
             rows, k = min(candidates), n
         ckpt = "off" if k == 0 else "full" if k >= n else "partial"
@@ -511,7 +612,7 @@ def _plan_one(
         ok = [t for t in candidates if mem.needed(t, sized) <= mem.free]
         ok = ok or [t for t in short if mem.needed(t, 0) <= mem.free]
         rows = max(ok) if ok else min([*candidates, *short])  # else the closest to fitting
-    estimate = resident(shape) + RESERVE_BYTES + mem.needed(rows, sized)
+    estimate = resident(shape) + RESERVE_BYTES + mem.needed(rows, sized, m)
     reason = (
         f"{mem.free / GiB:.1f} GiB for activations under a {cap / GiB:.0f} GiB cap, "
         f"weights {shape.weight_bytes / GiB:.1f} GiB"
@@ -523,6 +624,8 @@ def _plan_one(
     graphed = graphs and k == 0 and int(estimate) <= cap  # as FastPlan.fits
     if graphed:
         reason += "; layers replayed from a CUDA graph"
+    if m:
+        reason += f"; {m} MLPs recompute their gate_up output to fit"
     return FastPlan(
         packing,
         rows if packing else None,
@@ -535,4 +638,5 @@ def _plan_one(
         budget_bytes=cap,
         cuda_graphs=graphed,
         ungraphable=ungraphable,
+        recompute_mlps=m,
     )

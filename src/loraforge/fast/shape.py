@@ -50,6 +50,9 @@ class ModelShape:
         dequant_bytes: with a quantized base (QLoRA), the memory of dequantizing weights while
             training: two dense copies of the largest quantized weight (one layer's forward and
             the next's, or a backward pass's); 0 otherwise.
+        input_embedding_bytes: bytes of the input embedding table, which may be kept in host
+            memory ([`loraforge.fast.host_embeddings`][loraforge.fast.host_embeddings]); 0 when it
+            is tied to the output embedding.
     """
 
     hidden_size: int
@@ -65,6 +68,7 @@ class ModelShape:
     fused_qkv: bool = False
     fused_mlp: bool = False
     dequant_bytes: int = 0
+    input_embedding_bytes: int = 0
 
     @classmethod
     def from_config(
@@ -110,7 +114,8 @@ class ModelShape:
         q, k = heads * head_dim, kv * head_dim
         linear = h * (2 * q + 2 * k) + 3 * h * inter
         per_layer = linear + 2 * h
-        embeddings = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        embeddings = vocab * h * (1 if tied else 2)
         params = embeddings + layers * per_layer + h
         size = _dtype_bytes(dtype)
         weight_bytes, dequant = params * size, 0
@@ -139,6 +144,7 @@ class ModelShape:
             fused_qkv=fused,
             fused_mlp=fused and getattr(cfg, "hidden_act", None) in ("silu", "swish"),
             dequant_bytes=dequant,
+            input_embedding_bytes=0 if tied else vocab * h * size,
         )
 
     @classmethod

@@ -3,7 +3,9 @@
 * [`build_hf_trainer`][loraforge.training.loop.build_hf_trainer]: a ``transformers.Trainer`` whose
   ``compute_loss`` hands each training micro-batch and its loss to the non-finite guard and, on
   the packed path with a detachable head, runs the forward with the head detached so the loss
-  applies it in chunks; and whose ``floating_point_ops`` counts from a cached parameter count.
+  applies it in chunks (a batch with ``inputs_embeds``, gathered from a table in host memory, is
+  given to the model without its ``input_ids``); and whose ``floating_point_ops`` counts from a
+  cached parameter count.
   Under FSDP2 (a [`ReplicatedAdapter`][loraforge.training.distributed.ReplicatedAdapter] given)
   it trains the sharded model under the accelerator's autocast instead of a DDP wrapper,
   averages the adapter's gradients once per step, and reshards on every process before an
@@ -97,9 +99,16 @@ class _LoraForgeTrainer(Trainer):
 
         if model.training and torch.is_grad_enabled():
             torch.manual_seed(self._micro_batch_seed())
+        # rows gathered from an input embedding table in host memory: the model takes those
+        # (it refuses both); the ids stay in the batch for the guard
+        given = (
+            {k: v for k, v in inputs.items() if k != "input_ids"}
+            if "inputs_embeds" in inputs
+            else inputs
+        )
         with detached_head(self.model) if self._detach_head else contextlib.nullcontext():
             loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                model, given, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         if self._guard is not None and model.training and torch.is_grad_enabled():
             self._guard.record(loss, inputs)

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,14 @@ from loraforge.data.templates import (
 )
 from loraforge.errors import DataError, RecipeError
 from loraforge.fast.attention import attention_implementation, set_attention
+from loraforge.fast.fusion import recompute_mlps
 from loraforge.fast.graphs import LayerGraphs, install_layer_graphs, layers_graphable
+from loraforge.fast.host_embeddings import (
+    HostEmbeddingCollator,
+    HostEmbeddings,
+    embedding_refusal,
+    install_host_embeddings,
+)
 from loraforge.fast.liger import apply_liger
 from loraforge.fast.lora_ops import apply_lean_functions
 from loraforge.fast.losses import PackedLoss, head_is_detachable
@@ -350,9 +357,11 @@ def plan_run(
         chunkable_head=type(head) is torch.nn.Linear and "lm_head" not in targets,
         processes=ranks.world_size,
         ungraphable=layers_graphable(model),
+        movable_embeddings=embedding_refusal(model, before_lora=True, targets=targets) is None,
     )
     logger.info("fast path: %s", plan.describe())
     graphs_wanted(recipe, plan, ranks)  # cuda_graphs: 'on' where it cannot be: an error now
+    host_embeddings_wanted(recipe, plan, model, device, targets)  # likewise host_embeddings
     if not plan.fits:
         logger.warning("fast path: %s", over_budget_advice(recipe, plan))
     return plan
@@ -391,6 +400,18 @@ def apply_plan_and_lora(
     mixed = training_autocast(model)
     if recipe.fused_lora:  # each kind of layer checked against PEFT's forward first
         apply_lean_functions(model, autocast_dtype=mixed)
+    if plan.recompute_mlps:  # before any graph of the layers is captured
+        recomputing = recompute_mlps(model, plan.recompute_mlps)
+        log = logger.info if recomputing == plan.recompute_mlps else logger.warning
+        log(
+            "MLPs: %d recompute their gate_up output in the backward pass (planned %d%s)",
+            recomputing,
+            plan.recompute_mlps,
+            ""
+            if recomputing == plan.recompute_mlps
+            else "; the others run PEFT's forward, "
+            "which keeps more: the plan's memory estimate is low",
+        )
     if plan.liger_kernels:  # Liger's fused RoPE, per attention instance, checked first
         rope = install_fused_rope(model, autocast_dtype=mixed)
         logger.info("rope: %s", rope[1])
@@ -583,6 +604,58 @@ def lay_out_steps(
     )
     logger.info("steps: %s", layout.describe())
     return Batches(train_ds, eval_ds, collator, layout, graph_shape)
+
+
+def host_embeddings_wanted(
+    recipe: LoraRecipe,
+    plan: FastPlan,
+    model: Any,
+    device: DeviceInfo | None,
+    targets: Sequence[str] = (),
+) -> None:
+    """``host_embeddings: on`` where the plan does not keep the table in host memory.
+
+    Raises:
+        RecipeError: naming why (no GPU, the model's embedding, packing, checkpointing, several
+            processes).
+    """
+    if recipe.host_embeddings != "on" or plan.host_embeddings:
+        return
+    why = "this machine has no CUDA GPU" if device is None else None
+    why = why or embedding_refusal(model, before_lora=True, targets=targets)
+    if why is None and not plan.packing:
+        why = "packing is off"
+    elif why is None and plan.gradient_checkpointing != "off":
+        why = (
+            f"gradient checkpointing is {plan.gradient_checkpointing!r} (PEFT then hooks the "
+            "input embedding)"
+        )
+    elif why is None:
+        why = f"distributed is {plan.distributed!r}"
+    raise RecipeError(
+        [
+            "host_embeddings: 'on' needs one process on a GPU, packing, no layer checkpointed "
+            f"and an untied, frozen nn.Embedding input embedding; here {why}. Set "
+            "host_embeddings: auto or off"
+        ]
+    )
+
+
+def embeddings_to_host(
+    model: Any, batches: Batches, plan: FastPlan
+) -> tuple[Batches, HostEmbeddings | None]:
+    """Where the plan says so, the model's input embedding table in host memory for the fit and
+    the batches' collator gathering each row's embeddings there (logged); ``restore()`` the
+    returned [`HostEmbeddings`][loraforge.fast.host_embeddings.HostEmbeddings] after the fit."""
+    if not plan.host_embeddings:
+        return batches, None
+    host = install_host_embeddings(model)
+    logger.info(
+        "input embeddings: in host memory for the fit (%.2f GiB of GPU memory freed); the "
+        "collator gathers each row's",
+        host.bytes / 2**30,
+    )
+    return replace(batches, collator=HostEmbeddingCollator(batches.collator, host)), host
 
 
 def install_graphs(model: Any, batches: Batches, plan: FastPlan) -> LayerGraphs | None:

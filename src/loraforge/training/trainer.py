@@ -59,6 +59,7 @@ from loraforge.training.steps import (
     build_data,
     build_trainer,
     check_data,
+    embeddings_to_host,
     head_detachable,
     install_graphs,
     lay_out_steps,
@@ -179,16 +180,20 @@ def train(
         graphs = install_graphs(model, batches, plan)  # replayed from a CUDA graph, if planned
         samples = eval_samples(recipe, out, tokenizer, template, plan, ranks)  # eval_prompts
         extra = [*callbacks, *([samples] if samples else [])]
-        trainer = build_trainer(  # 9
-            recipe, out, model, batches, detach, fingerprint, extra, plan, ranks
-        )
-        if samples:
-            samples.bind(trainer)  # the trackers of report_to get the answers too
+        host = None
         try:
+            batches, host = embeddings_to_host(model, batches, plan)  # if planned
+            trainer = build_trainer(  # 9
+                recipe, out, model, batches, detach, fingerprint, extra, plan, ranks
+            )
+            if samples:
+                samples.bind(trainer)  # the trackers of report_to get the answers too
             fit = run_fit(trainer, model, batches, start)  # 10
         finally:
             if graphs is not None:  # the layers' own forward back; the graph's memory released
                 graphs.uninstall()
+            if host is not None:  # the model's own input embedding back on its device
+                host.restore()
         metrics = on_main(
             ranks,
             lambda: (
