@@ -136,6 +136,10 @@ def test_host_embeddings_on_where_the_plan_cannot_is_a_recipe_error():
     partial = dataclasses.replace(plan, gradient_checkpointing="partial", checkpoint_layers=3)
     with pytest.raises(RecipeError, match=r"here gradient checkpointing is 'partial' \(PEFT"):
         host_embeddings_wanted(on, partial, _model(), card)
+    # a plan without checkpointing that still keeps the table: the checkpointed one it would
+    # have needed with the table moved did not fit without checkpointing
+    with pytest.raises(RecipeError, match=r"would checkpoint layers .* does not fit max_memory"):
+        host_embeddings_wanted(on, plan, _model(), card)
     # on the CPU, as cuda_graphs: on there
     with pytest.raises(RecipeError, match="here this machine has no CUDA GPU"):
         host_embeddings_wanted(on, plan, _model(), None)

@@ -498,6 +498,18 @@ def test_host_embeddings_where_they_buy_a_longer_graphed_row():
     # with layers checkpointed PEFT hooks the table: never planned there, even when asked for
     full = plan(bf16, host_embeddings="on", gradient_checkpointing="full")
     assert full.gradient_checkpointing == "full" and not full.host_embeddings
+    # on, where the freed memory would buy checkpointed longer rows: the rows that fit with
+    # nothing checkpointed instead (eager layers), and nothing where none fits so
+    for r in ({"cuda_graphs": "off"}, {"grad_accum": 2}):
+        on = plan(nf4, quantization="nf4", max_memory_gib=22, host_embeddings="on", **r)
+        assert (on.pack_tokens, on.gradient_checkpointing, on.host_embeddings) == (
+            2048,
+            "off",
+            True,
+        )
+        assert on.fits
+    tight = plan(bf16, max_memory_gib=32, host_embeddings="on", cuda_graphs="off")
+    assert tight.gradient_checkpointing == "full" and not tight.host_embeddings
     # a tied table cannot move: the shape says so
     tied = dataclasses.replace(nf4, input_embedding_bytes=0)
     assert not plan(

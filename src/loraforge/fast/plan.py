@@ -489,7 +489,13 @@ def _plan_one(
     lighter = replace(shape, weight_bytes=shape.weight_bytes - moved)
     host = _plan_rows(recipe, lighter, *args[2:], graphs=graphs, ungraphable=ungraphable)
     if host.gradient_checkpointing != "off":  # PEFT hooks the input embedding for checkpointing
-        return plan
+        if recipe.host_embeddings != "on" or recipe.gradient_checkpointing != "auto":
+            return plan
+        # asked for: the plan with the table in host memory and no layer checkpointed, if it fits
+        off = recipe.replace(gradient_checkpointing="off")
+        host = _plan_rows(off, lighter, *args[2:], graphs=graphs, ungraphable=ungraphable)
+        if host.gradient_checkpointing != "off" or not host.fits:
+            return plan
     short = plan.cuda_graphs and (plan.pack_tokens or 0) < min(_ROWS)
     faster = host.cuda_graphs and _time(recipe, shape, host) < _time(recipe, shape, plan)
     measured = recipe.quantization == "nf4"  # auto only where it was measured to pay

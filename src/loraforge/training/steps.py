@@ -630,8 +630,13 @@ def host_embeddings_wanted(
             f"gradient checkpointing is {plan.gradient_checkpointing!r} (PEFT then hooks the "
             "input embedding)"
         )
-    elif why is None:
+    elif why is None and plan.distributed != "none":
         why = f"distributed is {plan.distributed!r}"
+    elif why is None:
+        why = (
+            "with the table in host memory the plan would checkpoint layers (PEFT then hooks the "
+            "input embedding), and without checkpointing it does not fit max_memory_gib"
+        )
     raise RecipeError(
         [
             "host_embeddings: 'on' needs one process on a GPU, packing, no layer checkpointed "
