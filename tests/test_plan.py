@@ -601,6 +601,35 @@ def test_the_time_model_refuses_sizes_it_cannot_rank():
             relative_time(*bad)
     with pytest.raises(ValueError, match="graphed rows have no layer checkpointed"):
         relative_time(2048, 1, 40, graphed=True)
+    # MLPs recomputing: at most the layers not checkpointed, each costing time
+    for k, m in ((0, -1), (0, 41), (30, 11)):
+        with pytest.raises(ValueError, match=r"0 <= recomputed_mlps <= layers - checkpointed"):
+            relative_time(2048, k, 40, recomputed_mlps=m)
+    assert relative_time(1536, 0, 40, recomputed_mlps=14) > relative_time(1536, 0, 40)
+
+
+def test_the_memory_count_of_recomputed_mlps():
+    """Each recomputing MLP keeps its gate_up output less (2 x intermediate x 2 bytes a token
+    for a bf16 fused MLP); asked only with no layer checkpointed, at most one per layer, and
+    only of MLPs that can recompute."""
+    from loraforge.fast.memory import Memory, estimate_memory
+
+    shape = _nf4_phi4()
+    mem = estimate_memory(_recipe(quantization="nf4"), shape, "varlen", True, 0.3, True, 16 * GiB)
+    kept = 2 * shape.intermediate_size * 2
+    assert mem.mlp_kept == kept
+    assert mem.needed(1536, 0) - mem.needed(1536, 0, 14) == 1536 * 14 * kept
+    m = mem.fewest_recomputed_mlps(1536)
+    assert (
+        m is not None and m > 0 and mem.needed(1536, 0, m) <= mem.free < mem.needed(1536, 0, m - 1)
+    )
+    for k, m in ((1, 1), (0, 41)):
+        with pytest.raises(ValueError, match=r"Memory.needed: m=\d+ MLPs recomputed needs k=0"):
+            mem.needed(1536, k, m)
+    none = Memory(free=mem.free, layers=40, per_layer=mem.per_layer, layer_input=1, per_token=0)
+    with pytest.raises(ValueError, match="MLPs that can recompute"):
+        none.needed(1536, 0, 1)
+    assert none.fewest_recomputed_mlps(1) == 0 and none.fewest_recomputed_mlps(10**9) is None
 
 
 def test_graphed_rows_pay_little_for_their_launches():

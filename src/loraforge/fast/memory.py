@@ -89,9 +89,7 @@ class Memory:
     def fewest_recomputed_mlps(self, tokens: int) -> int | None:
         """The fewest MLPs recomputing their ``gate_up`` output for ``tokens`` to fit with no
         layer checkpointed, or None if none does (or the MLPs cannot recompute)."""
-        if not self.mlp_kept:
-            return 0 if self.needed(tokens, 0) <= self.free else None
-        for m in range(self.layers + 1):
+        for m in range(self.layers + 1 if self.mlp_kept else 1):
             if self.needed(tokens, 0, m) <= self.free:
                 return m
         return None

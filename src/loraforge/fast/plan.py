@@ -563,13 +563,12 @@ def _plan_rows(
     # shorter rows, replayed from a graph with no layer checkpointed (ranked only so); only for
     # examples of at most half a row, which best-fit packing fills well (a graphed row is padded
     # to its full size, so a half-empty one would cost a full row's compute)
+    tried = _GRAPHED_ROWS if recipe.quantization == "nf4" else _GRAPHED_ROWS[:1]  # 1,536: 4 bits
     short = (
-        [t for t in _GRAPHED_ROWS if 2 * longest_example <= t < min(candidates)]
+        [t for t in tried if 2 * longest_example <= t < min(candidates)]
         if graphs and not recipe.pack_tokens and not recipe.use_dora
         else []
     )
-    if recipe.quantization != "nf4":  # 1,536 tokens measured on a 4-bit base only
-        short = [t for t in short if t <= _GRAPHED_ROWS[0]]
     n = shape.num_hidden_layers
     m = 0  # MLPs recomputing their gate_up output
     if ckpt == "auto":

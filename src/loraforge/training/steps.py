@@ -621,28 +621,33 @@ def host_embeddings_wanted(
     """
     if recipe.host_embeddings != "on" or plan.host_embeddings:
         return
-    why = "this machine has no CUDA GPU" if device is None else None
-    why = why or embedding_refusal(model, before_lora=True, targets=targets)
-    if why is None and not plan.packing:
-        why = "packing is off"
-    elif why is None and plan.gradient_checkpointing != "off":
-        why = (
-            f"gradient checkpointing is {plan.gradient_checkpointing!r} (PEFT then hooks the "
-            "input embedding)"
-        )
-    elif why is None and plan.distributed != "none":
-        why = f"distributed is {plan.distributed!r}"
-    elif why is None:
-        why = (
-            "with the table in host memory the plan would checkpoint layers (PEFT then hooks the "
-            "input embedding), and without checkpointing it does not fit max_memory_gib"
-        )
+    if device is None:
+        why = "this machine has no CUDA GPU"
+    else:
+        why = embedding_refusal(model, before_lora=True, targets=targets) or _unmovable_by(plan)
     raise RecipeError(
         [
             "host_embeddings: 'on' needs one process on a GPU, packing, no layer checkpointed "
             f"and an untied, frozen nn.Embedding input embedding; here {why}. Set "
             "host_embeddings: auto or off"
         ]
+    )
+
+
+def _unmovable_by(plan: FastPlan) -> str:
+    """What in ``plan`` kept the input embedding table on the GPU (the embedding could move)."""
+    if not plan.packing:
+        return "packing is off"
+    if plan.gradient_checkpointing != "off":
+        return (
+            f"gradient checkpointing is {plan.gradient_checkpointing!r} (PEFT then hooks the "
+            "input embedding)"
+        )
+    if plan.distributed != "none":
+        return f"distributed is {plan.distributed!r}"
+    return (
+        "with the table in host memory the plan would checkpoint layers (PEFT then hooks the "
+        "input embedding), and without checkpointing it does not fit max_memory_gib"
     )
 
 
